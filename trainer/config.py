@@ -1,0 +1,360 @@
+"""Typed run configuration: dataclasses loaded from ``configs/**/*.yaml`` plus dotted ``key=value`` overrides.
+
+A :class:`RunConfig` records everything needed to reproduce a run; the resolved config is written to every run
+directory (``config.yaml``). Unknown keys and values of the wrong type are rejected with a :class:`ConfigError`
+naming the key (and the file, when the value came from one).
+
+Example::
+
+    cfg = load_config("configs/ml-1m/hstu.yaml", ["train.epochs=3", "model.num_layers=4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key, value and source."""
+
+
+@dataclass
+class SyntheticConfig:
+    """Synthetic interaction generator (the embedded default dataset; see ``trainer/data/synthetic.py``)."""
+
+    num_users: int = 2000
+    num_items: int = 1000
+    num_interests: int = 20  # latent interest clusters
+    zipf_exponent: float = 1.05  # item popularity ~ rank^-s
+    min_seq_len: int = 10
+    max_seq_len: int = 80  # length of generated histories (before data.max_seq_len truncation)
+    drift: float = 0.05  # per-event probability that a user's current interest moves
+    interest_focus: float = 0.8  # probability an event is drawn from the current interest (else popularity)
+    num_action_types: int = 0  # 0: no action types generated
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where it lives and how sequences are cut and batched."""
+
+    name: str = "synthetic"  # ml-1m | ml-20m | ml-100k | amzn-books | synthetic
+    data_dir: Optional[str] = None  # directory with the raw files; None -> download (or generate for synthetic)
+    cache_dir: str = "~/.cache/hstu"  # preprocessed-sequence cache, keyed by source checksum + options
+    max_seq_len: int = 200  # keep the last N items of each user (history length cap)
+    min_seq_len: int = 3  # users with fewer events are dropped (need >=1 train target + 1 eval target)
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    num_workers: int = 0  # DataLoader worker processes (persistent); 0 = in-process
+    seed: int = 42  # shuffling seed (epoch e uses seed + e)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    """Sequence encoder. ``arch``: hstu | sasrec. ``variant`` (HSTU only): research | production (see docs/model.md)."""
+
+    arch: str = "hstu"
+    variant: str = "research"
+    embedding_dim: int = 50  # item embedding width D (= model width)
+    num_layers: int = 2
+    num_heads: int = 1
+    attention_dim: int = 50  # d_qk per head
+    linear_dim: int = 50  # d_v per head (HSTU) ; SASRec uses embedding_dim
+    ffn_dim: int = 50  # SASRec feed-forward width
+    dropout: float = 0.2  # input / output dropout
+    attn_dropout: float = 0.0
+    num_time_buckets: int = 128  # log-bucketed |dt| -> [0, num_time_buckets]
+    time_bucket_base: float = 0.301  # bucket = floor(ln(max(|dt|,1)) / base)
+    use_rab_position: bool = True  # research variant: relative position bias
+    use_rab_time: bool = True  # research variant: relative time bias
+    l2_norm_output: bool = True  # L2-normalise sequence and item embeddings
+
+
+@dataclass
+class LossConfig:
+    """Sampled softmax over uniform negatives (per position)."""
+
+    name: str = "sampled_softmax"
+    num_negatives: int = 128
+    temperature: float = 0.05
+
+
+@dataclass
+class OptimConfig:
+    """Dense AdamW (embedding tables use the same settings unless sharded with rowwise AdamW later)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: Tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    grad_clip_norm: float = 0.0  # 0 = off
+
+
+@dataclass
+class StochasticLengthConfig:
+    """Stochastic Length (hstu-spec.md): long sequences are subsampled so expected attention cost is O(N^alpha)."""
+
+    enabled: bool = False
+    alpha: float = 1.6
+    # threshold = floor(max_seq_len ** (alpha / 2)); a sequence of length L > threshold is cut to threshold
+    # items with probability 1 - max_seq_len**alpha / L**2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 101
+    max_steps: int = 0  # 0 = no step cap (useful for smoke runs)
+    eval_every_epochs: int = 5
+    log_every_steps: int = 50
+    seed: int = 42
+    device: str = "cpu"  # cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 (autocast on GPU)
+    num_threads: int = 0  # torch intra-op threads, 0 = torch default
+    stochastic_length: StochasticLengthConfig = field(default_factory=StochasticLengthConfig)
+    progress: bool = True  # tqdm bars
+
+
+@dataclass
+class EvalConfig:
+    """Full-ranking evaluation over all items."""
+
+    ks: List[int] = field(default_factory=lambda: [1, 10, 50, 200])
+    ndcg_ks: List[int] = field(default_factory=lambda: [10, 50, 200])
+    remove_history: bool = True  # GR's code removes history items from the ranking
+    item_chunk_size: int = 65536  # items scored per chunk (memory bound for large catalogs)
+    selection_metric: str = "ndcg@10"  # best-epoch selection
+
+
+@dataclass
+class OpsConfig:
+    """Kernel backend for every op in ``ops/``: pytorch (default, CPU) | triton (GPU or TRITON_INTERPRET=1)."""
+
+    backend: str = "pytorch"
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. ``run_dir`` holds config.yaml, metrics.jsonl, TensorBoard events and logs."""
+
+    run_dir: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# loading, overriding, validating
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check/convert ``value`` to annotation ``tp``; raise ConfigError naming ``key`` and ``source``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def fail() -> "typing.NoReturn":
+        raise ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail()
+        return _build(tp, value, key + ".", source)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            fail()
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            fail()
+        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '3e-4' as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # e.g. run_dir=2024 on the CLI
+            return str(value)
+        fail()
+    return value
+
+
+def _build(cls: Any, data: Dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"{source}: unknown key '{prefix}{k}' (valid: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k, source) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: str, seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """Read a YAML config; a top-level ``defaults: [other.yaml, ...]`` list is merged first (relative paths)."""
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'defaults' include")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    merged: Dict[str, Any] = {}
+    for inc in data.pop("defaults", []) or []:
+        merged = _merge(merged, _read_yaml(os.path.join(os.path.dirname(path), inc), seen + (path,)))
+    return _merge(merged, data)
+
+
+def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    cls: Any = RunConfig
+    node = tree
+    for i, p in enumerate(parts):
+        fields_ = {f.name: f for f in dataclasses.fields(cls)}
+        if p not in fields_:
+            raise ConfigError(f"{source}: unknown key '{dotted}' ('{p}' is not one of {', '.join(sorted(fields_))})")
+        tp = typing.get_type_hints(cls)[p]
+        if i == len(parts) - 1:
+            node[p] = value
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{source}: key '{dotted}': '{p}' is a value, not a section")
+        node = node.setdefault(p, {})
+        cls = tp
+
+
+def parse_override(text: str) -> Tuple[str, Any]:
+    """``'model.num_layers=4'`` -> ``('model.num_layers', 4)``; the value is parsed as YAML (``null`` -> None)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like dotted.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Build a :class:`RunConfig` from an optional YAML file plus dotted ``key=value`` overrides."""
+    tree = _read_yaml(path) if path else {}
+    source = path or "<defaults>"
+    for ov in overrides:
+        key, value = parse_override(ov)
+        _set_dotted(tree, key, value, f"override '{ov}'")
+    try:
+        cfg = _build(RunConfig, tree, "", source)
+    except ConfigError as e:
+        if overrides and "override" not in str(e):
+            raise ConfigError(f"{e} (file {source} with overrides {list(overrides)})") from None
+        raise
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Semantic checks that types alone cannot express."""
+    choices = {
+        "data.name": (cfg.data.name, {"ml-1m", "ml-20m", "ml-100k", "amzn-books", "synthetic"}),
+        "model.arch": (cfg.model.arch, {"hstu", "sasrec"}),
+        "model.variant": (cfg.model.variant, {"research", "production"}),
+        "loss.name": (cfg.loss.name, {"sampled_softmax"}),
+        "ops.backend": (cfg.ops.backend, {"pytorch", "triton"}),
+        "train.device": (cfg.train.device.split(":")[0], {"cpu", "cuda"}),
+        "train.dtype": (cfg.train.dtype, {"float32", "bfloat16"}),
+    }
+    for key, (val, allowed) in choices.items():
+        if val not in allowed:
+            raise ConfigError(f"key '{key}' = {val!r} is not one of {sorted(allowed)}")
+    positive = {
+        "data.max_seq_len": cfg.data.max_seq_len,
+        "data.batch_size": cfg.data.batch_size,
+        "data.eval_batch_size": cfg.data.eval_batch_size,
+        "model.embedding_dim": cfg.model.embedding_dim,
+        "model.num_layers": cfg.model.num_layers,
+        "model.num_heads": cfg.model.num_heads,
+        "loss.num_negatives": cfg.loss.num_negatives,
+        "train.epochs": cfg.train.epochs,
+        "train.eval_every_epochs": cfg.train.eval_every_epochs,
+    }
+    for key, val in positive.items():
+        if val <= 0:
+            raise ConfigError(f"key '{key}' must be > 0, got {val}")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"key 'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
+    if cfg.loss.temperature <= 0:
+        raise ConfigError(f"key 'loss.temperature' must be > 0, got {cfg.loss.temperature}")
+    if cfg.data.min_seq_len < 2:
+        raise ConfigError(f"key 'data.min_seq_len' must be >= 2, got {cfg.data.min_seq_len}")
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    """Plain-dict view (tuples become lists) suitable for YAML/JSON."""
+
+    def conv(x: Any) -> Any:
+        if isinstance(x, tuple):
+            return [conv(v) for v in x]
+        if isinstance(x, list):
+            return [conv(v) for v in x]
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        return x
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: RunConfig, path: str) -> None:
+    """Write the resolved config atomically (tmp + rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
