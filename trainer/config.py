@@ -36,6 +36,7 @@ class SyntheticConfig:
     max_seq_len: int = 80  # length of generated histories (before data.max_seq_len truncation)
     drift: float = 0.05  # per-event probability that a user's current interest moves
     interest_focus: float = 0.8  # probability an event is drawn from the current interest (else popularity)
+    sequential_strength: float = 0.7  # in-interest event: probability it follows the previous item's successor
     num_action_types: int = 0  # 0: no action types generated
     seed: int = 1234
 
@@ -75,6 +76,9 @@ class ModelConfig:
     use_rab_position: bool = True  # research variant: relative position bias
     use_rab_time: bool = True  # research variant: relative time bias
     l2_norm_output: bool = True  # L2-normalise sequence and item embeddings
+    # production variant only: time goes in as an INPUT embedding of bucket(query_time - t_j)
+    input_time_buckets: int = 2048  # table has input_time_buckets + 1 rows
+    input_time_bucket_fn: str = "sqrt"  # sqrt: floor(sqrt(dt/60)) | log: floor(ln(dt/60)), clamped
 
 
 @dataclass
@@ -110,6 +114,8 @@ class StochasticLengthConfig:
 
 @dataclass
 class TrainConfig:
+    """Train loop: epochs, step cap, eval cadence, seed, device/dtype, Stochastic Length, progress/TensorBoard."""
+
     epochs: int = 101
     max_steps: int = 0  # 0 = no step cap (useful for smoke runs)
     eval_every_epochs: int = 5
@@ -120,6 +126,7 @@ class TrainConfig:
     num_threads: int = 0  # torch intra-op threads, 0 = torch default
     stochastic_length: StochasticLengthConfig = field(default_factory=StochasticLengthConfig)
     progress: bool = True  # tqdm bars
+    tensorboard: bool = True  # TensorBoard event files in run_dir/tensorboard
 
 
 @dataclass
@@ -131,6 +138,7 @@ class EvalConfig:
     remove_history: bool = True  # GR's code removes history items from the ranking
     item_chunk_size: int = 65536  # items scored per chunk (memory bound for large catalogs)
     selection_metric: str = "ndcg@10"  # best-epoch selection
+    popularity_baseline: bool = True  # also evaluate the most-popular baseline once per run (logged, results.json)
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""PyTorch reference implementations of the ops (CPU-friendly, autograd)."""
