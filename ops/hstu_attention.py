@@ -53,6 +53,7 @@ def jagged_hstu_attention(
     query_timestamps: Optional[torch.Tensor] = None,
     time_bucket_base: float = 0.301,
     num_targets: Optional[torch.Tensor] = None,
+    contextual_len: int = 0,
     backend: BackendLike = Backend.PYTORCH,
 ) -> torch.Tensor:
     """Jagged HSTU attention.
@@ -64,6 +65,8 @@ def jagged_hstu_attention(
         time_weights: [num_buckets+1], index bucket(t_next(i) − t_j); needs timestamps [T] int64.
         query_timestamps: [B] time used as t_next of each sequence's last row (default: the row's own time).
         num_targets: [B] the last num_targets[b] rows are candidates (see history + themselves only).
+        contextual_len: the first min(contextual_len, n − num_targets) rows of each sequence are a contextual
+            prefix visible to every query (and to each other, even under the causal mask).
         backend: Backend / "pytorch" / "triton" / OpsConfig.
     Returns:
         [T, H, dv], differentiable w.r.t. q, k, v, pos_weights, time_weights.
@@ -72,7 +75,7 @@ def jagged_hstu_attention(
     kwargs = dict(
         alpha=alpha, norm=norm, causal=causal, pos_weights=pos_weights, time_weights=time_weights,
         timestamps=timestamps, query_timestamps=query_timestamps, time_bucket_base=time_bucket_base,
-        num_targets=num_targets,
+        num_targets=num_targets, contextual_len=contextual_len,
     )
     backend = resolve_backend(backend)
     if backend == Backend.TRITON:

@@ -111,6 +111,7 @@ def _group_attention(
     t_next_ext: Optional[torch.Tensor],
     time_bucket_base: float,
     num_targets: Optional[torch.Tensor],
+    contextual_len: int = 0,
 ) -> torch.Tensor:
     """One length group: q/k [G*L, H, dqk], v [G*L, H, dv] already gathered (padding rows are zero);
     rows [G, L] token index (padding -> T) for the time bias. Returns [G, L, H, dv] (padded rows are garbage)."""
@@ -143,6 +144,10 @@ def _group_attention(
         cand = pos.view(1, L) >= (lengths - num_targets).view(G, 1)  # [G, L]
         cross = cand.unsqueeze(2) & cand.unsqueeze(1) & (pos.view(L, 1) != pos.view(1, L))
         mask = mask & ~cross
+    if contextual_len > 0:  # prefix of C = min(contextual_len, n - num_targets) rows visible to every query
+        hist = lengths - num_targets if num_targets is not None else lengths
+        C = hist.clamp(min=0, max=contextual_len)
+        mask = mask | (pos.view(1, 1, L) < C.view(G, 1, 1))
     weights = mask.to(scores.dtype) * (1.0 / norm)
     attn = F.silu(scores) * weights.unsqueeze(-3)  # [G, H, L, L]
     return torch.matmul(attn, v).transpose(1, 2)  # [G, L, H, dv]
@@ -164,6 +169,7 @@ def pytorch_jagged_hstu_attention(
     query_timestamps: Optional[torch.Tensor] = None,
     time_bucket_base: float = 0.301,
     num_targets: Optional[torch.Tensor] = None,
+    contextual_len: int = 0,
 ) -> torch.Tensor:
     """Jagged HSTU attention, q/k [T, H, dqk], v [T, H, dv], offsets [B+1] -> [T, H, dv] (autograd to q, k, v,
     pos_weights, time_weights). ``max_len`` is only an upper bound here (lengths are read from offsets)."""
@@ -201,7 +207,7 @@ def pytorch_jagged_hstu_attention(
             qg, kg, vg, rows, lens, L,
             alpha=alpha, norm=norm, causal=causal, pos_weights=pos_weights, time_weights=time_weights,
             ts_ext=ts_ext, t_next_ext=t_next_ext, time_bucket_base=time_bucket_base,
-            num_targets=None if num_targets is None else num_targets.long()[idx],
+            num_targets=None if num_targets is None else num_targets.long()[idx], contextual_len=contextual_len,
         )
         outs.append(out.reshape(-1, H, dv))
     return _ScatterRows.apply(torch.cat(outs), all_rows, inverse)
