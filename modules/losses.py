@@ -49,20 +49,27 @@ def sample_negatives(
     return neg.to(device) if device is not None else neg
 
 
-def _negative_logits(q: torch.Tensor, neg: torch.Tensor, item_vectors_fn: ItemVectorsFn, num_items: int) -> torch.Tensor:
+MATMUL_CHUNK_ELEMENTS = 1 << 25  # max [rows, num_items+1] score block held at once in the all-items route
+
+
+def _negative_logits(
+    q: torch.Tensor, neg: torch.Tensor, item_vectors_fn: ItemVectorsFn, num_items: int
+) -> torch.Tensor:
     """q [V, D], neg [V, R] -> q·v(neg) [V, R].
 
-    Two equivalent routes; the cheaper in memory is taken: gather R vectors per position ([V, R, D] saved for
-    backward) or score all items once ([V, num_items+1], only the gather index is saved) when the catalog is
-    smaller than R·D.
+    Two equivalent routes, picked by cost: when the catalog is smaller than R·D, score all items with one
+    matmul per block of rows and gather (only the gather index is saved for backward: memory O(block·N));
+    otherwise look up the unique negatives once and gather R vectors per position ([V, R, D]).
     """
     V, R = neg.shape
-    D = q.shape[-1]
-    if num_items + 1 <= R * D:
+    if num_items + 1 <= R * q.shape[-1]:
         all_vecs = item_vectors_fn(torch.arange(num_items + 1, device=q.device))  # [N+1, D]
-        return (q @ all_vecs.t()).gather(1, neg)
-    neg_vecs = item_vectors_fn(neg.reshape(-1)).view(V, R, D)
-    return torch.bmm(neg_vecs, q.unsqueeze(-1)).squeeze(-1)
+        rows = max(1, MATMUL_CHUNK_ELEMENTS // (num_items + 1))
+        parts = [(q[i:i + rows] @ all_vecs.t()).gather(1, neg[i:i + rows]) for i in range(0, V, rows)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+    uniq, inverse = torch.unique(neg, return_inverse=True)
+    vecs = item_vectors_fn(uniq)  # [U, D]: normalisation etc. once per distinct item
+    return (F.embedding(inverse, vecs) * q.unsqueeze(1)).sum(-1)
 
 
 def sampled_softmax_loss(

@@ -1,0 +1,112 @@
+"""Sampled softmax loss and next-item labels (modules/losses.py)."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import hstu.modules.losses as losses
+from hstu.modules.losses import next_item_labels, sample_negatives, sampled_softmax_loss
+
+
+def _table():
+    # 5 items (+ padding row 0) in 2-D: easy numbers for hand computation
+    return torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0], [0.6, 0.8]])
+
+
+def test_next_item_labels_jagged():
+    item_ids = torch.tensor([5, 6, 7, 8, 9, 10])
+    offsets = torch.tensor([0, 3, 3, 4, 6])  # lengths 3, 0, 1, 2
+    labels, valid = next_item_labels(item_ids, offsets)
+    assert labels.tolist() == [6, 7, 0, 0, 10, 0]
+    assert valid.tolist() == [True, True, False, False, True, False]
+
+
+def test_hand_computed_value_with_generator():
+    table = _table()
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pos = torch.tensor([1, 5])
+    valid = torch.tensor([True, True])
+    temp = 0.5
+    # the negatives the loss will draw: same generator state -> same draw
+    neg = sample_negatives(2, 3, 5, torch.Generator().manual_seed(7))
+    got = sampled_softmax_loss(q, pos, valid, lambda ids: table[ids], 5, 3, temp, torch.Generator().manual_seed(7))
+    expected = 0.0
+    for i in range(2):
+        p = float(q[i] @ table[pos[i]])
+        ns = [float(q[i] @ table[n]) for n in neg[i].tolist() if n != int(pos[i])]
+        logits = [p / temp] + [s / temp for s in ns]
+        expected += -(p / temp) + math.log(sum(math.exp(x) for x in logits))
+    assert abs(float(got) - expected / 2) < 1e-5
+
+
+def test_explicit_negatives_exact_value():
+    table = _table()
+    q = torch.tensor([[1.0, 0.0]])
+    pos = torch.tensor([1])  # score 1
+    neg = torch.tensor([[2, 3]])  # scores 0, -1
+    loss = sampled_softmax_loss(q, pos, torch.tensor([True]), lambda ids: table[ids], 5, 2, 1.0, negatives=neg)
+    expected = -1.0 + math.log(math.e + 1.0 + math.exp(-1.0))
+    assert abs(float(loss) - expected) < 1e-6
+
+
+def test_collision_with_positive_contributes_nothing():
+    table = _table()
+    q = torch.tensor([[0.6, 0.8]])
+    pos = torch.tensor([5])
+    fn = lambda ids: table[ids]  # noqa: E731
+    one = torch.tensor([True])
+    with_collision = sampled_softmax_loss(q, pos, one, fn, 5, 3, 0.1, negatives=torch.tensor([[2, 5, 5]]))
+    only_other = sampled_softmax_loss(q, pos, torch.tensor([True]), fn, 5, 1, 0.1, negatives=torch.tensor([[2]]))
+    assert torch.allclose(with_collision, only_other, atol=1e-6)
+    # and all-colliding negatives give loss 0 (softmax over the positive only)
+    all_coll = sampled_softmax_loss(q, pos, torch.tensor([True]), fn, 5, 2, 0.1, negatives=torch.tensor([[5, 5]]))
+    assert abs(float(all_coll)) < 1e-6
+
+
+def test_invalid_positions_are_ignored():
+    table = _table()
+    q = torch.tensor([[1.0, 0.0], [123.0, -7.0], [0.0, 1.0]])
+    pos = torch.tensor([1, 0, 2])
+    valid = torch.tensor([True, False, True])
+    neg = torch.tensor([[3, 4], [2, 4]])
+    fn = lambda ids: table[ids]  # noqa: E731
+    full = sampled_softmax_loss(q, pos, valid, fn, 5, 2, 0.2, negatives=neg)
+    sub = sampled_softmax_loss(q[[0, 2]], pos[[0, 2]], torch.tensor([True, True]), fn, 5, 2, 0.2, negatives=neg)
+    assert torch.allclose(full, sub)
+    q.requires_grad_(True)
+    sampled_softmax_loss(q, pos, valid, fn, 5, 2, 0.2, negatives=neg).backward()
+    assert torch.all(q.grad[1] == 0)  # masked position gets no gradient
+    none_valid = sampled_softmax_loss(q, pos, torch.zeros(3, dtype=torch.bool), fn, 5, 2, 0.2)
+    assert float(none_valid.detach()) == 0.0 and none_valid.requires_grad
+
+
+def test_gather_and_full_matmul_paths_agree(monkeypatch):
+    torch.manual_seed(0)
+    emb = F.normalize(torch.randn(41, 4), dim=-1)
+    q0 = F.normalize(torch.randn(6, 4), dim=-1)
+    pos = torch.randint(1, 41, (6,))
+    valid = torch.ones(6, dtype=torch.bool)
+    neg = torch.randint(1, 41, (6, 3))
+    neg[0, 1] = pos[0]  # one collision too
+    pad = lambda x: F.pad(x, (0, 16))  # noqa: E731  zero-padding to D=20 keeps every dot product
+
+    def run(q_in, table):
+        q = q_in.clone().requires_grad_(True)
+        loss = sampled_softmax_loss(q, pos, valid, lambda ids: table[ids], 40, 3, 0.05, negatives=neg)
+        loss.backward()
+        return loss.detach(), q.grad[:, :4]
+
+    a, ga = run(q0, emb)  # R*D = 12 < 41 items: unique + gather route
+    b, gb = run(pad(q0), pad(emb))  # R*D = 60 >= 41: all-items matmul route
+    monkeypatch.setattr(losses, "MATMUL_CHUNK_ELEMENTS", 2 * 41)  # 2 rows per block -> 3 blocks
+    c, gc = run(pad(q0), pad(emb))
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(b, c, atol=1e-6)
+    assert torch.allclose(ga, gb, atol=1e-5) and torch.allclose(gb, gc, atol=1e-6)
+
+
+def test_negatives_are_uniform_in_range():
+    neg = sample_negatives(2000, 16, 7, torch.Generator().manual_seed(0))
+    assert int(neg.min()) == 1 and int(neg.max()) == 7
+    freq = torch.bincount(neg.flatten(), minlength=8)[1:].double() / neg.numel()
+    assert torch.allclose(freq, torch.full((7,), 1 / 7, dtype=torch.float64), atol=0.01)

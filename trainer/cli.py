@@ -1,0 +1,193 @@
+"""``hstu`` command line: ``hstu prepare | train | eval`` (see ``hstu --help``).
+
+Config errors and data errors print one line ``hstu: error: ...`` and exit with status 2 (no traceback);
+a non-finite training loss exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import textwrap
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from hstu.trainer import run_dir as rd
+from hstu.trainer.config import ConfigError, RunConfig, load_config
+
+EXIT_USAGE = 2
+
+
+def _data_error_types() -> tuple:
+    try:
+        from hstu.trainer.data.errors import DataError
+
+        return (ConfigError, DataError)
+    except ImportError:  # pragma: no cover - data package not installed
+        return (ConfigError,)
+
+
+def _sections_epilog() -> str:
+    lines = ["config sections (override any field as dotted.key=value, value parsed as YAML):"]
+    defaults = RunConfig()
+    for f in dataclasses.fields(RunConfig):
+        section = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(section):
+            doc = (type(section).__doc__ or "").strip().splitlines()
+            keys = textwrap.fill("keys: " + ", ".join(x.name for x in dataclasses.fields(section)), width=110,
+                                 initial_indent=" " * 10, subsequent_indent=" " * 16)
+            lines.append(f"  {f.name:<7} {doc[0] if doc else ''}\n{keys}")
+    lines.append("  run_dir output directory (also --run-dir)")
+    lines.append("examples:\n  hstu train --config configs/ml-1m/hstu.yaml --data-dir ~/data/ml-1m train.epochs=3"
+                 "\n  hstu eval --run-dir runs/ml-1m-hstu-20260101-120000"
+                 "\n  hstu prepare --config configs/ml-1m/base.yaml --data-dir ~/data/ml-1m")
+    return "\n".join(lines)
+
+
+def _add_config_args(p: argparse.ArgumentParser, with_run_dir: bool) -> None:
+    p.add_argument("--config", metavar="YAML", help="run config file (e.g. configs/ml-1m/hstu.yaml); "
+                   "without it the built-in defaults (synthetic data) are used")
+    p.add_argument("--data-dir", metavar="DIR", help="directory with the raw dataset files (= data.data_dir)")
+    if with_run_dir:
+        p.add_argument("--run-dir", metavar="DIR", help="output directory (= run_dir; default "
+                       "runs/<config-name>-<timestamp>); a previous run there is replaced")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, e.g. train.epochs=3 model.num_layers=4 data.batch_size=64")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hstu`` argument parser (subcommands prepare, train, eval)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="hstu", formatter_class=fmt, epilog=_sections_epilog(),
+        description="HSTU generative-recommender trainer: prepare data, train a retrieval model (HSTU or SASRec) "
+                    "with sampled softmax, and evaluate it by full ranking over all items (HR@K, NDCG@K, MRR).")
+    sub = parser.add_subparsers(dest="command", metavar="{prepare,train,eval}")
+    sub.required = True
+
+    p = sub.add_parser("prepare", formatter_class=fmt, epilog=_sections_epilog(),
+                       help="load/preprocess a dataset into the cache and print a summary",
+                       description="Read the raw dataset (or generate the synthetic one), build per-user sequences, "
+                                   "cache them in data.cache_dir and print a summary (users, items, events, lengths).")
+    _add_config_args(p, with_run_dir=False)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", formatter_class=fmt, epilog=_sections_epilog(),
+                       help="train a model; writes config.yaml, metrics.jsonl, best.pt, results.json",
+                       description="Train as configured. The run directory receives config.yaml (resolved config), "
+                                   "metrics.jsonl, train.log, tensorboard/, best.pt (best epoch by "
+                                   "eval.selection_metric) and results.json.")
+    _add_config_args(p, with_run_dir=True)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", formatter_class=fmt, epilog=_sections_epilog(),
+                       help="full-ranking evaluation of a trained run (config.yaml + best.pt)",
+                       description="Load RUN_DIR/config.yaml and the checkpoint, rebuild the data and the model, "
+                                   "rank every user's held-out item against all items and print the metrics as "
+                                   "JSON (also written to RUN_DIR/eval.json unless --output is given).")
+    p.add_argument("--run-dir", metavar="DIR", required=True, help="a run directory written by `hstu train`")
+    p.add_argument("--checkpoint", metavar="FILE", help="state_dict to load (default RUN_DIR/best.pt)")
+    p.add_argument("--data-dir", metavar="DIR", help="raw dataset directory, if it moved since training")
+    p.add_argument("--device", metavar="DEV", help="cpu | cuda[:N] (default: the run's train.device)")
+    p.add_argument("--output", metavar="FILE", help="where to write the metrics JSON (default RUN_DIR/eval.json)")
+    p.add_argument("--baseline", action="store_true", help="also evaluate the most-popular baseline")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides applied on top of the saved config, e.g. eval.remove_history=false")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    cfg = load_config(args.config, args.overrides)
+    if args.data_dir:
+        cfg.data.data_dir = args.data_dir
+    return cfg
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from hstu.trainer.data import prepare, summary_lines
+
+    cfg = _load(args)
+    print("\n".join(summary_lines(prepare(cfg.data, progress=cfg.train.progress))))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hstu.trainer.train import train
+
+    cfg = _load(args)
+    cfg.run_dir = args.run_dir or cfg.run_dir or rd.default_run_dir(rd.config_name(args.config))
+    result = train(cfg)
+    print(json.dumps({k: v for k, v in result.to_dict().items()}, indent=2))
+    return 0
+
+
+def evaluate_run(run_dir: str, overrides: Sequence[str] = (), checkpoint: Optional[str] = None,
+                 data_dir: Optional[str] = None, device: Optional[str] = None,
+                 baseline: bool = False) -> Dict[str, Any]:
+    """Evaluate a trained run: {"metrics": {...}, "baseline": {...}?, "checkpoint", "run_dir"}."""
+    from hstu.trainer.evaluate import evaluate, evaluate_popularity, popularity_counts
+    from hstu.trainer.train import build_data, build_model_for
+
+    cfg_path = os.path.join(run_dir, rd.CONFIG_FILE)
+    if not os.path.exists(cfg_path):
+        raise ConfigError(f"{run_dir} is not a run directory (no {rd.CONFIG_FILE})")
+    cfg = load_config(cfg_path, overrides)
+    if data_dir:
+        cfg.data.data_dir = data_dir
+    if device:
+        cfg.train.device = device
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    ckpt = checkpoint or os.path.join(run_dir, rd.CHECKPOINT_FILE)
+    if not os.path.exists(ckpt):
+        raise ConfigError(f"checkpoint not found: {ckpt} (the run saves best.pt after its first evaluation)")
+    dev = torch.device(cfg.train.device)
+    seqs, _, eval_loader = build_data(cfg)
+    model = build_model_for(cfg, seqs.num_items, dev)
+    model.load_state_dict(torch.load(ckpt, map_location=dev, weights_only=True))
+    out: Dict[str, Any] = {"run_dir": run_dir, "checkpoint": ckpt,
+                           "metrics": evaluate(model, eval_loader, seqs.num_items, cfg.eval, dev)}
+    if baseline:
+        counts = popularity_counts(torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets), seqs.num_items)
+        out["baseline"] = evaluate_popularity(counts, eval_loader, cfg.eval)
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    out = evaluate_run(args.run_dir, args.overrides, args.checkpoint, args.data_dir, args.device, args.baseline)
+    rd.write_json(out, args.output or os.path.join(args.run_dir, "eval.json"))
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``hstu`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _data_error_types() as e:
+        print(f"hstu: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as e:
+        print(f"hstu: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("hstu: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        from hstu.trainer.train import NonFiniteLossError
+
+        if isinstance(e, NonFiniteLossError):
+            print(f"hstu: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
