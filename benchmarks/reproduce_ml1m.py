@@ -39,6 +39,10 @@ def run_one(model: str, data_dir: str, run_root: str, overrides: list) -> dict:
     entry = {"model": model}
     entry.update({m: best.get(m) for m in METRICS})
     entry.update({
+        "complete": result.epochs_run == cfg.train.epochs,  # False: stopped by train.max_train_minutes
+        "configured_epochs": cfg.train.epochs,
+        "final": {m: result.final_metrics.get(m) for m in METRICS},
+        "most_popular": {m: result.baseline_metrics.get(m) for m in METRICS},
         "epochs": result.epochs_run,
         "best_epoch": result.best_epoch,
         "train_seconds": round(result.train_seconds, 1),

@@ -26,7 +26,8 @@ def _ml1m_section(rows: list) -> List[str]:
     for r in rows:
         p = r.get("paper", {})
         cells = [r["model"]] + [f"{_fmt(r.get(m))} ({_fmt(p.get(m))})" for m in ("hr@10", "ndcg@10", "hr@50", "hr@200")]
-        cells += [_fmt(r.get("ndcg@200")), _fmt(r.get("mrr")), f"{r.get('epochs')} ({r.get('best_epoch')})",
+        done = "" if r.get("complete", True) else f" of {r.get('configured_epochs')}, time-capped"
+        cells += [_fmt(r.get("ndcg@200")), _fmt(r.get("mrr")), f"{r.get('epochs')}{done} ({r.get('best_epoch')})",
                   _fmt(r.get("train_seconds")), _fmt(r.get("tokens_per_second")), r.get("machine", ""),
                   r.get("date", "")[:10], r.get("commit", "")]
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -35,13 +36,68 @@ def _ml1m_section(rows: list) -> List[str]:
     return out + [""]
 
 
+_LONG_CELL = 60  # longer strings / nested values go below the table as footnotes
+
+
+def _is_row_list(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(r, dict) for r in x)
+
+
+def _cell(v) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v)
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    return _fmt(v).replace("|", "\\|")
+
+
+def _row_table(rows: List[dict]) -> List[str]:
+    """Compact markdown table of a list of row dicts: one column per key (first-seen order); values that are long
+    strings or long nested values become numbered footnotes under the table."""
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    long_keys = [k for k in keys if any(len(_cell(r[k])) > _LONG_CELL for r in rows if k in r)]
+    cols = [k for k in keys if k not in long_keys]
+    out = ["| # | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    notes = []
+    for i, r in enumerate(rows, 1):
+        out.append(f"| {i} | " + " | ".join(_cell(r[k]) if k in r else "" for k in cols) + " |")
+        notes += [f"- #{i} {k}: {_cell(r[k])}" for k in long_keys if r.get(k) not in (None, "", [], {})]
+    return out + ([""] + notes if notes else []) + [""]
+
+
 def _generic_section(name: str, payload) -> List[str]:
     out = [f"## {name}", ""]
     meta = payload if isinstance(payload, dict) else {}
-    for key in ("machine", "date", "commit", "command"):
+    for key in ("machine", "date", "commit", "command", "device", "dtype"):
         if key in meta:
             out.append(f"- {key}: `{meta[key]}`")
-    out += ["", "```json", json.dumps(payload, indent=1)[:4000], "```", ""]
+    tables = []  # (title, rows): top-level lists of row dicts, and those one level down in a dict
+    if _is_row_list(payload):
+        tables.append(("", payload))
+    for key, val in meta.items():
+        if _is_row_list(val):
+            tables.append((key, val))
+        elif isinstance(val, dict):
+            tables += [(f"{key}.{k}", v) for k, v in val.items() if _is_row_list(v)]
+    if not tables:
+        return out + ["", "```json", json.dumps(payload, indent=1)[:4000], "```", ""]
+    table_keys = {t.split(".")[0] for t, _ in tables}
+    for key, val in meta.items():  # small scalar / dict settings, then notes
+        if key in table_keys or key in ("machine", "date", "commit", "command", "device", "dtype"):
+            continue
+        if isinstance(val, list) and all(isinstance(x, str) for x in val):
+            out += [f"- {key}:"] + [f"  - {x}" for x in val]
+        elif not isinstance(val, list):
+            out.append(f"- {key}: {_cell(val)}")
+    out.append("")
+    for title, rows in tables:
+        if title:
+            out += [f"**{title}**", ""]
+        out += _row_table(rows)
     return out
 
 

@@ -129,3 +129,18 @@ def test_warmup_schedule():
         sched.step()
     assert lrs == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
     assert opt.param_groups[0]["betas"] == (0.9, 0.98)
+
+
+def test_time_budget_stops_after_the_epoch_that_crosses_it(tmp_path):
+    from hstu.trainer.config import load_config
+    from hstu.trainer.train import train
+
+    cfg = load_config(None, [
+        f"run_dir={tmp_path / 'run'}", "data.name=synthetic", "data.synthetic.num_users=200",
+        "data.synthetic.num_items=100", "data.max_seq_len=20", "data.synthetic.max_seq_len=20",
+        f"data.cache_dir={tmp_path / 'cache'}", "model.embedding_dim=8", "model.attention_dim=8",
+        "model.linear_dim=8", "loss.num_negatives=8", "train.epochs=50", "train.eval_every_epochs=50",
+        "train.progress=false", "train.tensorboard=false", "train.max_train_minutes=0.000001",
+        "eval.popularity_baseline=false"])
+    result = train(cfg)
+    assert result.epochs_run == 1 and result.final_metrics  # stopped after epoch 1 and still evaluated

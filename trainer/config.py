@@ -118,6 +118,7 @@ class TrainConfig:
 
     epochs: int = 101
     max_steps: int = 0  # 0 = no step cap (useful for smoke runs)
+    max_train_minutes: float = 0.0  # 0 = no cap; else stop (and evaluate) after the epoch that crosses it
     eval_every_epochs: int = 5
     log_every_steps: int = 50
     seed: int = 42

@@ -297,9 +297,14 @@ def train(cfg: RunConfig) -> TrainResult:
                            _generator(device, cfg.train.seed + 1), torch.Generator().manual_seed(cfg.train.seed + 2))
         state = TrainState(model, optimizer, scheduler)
         baseline = _popularity_baseline(cfg, seqs, eval_loader, metrics)
+        budget_s = cfg.train.max_train_minutes * 60.0
         for _ in range(cfg.train.epochs):
             train_one_epoch(state, ctx)
-            last = state.epoch == cfg.train.epochs or not _steps_left(state, cfg)
+            over_budget = budget_s > 0 and state.train_seconds >= budget_s
+            if over_budget:
+                log.warning("train.max_train_minutes=%g reached after epoch %d of %d: stopping early",
+                            cfg.train.max_train_minutes, state.epoch, cfg.train.epochs)
+            last = state.epoch == cfg.train.epochs or not _steps_left(state, cfg) or over_budget
             if last or state.epoch % cfg.train.eval_every_epochs == 0:
                 run_evaluation(state, ctx)
             if last:
