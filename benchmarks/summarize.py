@@ -75,23 +75,26 @@ def _generic_section(name: str, payload) -> List[str]:
     for key in ("machine", "date", "commit", "command", "device", "dtype"):
         if key in meta:
             out.append(f"- {key}: `{meta[key]}`")
-    tables = []  # (title, rows): top-level lists of row dicts, and those one level down in a dict
+    tables = []  # (title, rows): top-level lists of row dicts, and the children of a dict holding such lists
     if _is_row_list(payload):
         tables.append(("", payload))
+    table_keys = set()
     for key, val in meta.items():
         if _is_row_list(val):
             tables.append((key, val))
-        elif isinstance(val, dict):
-            tables += [(f"{key}.{k}", v) for k, v in val.items() if _is_row_list(v)]
+            table_keys.add(key)
+        elif isinstance(val, dict) and any(_is_row_list(v) for v in val.values()):
+            table_keys.add(key)
+            for k, v in val.items():  # row lists as tables, a single row dict as a one-row table
+                tables.append((f"{key}.{k}", v if _is_row_list(v) else [v if isinstance(v, dict) else {k: v}]))
     if not tables:
         return out + ["", "```json", json.dumps(payload, indent=1)[:4000], "```", ""]
-    table_keys = {t.split(".")[0] for t, _ in tables}
     for key, val in meta.items():  # small scalar / dict settings, then notes
         if key in table_keys or key in ("machine", "date", "commit", "command", "device", "dtype"):
             continue
         if isinstance(val, list) and all(isinstance(x, str) for x in val):
             out += [f"- {key}:"] + [f"  - {x}" for x in val]
-        elif not isinstance(val, list):
+        else:
             out.append(f"- {key}: {_cell(val)}")
     out.append("")
     for title, rows in tables:

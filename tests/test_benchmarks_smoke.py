@@ -1,0 +1,189 @@
+"""Smoke tests of benchmarks/attention.py and benchmarks/activation_memory.py (--quick, into a tmp dir), plus an
+exact, hand-derived check of the saved-activation counting (~10 s on CPU)."""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+PROVENANCE_KEYS = ("date", "machine", "commit", "command")
+
+
+def _load(name):
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def attention():
+    return _load("attention")
+
+
+@pytest.fixture(scope="module")
+def activation_memory():
+    return _load("activation_memory")
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+# ------------------------------------------------------------------------------------------------ attention.py
+
+def test_attention_quick_writes_complete_json(attention, tmp_path):
+    # --time-budget-s 0 forces the capped path: padded rows timed on 1 sequence and scaled to the batch
+    attention.main(["--quick", "--out", str(tmp_path), "--time-budget-s", "0"])
+    with open(tmp_path / "attention.json") as f:
+        payload = json.load(f)
+    for key in PROVENANCE_KEYS + ("device", "dtype", "setup", "rows", "batches"):
+        assert payload.get(key), key
+    rows = payload["rows"]
+    assert {r["max_len"] for r in rows} == {64, 128}
+    assert {r["impl"] for r in rows} == set(attention.IMPLS)
+    for r in rows:
+        for key in ("impl", "max_len", "num_seqs", "tokens", "fwd_ms", "fwd_bwd_ms", "speedup_vs_sdpa", "status"):
+            assert key in r, (key, r)
+        assert _positive(r["num_seqs"]) and _positive(r["tokens"]) and r["tokens"] <= 512
+        if r["impl"] == "hstu_jagged_triton" and not torch.cuda.is_available():
+            assert r["status"] == "skipped: no GPU" and r["fwd_ms"] is None and r["speedup_vs_sdpa"] is None
+            continue
+        assert r["status"] == "ok", r
+        assert _positive(r["fwd_ms"]) and _positive(r["fwd_bwd_ms"]) and _positive(r["speedup_vs_sdpa"]), r
+        if r["impl"] in ("sdpa_padded", "hstu_padded") and r["num_seqs"] > 1:
+            assert r["extrapolated"] and r["measured_seqs"] == 1 and "scaled" in r["note"], r
+            assert r["fwd_ms"] == pytest.approx(r["measured_fwd_ms"] * r["num_seqs"], rel=1e-3, abs=1e-2)
+    sdpa = [r for r in rows if r["impl"] == "sdpa_padded"]
+    assert all(r["speedup_vs_sdpa"] == 1.0 for r in sdpa)
+    for b in payload["batches"]:  # the first sequence is forced to max_len: padded length == max_len
+        assert b["longest"] == b["padded_len"] == b["max_len"]
+
+
+def test_attention_over_budget_rows_are_recorded_not_dropped(attention, tmp_path):
+    attention.main(["--quick", "--out", str(tmp_path), "--mem-budget-gb", "1e-9"])
+    with open(tmp_path / "attention.json") as f:
+        rows = json.load(f)["rows"]
+    assert len(rows) == 2 * len(attention.IMPLS)
+    for r in rows:
+        assert r["status"].startswith("skipped"), r
+        assert r["fwd_ms"] is None and r["fwd_bwd_ms"] is None
+
+
+def test_benchmarked_implementations_agree(attention):
+    """hstu_padded == the dense test reference == the jagged dispatcher; sdpa_padded == naive causal softmax."""
+    from hstu.ops.pytorch.hstu_attention_dense import padded_hstu_attention_reference
+
+    lengths, H, d, N = [7, 3, 5], 2, 4, 7
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(lengths), H, d, generator=g, dtype=torch.float64) for _ in range(3))
+    offsets = attention.offsets_of(lengths, "cpu")
+    alpha, norm = 1.0 / math.sqrt(d), 11.0
+    dense = padded_hstu_attention_reference(q, k, v, offsets, N, alpha=alpha, norm=norm)
+    jagged = attention.hstu_jagged_pytorch(q, k, v, offsets, N, alpha, norm)
+    qp, kp, vp = (attention.pad_heads(x, offsets, N) for x in (q, k, v))
+    padded = attention.hstu_padded(qp, kp, vp, alpha, norm)  # [B, H, N, d]
+    from hstu.ops.jagged import padded_to_jagged
+
+    unpadded = padded_to_jagged(padded.transpose(1, 2).reshape(len(lengths), N, H * d), offsets).view(-1, H, d)
+    torch.testing.assert_close(unpadded, dense)
+    torch.testing.assert_close(jagged, dense)
+    s = torch.einsum("bhid,bhjd->bhij", qp, kp) / math.sqrt(d)
+    s = s.masked_fill(~torch.ones(N, N, dtype=torch.bool).tril(), float("-inf"))
+    torch.testing.assert_close(attention.sdpa_padded(qp, kp, vp), s.softmax(-1) @ vp)
+
+
+def test_sample_lengths(attention):
+    a = attention.sample_lengths(1024, 5000, 1.0, 16, seed=3)
+    assert a == attention.sample_lengths(1024, 5000, 1.0, 16, seed=3)  # seeded
+    assert a[0] == 1024 and max(a) <= 1024 and min(a) >= 16 and sum(a) <= 5000
+    b = attention.sample_lengths(1024, 5000, 1.0, 16, seed=3, force_max_len=False)
+    assert sum(b) <= 5000 and min(b) >= 16
+
+
+# ------------------------------------------------------------------------------------------------ activation_memory.py
+
+def test_activation_memory_quick_writes_complete_json(activation_memory, tmp_path):
+    activation_memory.main(["--quick", "--out", str(tmp_path)])
+    with open(tmp_path / "activation_memory.json") as f:
+        payload = json.load(f)
+    for key in PROVENANCE_KEYS + ("setup", "rows"):
+        assert payload.get(key), key
+    rows = payload["rows"]
+    kinds = {(r["layer"], r["attention"], r["dropout"]) for r in rows}
+    for p in (0.0, 0.1):
+        assert ("transformer", "sdpa_flash", p) in kinds
+        for v in ("hstu_research", "hstu_production"):
+            assert (v, "reference", p) in kinds and (v, "fused_standin", p) in kinds
+    for r in rows:
+        for key in ("bytes_per_token", "elements_per_d", "bf16_bytes_per_d", "linear_elements_per_d"):
+            assert _positive(r[key]), (key, r)
+        assert r["elements_per_d"] == pytest.approx(r["bytes_per_token"] / (4 * r["d"]), rel=1e-3)
+        assert (r["score_bytes_per_token"] > 0) == (r["attention"] == "reference"), r
+    by = {(r["layer"], r["attention"], r["dropout"]): r for r in rows}
+    for v in ("hstu_research", "hstu_production"):  # the reference op saves more than a fused kernel would
+        assert by[(v, "reference", 0.0)]["bytes_per_token"] > by[(v, "fused_standin", 0.0)]["bytes_per_token"]
+
+
+# Hand derivation (fp32 = 4 B; T = L = 5 tokens in ONE sequence, D = 8, H = 2, d_qk = d_v = 4, so the fused
+# q/k/v/u projection is 4·D = 32 wide), attention op = FusedAttentionStandIn (saves only q, k, v, rab tables,
+# offsets, timestamps — like a fused kernel), parameters excluded, each storage once:
+#
+# production layer                                                       bytes
+#   input_norm (LayerNorm) saves its input x [5, 8] + mean, rstd [5, 1]     160 + 20 + 20
+#   addmm(b, LN(x), W_uvqk) saves LN(x) [5, 8]                              160
+#   uvqk [5, 32]: SiLU(u) saves u and the op saves q, k, v — all views      640
+#   the op saves offsets [2] int64                                          16
+#   output_norm saves attn [5, 8] + mean, rstd                              160 + 20 + 20
+#   u·LN(attn) saves SiLU(u) [5, 8] and LN(attn) [5, 8]                     160 + 160
+#   cat → y [5, 24]; addmm(x, y, W_o) saves y                                480
+#   dropout p = 0: identity on CPU (nothing saved)                          = 2016
+#   p > 0 (CPU): y·noise saves the float32 noise [5, 24] (+480); addmm saves the dropped y instead of y   = 2496
+# research layer
+#   F.layer_norm (no affine) saves x + mean, rstd                           160 + 20 + 20
+#   LN(x) @ W_uvqk saves LN(x)                                              160
+#   SiLU saves its input, the pre-activation [5, 32]                        640
+#   SiLU output [5, 32]: u (mul) and q, k, v (op) are views of it          640
+#   the op saves offsets [2] and timestamps [5] int64 (rab tables are parameters)   16 + 40
+#   F.layer_norm(attn) saves attn [5, 8] + mean, rstd                       160 + 20 + 20
+#   u·LN(attn) saves LN(attn) (u already counted)                           160
+#   Linear_o saves y = u·LN(attn) [5, 8]                                    160
+#   dropout p = 0                                                            = 2216
+#   p > 0: float32 noise [5, 8] (+160), Linear_o saves the dropped y instead = 2376
+HAND_DERIVED = {("production", 0.0): 2016, ("production", 0.5): 2496,
+                ("research", 0.0): 2216, ("research", 0.5): 2376}
+
+
+@pytest.mark.parametrize("variant,dropout", sorted(HAND_DERIVED))
+def test_saved_activation_bytes_match_hand_derivation(activation_memory, variant, dropout):
+    c = activation_memory.measure_hstu(variant, [5], 8, 2, dropout, seed=0, max_seq_len=5,
+                                       attention="fused_standin")
+    assert c.total_bytes == HAND_DERIVED[(variant, dropout)], sorted(
+        (s["nbytes"], s["dtype"], tuple(s["shape"])) for s in c.storages.values())
+    assert c.param_hits > 0  # parameters were seen by the hook and excluded
+
+
+def test_fused_standin_gradients_match_reference(activation_memory):
+    """The stand-in op is a correct drop-in (its backward recomputes with the reference)."""
+    from hstu.ops.hstu_attention import jagged_hstu_attention
+
+    g = torch.Generator().manual_seed(1)
+    lengths = [4, 2]
+    T, H, d = sum(lengths), 2, 3
+    q, k, v = (torch.randn(T, H, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pw = torch.randn(2 * 4 - 1, generator=g, dtype=torch.float64, requires_grad=True)
+    offsets = torch.tensor([0, 4, 6])
+    kw = dict(alpha=0.5, norm=4.0, causal=True)
+    ref = jagged_hstu_attention(q, k, v, offsets, 4, pos_weights=pw, **kw)
+    out = activation_memory.fused_standin(q, k, v, offsets, 4, pos_weights=pw, **kw)
+    torch.testing.assert_close(out, ref)
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad((out * w).sum(), [q, k, v, pw]),
+                               torch.autograd.grad((ref * w).sum(), [q, k, v, pw]))
