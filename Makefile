@@ -8,7 +8,9 @@ CONFIG ?= configs/synthetic/hstu-small.yaml
 RUN_DIR ?= runs/default
 # jemalloc roughly halves CPU epoch time (stack-notes.md); used when the Debian package is present.
 JEMALLOC := $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2)
-FAST_ENV := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC) MALLOC_CONF="oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1",)
+ifneq ($(JEMALLOC),)
+FAST_ENV := LD_PRELOAD=$(firstword $(JEMALLOC)) MALLOC_CONF="oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+endif
 PYTEST_ARGS ?=
 
 .PHONY: install train test reproduce-ml1m clean help

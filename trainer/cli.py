@@ -122,8 +122,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     cfg.run_dir = args.run_dir or cfg.run_dir or rd.default_run_dir(rd.config_name(args.config))
     result = train(cfg)
-    print(json.dumps({k: v for k, v in result.to_dict().items()}, indent=2))
+    print(format_result(result.to_dict()))
     return 0
+
+
+def format_result(result: Dict[str, Any]) -> str:
+    """A compact metrics table: best epoch vs final epoch vs the most-popular baseline."""
+    best, final, base = result["best_metrics"], result["final_metrics"], result.get("baseline_metrics") or {}
+    lines = [f"{'metric':<10}{'best (epoch ' + str(result['best_epoch']) + ')':>18}{'final':>10}{'most-popular':>14}"]
+    for name in best:
+        if name == "num_users":
+            continue
+        b = base.get(name)
+        lines.append(f"{name:<10}{best[name]:>18.4f}{final.get(name, float('nan')):>10.4f}"
+                     f"{(f'{b:.4f}' if b is not None else '-'):>14}")
+    lines.append(f"{result['epochs_run']} epochs, {result['steps']} steps, {result['train_seconds']:.1f} s training, "
+                 f"{result['tokens_per_second']:,.0f} tokens/s; run dir {result['run_dir']} (results.json)")
+    return "\n".join(lines)
 
 
 def evaluate_run(run_dir: str, overrides: Sequence[str] = (), checkpoint: Optional[str] = None,
