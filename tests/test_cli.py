@@ -70,7 +70,7 @@ def test_data_error_exits_2(capsys, tmp_path):
 def test_train_then_eval(capsys, tmp_path):
     run = str(tmp_path / "run")
     common = [f"data.cache_dir={tmp_path / 'cache'}"] + TINY
-    code, out, err = run_main(capsys, "train", "--run-dir", run, "train.epochs=2", "train.eval_every_epochs=1", *common)
+    code, out, err = run_main(capsys, "train", "--json", "--run-dir", run, "train.epochs=2", "train.eval_every_epochs=1", *common)
     assert code == 0, err
     trained = json.loads(out)
     assert trained["run_dir"] == run and trained["epochs_run"] == 2
@@ -94,7 +94,7 @@ def test_default_run_dir_from_config_name(capsys, tmp_path, monkeypatch):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("train: {epochs: 1, max_steps: 1}\n")
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_main(capsys, "train", "--config", str(cfg), f"data.cache_dir={tmp_path / 'cache'}", *TINY)
+    code, out, err = run_main(capsys, "train", "--json", "--config", str(cfg), f"data.cache_dir={tmp_path / 'cache'}", *TINY)
     assert code == 0, err
     run_dir = json.loads(out)["run_dir"]
     assert os.path.dirname(run_dir) == "runs" and os.path.basename(run_dir).startswith("tiny-")
@@ -118,3 +118,12 @@ def test_nan_loss_exits_1_with_message(capsys, tmp_path, monkeypatch):
     code, _, err = run_main(capsys, "train", "--run-dir", str(tmp_path / "r"), f"data.cache_dir={tmp_path / 'c'}",
                             *TINY)
     assert code == 1 and "non-finite loss" in err and "step 1, epoch 1" in err and "Traceback" not in err
+
+
+def test_train_prints_metrics_table(capsys, tmp_path):
+    code, out, err = run_main(capsys, "train", "--run-dir", str(tmp_path / "run"), "train.epochs=1",
+                              f"data.cache_dir={tmp_path / 'cache'}", *TINY)
+    assert code == 0, err
+    header, *rows = out.strip().splitlines()
+    assert "most-popular" in header and any(r.startswith("hr@10") for r in rows)
+    assert "tokens/s" in rows[-1] and str(tmp_path / "run") in rows[-1]

@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "metrics.jsonl, train.log, tensorboard/, best.pt (best epoch by "
                                    "eval.selection_metric) and results.json.")
     _add_config_args(p, with_run_dir=True)
+    p.add_argument("--json", action="store_true", help="print the full result as JSON instead of a metrics table")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", formatter_class=fmt, epilog=_sections_epilog(),
@@ -122,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     cfg.run_dir = args.run_dir or cfg.run_dir or rd.default_run_dir(rd.config_name(args.config))
     result = train(cfg)
-    print(format_result(result.to_dict()))
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result.to_dict()))
     return 0
 
 
