@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from hstu.ops.backend import BackendLike, resolve_backend
 from hstu.ops.hstu_attention import jagged_hstu_attention
 from hstu.ops.jagged import last_rows, positions_in_sequence, sequence_ids
+from hstu.ops.pytorch.hstu_attention import max_pos_from_table, relative_position_ids, time_bucket_ids
 
 if TYPE_CHECKING:  # typing only: modules never import the trainer at runtime
     from hstu.trainer.config import ModelConfig
@@ -35,7 +36,56 @@ def input_time_bucket_ids(delta: torch.Tensor, num_buckets: int, fn: str = "sqrt
     return torch.floor(x.clamp(min=0)).clamp(max=num_buckets).long()
 
 
-class ResearchHSTULayer(nn.Module):
+class CachedLayerMixin:
+    """Cached / incremental forward of ONE sequence, for serving (M-FALCON, appended events; docs/serving.md).
+
+    Needs ``project(x) -> (u, v, q, k)`` and ``finish(x, u, attn) -> y`` (the two halves of ``forward``, so both
+    paths share every weight and formula), ``attention_alpha``, ``rab_indices`` and ``relative_bias``. Training
+    never calls it."""
+
+    def rab_indices(self, q_pos: torch.Tensor, k_pos: torch.Tensor, q_tnext: torch.Tensor, k_ts: torch.Tensor):
+        """Table indices of the rab of query rows (position, t_next) vs key rows (position, timestamp), broadcast
+        like the inputs (e.g. [M, 1] vs [1, N] -> [M, N]). The same for every layer of a stack (computed once)."""
+        return None
+
+    def relative_bias(self, indices) -> Optional[torch.Tensor]:
+        """rab values of ``rab_indices(...)`` from this layer's tables; None when the layer has no rab."""
+        return None
+
+    def forward_cached(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                       bias_past: Optional[torch.Tensor], bias_new: Optional[torch.Tensor],
+                       candidates: bool = False):
+        """x [M, D]: new rows of one sequence; past_k [H, N, dqk], past_v [H, N, dv]: cached keys/values of the N
+        rows before them. Every new row attends to all past rows and, candidates=False, to new rows j <= i
+        (causal), candidates=True, to itself only (M-FALCON). bias_past [M|1, N]; bias_new [M, M] (causal) or
+        [M|1] (candidates). Returns (y [M, D], k [H, M, dqk], v [H, M, dv]) — the new rows' cache entries."""
+        M = x.shape[0]
+        H = self.num_heads
+        u, v, q, k = self.project(x)
+        q, k, v = (t.reshape(M, H, -1).transpose(0, 1) for t in (q, k, v))  # [H, M, d]
+        alpha = self.attention_alpha
+        qa = q * alpha if alpha != 1.0 else q
+        s = torch.matmul(qa, past_k.transpose(1, 2))  # [H, M, N]
+        if bias_past is not None:
+            s = s + bias_past.to(s.dtype)
+        attn = torch.matmul(F.silu(s), past_v)  # [H, M, dv]
+        if candidates:
+            s_self = (qa * k).sum(-1)  # [H, M]
+            if bias_new is not None:
+                s_self = s_self + bias_new.to(s_self.dtype)
+            attn = attn + F.silu(s_self).unsqueeze(-1) * v
+        else:
+            s_new = torch.matmul(qa, k.transpose(1, 2))  # [H, M, M]
+            if bias_new is not None:
+                s_new = s_new + bias_new.to(s_new.dtype)
+            rows = torch.arange(M, device=x.device)
+            causal = rows.view(-1, 1) >= rows.view(1, -1)
+            attn = attn + torch.matmul(F.silu(s_new) * causal, v)
+        attn = (attn / float(self.max_seq_len)).transpose(0, 1).reshape(M, -1)
+        return self.finish(x, u, attn), k, v
+
+
+class ResearchHSTULayer(CachedLayerMixin, nn.Module):
     """GR research/ ``SequentialTransductionUnitJagged`` (rel_bias normalization, uvqk, SiLU). [T, D] -> [T, D]."""
 
     def __init__(self, cfg: "ModelConfig", max_seq_len: int, ops_backend: BackendLike = "pytorch") -> None:
@@ -57,24 +107,56 @@ class ResearchHSTULayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, max_len: int, timestamps: Optional[torch.Tensor],
-                query_timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
-        T, D = x.shape
+                query_timestamps: Optional[torch.Tensor] = None, num_targets: Optional[torch.Tensor] = None,
+                contextual_len: int = 0) -> torch.Tensor:
+        """num_targets [B] / contextual_len: candidate and contextual-prefix masks of the op (ranking)."""
+        T = x.shape[0]
         H, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
-        uvqk = F.silu(F.layer_norm(x, [D], eps=LN_EPS) @ self.uvqk)
-        u, v, q, k = torch.split(uvqk, [dv * H, dv * H, dqk * H, dqk * H], dim=1)
+        u, v, q, k = self.project(x)
         attn = jagged_hstu_attention(
             q.reshape(T, H, dqk), k.reshape(T, H, dqk), v.reshape(T, H, dv), offsets, max_len,
             alpha=1.0, norm=float(self.max_seq_len), causal=True,
             pos_weights=self.pos_weights, time_weights=self.time_weights,
             timestamps=timestamps if self.time_weights is not None else None,
             query_timestamps=query_timestamps if self.time_weights is not None else None,
-            time_bucket_base=self.time_bucket_base, backend=self.backend,
+            time_bucket_base=self.time_bucket_base, num_targets=num_targets, contextual_len=contextual_len,
+            backend=self.backend,
         ).reshape(T, H * dv)
-        y = u * F.layer_norm(attn, [H * dv], eps=LN_EPS)
+        return self.finish(x, u, attn)
+
+    attention_alpha = 1.0
+
+    def project(self, x: torch.Tensor):
+        """x [N, D] -> (u, v [N, H·dv], q, k [N, H·dqk]): LN → X·W_uvqk → SiLU on all four."""
+        H, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
+        uvqk = F.silu(F.layer_norm(x, [x.shape[-1]], eps=LN_EPS) @ self.uvqk)
+        return torch.split(uvqk, [dv * H, dv * H, dqk * H, dqk * H], dim=1)
+
+    def finish(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """attn = A·V [N, H·dv] -> Linear_o(Dropout(U ⊙ LN(A·V))) + X."""
+        y = u * F.layer_norm(attn, [attn.shape[-1]], eps=LN_EPS)
         return self.output(F.dropout(y, p=self.dropout, training=self.training)) + x
 
+    def rab_indices(self, q_pos, k_pos, q_tnext, k_ts):
+        """(j − i + P − 1 clamped, bucket(t_next(i) − t_j)) as the attention op; None for an absent table."""
+        pos = time = None
+        if self.pos_weights is not None:
+            pos = relative_position_ids(q_pos, k_pos, max_pos_from_table(self.pos_weights))
+        if self.time_weights is not None:
+            time = time_bucket_ids(q_tnext - k_ts, self.time_bucket_base, self.time_weights.numel() - 1)
+        return pos, time
 
-class ProductionHSTULayer(nn.Module):
+    def relative_bias(self, indices):
+        """pos_weights[pos index] + time_weights[time index]."""
+        pos, time = indices
+        bias = self.pos_weights[pos] if pos is not None else None
+        if time is not None:
+            tb = self.time_weights[time]
+            bias = tb if bias is None else bias + tb
+        return bias
+
+
+class ProductionHSTULayer(CachedLayerMixin, nn.Module):
     """GR modules/stu.py ``STULayer`` (concat_ux, no rab, alpha = 1/√d_qk). [T, D] -> [T, D]."""
 
     def __init__(self, cfg: "ModelConfig", max_seq_len: int, ops_backend: BackendLike = "pytorch") -> None:
@@ -91,16 +173,32 @@ class ProductionHSTULayer(nn.Module):
         self.output_weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(3 * cfg.linear_dim * H, D)))
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, max_len: int, timestamps: Optional[torch.Tensor] = None,
-                query_timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
+                query_timestamps: Optional[torch.Tensor] = None, num_targets: Optional[torch.Tensor] = None,
+                contextual_len: int = 0) -> torch.Tensor:
+        """num_targets [B] / contextual_len: candidate and contextual-prefix masks of the op (ranking)."""
         T = x.size(0)
+        H, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
+        u, v, q, k = self.project(x)
+        attn = jagged_hstu_attention(
+            q.reshape(T, H, dqk), k.reshape(T, H, dqk), v.reshape(T, H, dv), offsets, max_len,
+            alpha=1.0 / math.sqrt(dqk), norm=float(self.max_seq_len), causal=True, num_targets=num_targets,
+            contextual_len=contextual_len, backend=self.backend,
+        ).reshape(T, H * dv)
+        return self.finish(x, u, attn)
+
+    @property
+    def attention_alpha(self) -> float:
+        return 1.0 / math.sqrt(self.attention_dim)
+
+    def project(self, x: torch.Tensor):
+        """x [N, D] -> (SiLU(u), v, q, k): LN(affine) → X·W + b; SiLU on U only."""
         H, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
         uvqk = torch.addmm(self.uvqk_bias, self.input_norm(x), self.uvqk_weight)
         u, v, q, k = torch.split(uvqk, [dv * H, dv * H, dqk * H, dqk * H], dim=1)
-        u = F.silu(u)
-        attn = jagged_hstu_attention(
-            q.reshape(T, H, dqk), k.reshape(T, H, dqk), v.reshape(T, H, dv), offsets, max_len,
-            alpha=1.0 / math.sqrt(dqk), norm=float(self.max_seq_len), causal=True, backend=self.backend,
-        ).reshape(T, H * dv)
+        return F.silu(u), v, q, k
+
+    def finish(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """attn = A·V [N, H·dv] -> Dropout(cat[U, A·V, U ⊙ LN(A·V)]) · W_o + X."""
         y = torch.cat([u, attn, u * self.output_norm(attn)], dim=1)
         return torch.addmm(x, F.dropout(y, p=self.dropout, training=self.training), self.output_weight)
 
@@ -148,16 +246,50 @@ class HSTUEncoder(nn.Module):
                 query_timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
         T = x.size(0)
         offsets = offsets.long()
-        pos = positions_in_sequence(offsets, T).clamp(max=self.max_seq_len - 1)
-        h = x * math.sqrt(self.embedding_dim) + self.position_embeddings(pos)
+        q_time = None
         if self.time_embeddings is not None and T > 0:
             if timestamps is None:
                 raise ValueError("the production HSTU variant needs timestamps")
             q_time = self._query_times(timestamps, offsets, query_timestamps)[sequence_ids(offsets, T)]
-            buckets = input_time_bucket_ids(q_time - timestamps.long(), self.num_input_time_buckets,
-                                            self.time_bucket_fn)
-            h = h + self.time_embeddings(buckets)
-        h = self.input_dropout(h)
+        h = self.input_dropout(self.input_embeddings(x, positions_in_sequence(offsets, T), timestamps, q_time))
         for layer in self.layers:
             h = layer(h, offsets, int(max_len), timestamps, query_timestamps)
         return h
+
+    def input_embeddings(self, x: torch.Tensor, pos: torch.Tensor, timestamps: Optional[torch.Tensor],
+                         query_times: Optional[torch.Tensor]) -> torch.Tensor:
+        """x·√D + pos_emb[min(pos, max_seq_len − 1)] (+ production time_emb[bucket(query_time − t)] when
+        query_times is given); pos / timestamps / query_times [T] or [1] (broadcast). Before dropout."""
+        h = x * math.sqrt(self.embedding_dim) + self.position_embeddings(pos.clamp(max=self.max_seq_len - 1))
+        if self.time_embeddings is not None and query_times is not None:
+            buckets = input_time_bucket_ids(query_times.long() - timestamps.long(), self.num_input_time_buckets,
+                                            self.time_bucket_fn)
+            h = h + self.time_embeddings(buckets)
+        return h
+
+    def forward_cached(self, x: torch.Tensor, pos: torch.Tensor, timestamps: torch.Tensor, t_next: torch.Tensor,
+                       query_times: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                       past_pos: torch.Tensor, past_ts: torch.Tensor, candidates: bool = False):
+        """Serving path for ONE sequence (docs/serving.md), equal to ``forward`` on the whole sequence.
+
+        x [M, D] item embeddings of the new rows; pos, timestamps, t_next (the time the research rab uses for
+        the row: the next event's, or the query time for the last row), query_times (production time
+        embedding): [M], or [1] when shared by all rows (M-FALCON candidates). past_k [L, H, N, dqk],
+        past_v [L, H, N, dv], past_pos [N], past_ts [N]: cache of the N rows before. candidates=False: new rows
+        are a causal continuation; True: each sees the past and itself only. Returns (h [M, D] before the
+        model's L2 norm, k [L, H, M, dqk], v [L, H, M, dv])."""
+        h = self.input_dropout(self.input_embeddings(x, pos, timestamps, query_times))
+        qp, qt = pos.view(-1, 1), t_next.view(-1, 1)
+        first = self.layers[0]  # rab index tables depend on the config only: computed once for all layers
+        idx_past = first.rab_indices(qp, past_pos.view(1, -1), qt, past_ts.view(1, -1))
+        if candidates:
+            idx_new = first.rab_indices(pos, pos, t_next, timestamps)
+        else:
+            idx_new = first.rab_indices(qp, pos.view(1, -1), qt, timestamps.view(1, -1))
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            h, k, v = layer.forward_cached(h, past_k[i], past_v[i], layer.relative_bias(idx_past),
+                                           layer.relative_bias(idx_new), candidates)
+            ks.append(k)
+            vs.append(v)
+        return h, torch.stack(ks), torch.stack(vs)

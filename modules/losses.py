@@ -52,6 +52,11 @@ def sample_negatives(
 MATMUL_CHUNK_ELEMENTS = 1 << 25  # max [rows, num_items+1] score block held at once in the all-items route
 
 
+def all_items_route(num_items: int, num_negatives: int, dim: int) -> bool:
+    """True when negatives are scored via all items (catalog num_items + 1 <= R·D), see ``_negative_logits``."""
+    return num_items + 1 <= num_negatives * dim
+
+
 def _negative_logits(
     q: torch.Tensor, neg: torch.Tensor, item_vectors_fn: ItemVectorsFn, num_items: int
 ) -> torch.Tensor:
@@ -62,7 +67,7 @@ def _negative_logits(
     otherwise look up the unique negatives once and gather R vectors per position ([V, R, D]).
     """
     V, R = neg.shape
-    if num_items + 1 <= R * q.shape[-1]:
+    if all_items_route(num_items, R, q.shape[-1]):
         all_vecs = item_vectors_fn(torch.arange(num_items + 1, device=q.device))  # [N+1, D]
         rows = max(1, MATMUL_CHUNK_ELEMENTS // (num_items + 1))
         parts = [(q[i:i + rows] @ all_vecs.t()).gather(1, neg[i:i + rows]) for i in range(0, V, rows)]

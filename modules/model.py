@@ -8,7 +8,7 @@ a TorchRec EmbeddingCollection and ``encode_embeddings`` called with its output.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Tuple
 
 import torch
 import torch.nn as nn
@@ -62,6 +62,16 @@ class RetrievalModel(nn.Module):
         """JaggedBatch -> [T, D] sequence embeddings (L2-normalised when model.l2_norm_output). Position i sees
         items ≤ i only; the last position uses batch.target_timestamps (when present) as its query time."""
         return self.encode_embeddings(self.embed_items(batch.item_ids), batch)
+
+    def forward(self, batch: Any, lookup_ids: torch.Tensor, input_index: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Training entry point (a single call, so DDP / DMP wrappers see it): ONE item-table lookup feeds both
+        towers. lookup_ids [U] int64 (e.g. the unique ids of the batch and its negatives), input_index [T]: the
+        position in lookup_ids of each batch item. Returns (sequence embeddings [T, D] as ``encode(batch)``,
+        item vectors of lookup_ids [U, D] as ``item_vectors(lookup_ids)``)."""
+        raw = self.embed_items(lookup_ids)  # [U, D]
+        seq = self.encode_embeddings(raw[input_index], batch)
+        return seq, (l2_normalize(raw) if self.l2_norm_output else raw)
 
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [N] -> [N, D] output-side item vectors (L2-normalised when model.l2_norm_output)."""

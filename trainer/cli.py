@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hstu", formatter_class=fmt, epilog=_sections_epilog(),
         description="HSTU generative-recommender trainer: prepare data, train a retrieval model (HSTU or SASRec) "
                     "with sampled softmax, and evaluate it by full ranking over all items (HR@K, NDCG@K, MRR).")
-    sub = parser.add_subparsers(dest="command", metavar="{prepare,train,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{prepare,train,eval,sweep,export}")
     sub.required = True
 
     p = sub.add_parser("prepare", formatter_class=fmt, epilog=_sections_epilog(),
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "eval.selection_metric) and results.json.")
     _add_config_args(p, with_run_dir=True)
     p.add_argument("--json", action="store_true", help="print the full result as JSON instead of a metrics table")
+    p.add_argument("--nproc-per-node", type=int, default=0, metavar="N",
+                   help="train with N processes on this machine: re-launches itself under torch.distributed.run "
+                        "(= torchrun --standalone --nproc_per_node=N -m hstu.trainer.cli train ...); N > 1 "
+                        "needs sharding.enabled=true (docs/distributed.md)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", formatter_class=fmt, epilog=_sections_epilog(),
@@ -99,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides applied on top of the saved config, e.g. eval.remove_history=false")
     p.set_defaults(func=cmd_eval)
+
+    from hstu.serving import export as export_mod  # torch-only until an export runs
+
+    p = sub.add_parser("export", formatter_class=fmt, help="write a serving artifact of a trained run",
+                       description=export_mod.__doc__)
+    export_mod.add_export_arguments(p)
+    p.set_defaults(func=export_mod.cmd_export)
+
+    from hstu.launch import sweep as sweep_mod  # light import (submitit/matplotlib load when a sweep runs)
+
+    p = sub.add_parser("sweep", formatter_class=fmt, help="hyper-parameter sweep from a YAML spec (submitit)",
+                       description=sweep_mod.__doc__)
+    sweep_mod.add_sweep_arguments(p)
+    p.set_defaults(func=sweep_mod.cmd_sweep)
     return parser
 
 
@@ -117,13 +135,48 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def relaunch(args: argparse.Namespace, run_dir: str) -> int:
+    """Run this ``hstu train`` command line in ``args.nproc_per_node`` processes (torch.distributed.run)."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    rest, skip = [], False
+    for a in args.argv:  # drop --nproc-per-node (and its value) from the forwarded command line
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            rest.append(a)
+    if not args.run_dir:  # every rank must use the same run_dir (not one timestamp per process)
+        rest = rest[:1] + ["--run-dir", run_dir] + rest[1:]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        torchrun.main(["--standalone", f"--nproc_per_node={args.nproc_per_node}", "-m", "hstu.trainer.cli",
+                       *rest])
+    except ChildFailedError as e:
+        print(f"hstu: error: a training process failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hstu.trainer.train import train
 
     cfg = _load(args)
     cfg.run_dir = args.run_dir or cfg.run_dir or rd.default_run_dir(rd.config_name(args.config))
+    if args.nproc_per_node > 0 and not _launched_by_torchrun():
+        if args.nproc_per_node > 1 and not cfg.sharding.enabled:
+            raise ConfigError(f"--nproc-per-node {args.nproc_per_node} needs sharding.enabled=true (the plain "
+                              "nn.Embedding path is single-process; see docs/distributed.md)")
+        return relaunch(args, cfg.run_dir)
     result = train(cfg)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result.to_dict()))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result.to_dict()))
     return 0
 
 
@@ -163,6 +216,14 @@ def evaluate_run(run_dir: str, overrides: Sequence[str] = (), checkpoint: Option
     if not os.path.exists(ckpt):
         raise ConfigError(f"checkpoint not found: {ckpt} (the run saves best.pt after its first evaluation)")
     dev = torch.device(cfg.train.device)
+    if cfg.task != "retrieval":  # e.g. ranking: the task builds its data/model and evaluates (trainer/tasks.py)
+        from hstu.trainer.tasks import make_task
+
+        task = make_task(cfg)
+        task.build_data()
+        model = task.build_model(dev)
+        model.load_state_dict(torch.load(ckpt, map_location=dev, weights_only=True))
+        return {"run_dir": run_dir, "checkpoint": ckpt, "metrics": task.evaluate(model, dev)}
     seqs, _, eval_loader = build_data(cfg)
     model = build_model_for(cfg, seqs.num_items, dev)
     model.load_state_dict(torch.load(ckpt, map_location=dev, weights_only=True))
@@ -185,6 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``hstu`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
     except _data_error_types() as e:

@@ -19,6 +19,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from hstu.trainer.parallel.config import ShardingConfig
+from hstu.trainer.ranking_config import RankingConfig
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key, value and source."""
@@ -128,6 +131,7 @@ class TrainConfig:
     stochastic_length: StochasticLengthConfig = field(default_factory=StochasticLengthConfig)
     progress: bool = True  # tqdm bars
     tensorboard: bool = True  # TensorBoard event files in run_dir/tensorboard
+    resume: bool = True  # continue from the latest checkpoint in checkpoint.dir when there is one
 
 
 @dataclass
@@ -150,10 +154,20 @@ class OpsConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Resumable training checkpoints (torch.distributed.checkpoint; layout in docs/distributed.md)."""
+
+    dir: Optional[str] = None  # None -> <run_dir>/checkpoints (any iopath path)
+    every_steps: int = 0  # 0 = no step checkpoints
+    keep_last: int = 2  # keep the newest N complete checkpoints
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs. ``run_dir`` holds config.yaml, metrics.jsonl, TensorBoard events and logs."""
 
     run_dir: Optional[str] = None
+    task: str = "retrieval"  # retrieval | ranking (trainer/tasks.py; ranking: docs/ranking.md)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -161,6 +175,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ranking: RankingConfig = field(default_factory=RankingConfig)  # used by task=ranking
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -314,7 +331,8 @@ def validate(cfg: RunConfig) -> None:
     """Semantic checks that types alone cannot express."""
     choices = {
         "data.name": (cfg.data.name, {"ml-1m", "ml-20m", "ml-100k", "amzn-books", "synthetic"}),
-        "model.arch": (cfg.model.arch, {"hstu", "sasrec"}),
+        "task": (cfg.task, {"retrieval", "ranking"}),
+        "model.arch": (cfg.model.arch, {"hstu", "sasrec", "dlrm"}),  # dlrm: task=ranking only
         "model.variant": (cfg.model.variant, {"research", "production"}),
         "loss.name": (cfg.loss.name, {"sampled_softmax"}),
         "ops.backend": (cfg.ops.backend, {"pytorch", "triton"}),
@@ -344,6 +362,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"key 'loss.temperature' must be > 0, got {cfg.loss.temperature}")
     if cfg.data.min_seq_len < 2:
         raise ConfigError(f"key 'data.min_seq_len' must be >= 2, got {cfg.data.min_seq_len}")
+    try:
+        cfg.sharding.validate()
+    except ValueError as e:
+        raise ConfigError(f"key {e}") from None
+    if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"keys 'checkpoint.every_steps' must be >= 0 and 'checkpoint.keep_last' >= 1, got "
+                          f"{cfg.checkpoint.every_steps}, {cfg.checkpoint.keep_last}")
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

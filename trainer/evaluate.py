@@ -14,15 +14,20 @@ Protocol
 - Metrics: HR@K = P(rank ≤ K); NDCG@K = 1/log2(rank+1) if rank ≤ K else 0 (one relevant item); MRR = mean 1/rank.
 
 A most-popular baseline (items ranked by training frequency) uses the same ranking code.
+
+Data parallel: each rank ranks its own slice of the users (its eval loader) and passes ``reduce`` (an in-place
+SUM over ranks); metric sums and user counts are reduced before dividing, so the result equals a
+single-process evaluation. The item table is built by every rank (a collective lookup when it is sharded).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 
 Metrics = Dict[str, float]
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # in-place SUM over ranks, e.g. DistEnv.all_reduce_sum
 
 
 def history_mask(
@@ -114,9 +119,14 @@ class _Accumulator:
         self.n += int(ranks.numel())
         self.ranks.append(ranks.cpu())
 
-    def result(self) -> Metrics:
-        out: Metrics = {k: v / max(self.n, 1) for k, v in self.sums.items()}
-        out["num_users"] = self.n
+    def result(self, reduce: Optional[Reduce] = None) -> Metrics:
+        keys = [f"hr@{k}" for k in self.ks] + [f"ndcg@{k}" for k in self.ndcg_ks] + ["mrr"]
+        sums = torch.tensor([self.sums.get(k, 0.0) for k in keys] + [self.n], dtype=torch.float64)
+        if reduce is not None:
+            reduce(sums)
+        n = int(sums[-1])
+        out: Metrics = {k: float(v) / max(n, 1) for k, v in zip(keys, sums[:-1].tolist())}
+        out["num_users"] = n
         return out
 
 
@@ -135,11 +145,13 @@ def _history(batch, remove_history: bool):
 
 
 @torch.no_grad()
-def evaluate(model, loader: Iterable, num_items: int, eval_cfg, device="cpu", return_ranks: bool = False):
+def evaluate(model, loader: Iterable, num_items: int, eval_cfg, device="cpu", return_ranks: bool = False,
+             reduce: Optional[Reduce] = None):
     """Full-ranking evaluation of ``model`` on an eval loader of JaggedBatch (target_ids set).
 
     Uses ``model.user_vectors(batch)`` [B, D] and ``model.item_vectors(ids)``; ``eval_cfg`` is an EvalConfig.
-    Returns metrics dict (and the ranks [U] when ``return_ranks``). Restores the model's train/eval mode.
+    Returns metrics dict (and this process's ranks [U] when ``return_ranks``). Restores the model's train/eval
+    mode. ``reduce``: see the module docstring (every rank must have the same number of batches).
     """
     was_training = model.training
     model.eval()
@@ -153,7 +165,7 @@ def evaluate(model, loader: Iterable, num_items: int, eval_cfg, device="cpu", re
             acc.add(rank_targets(user_vecs, batch.target_ids, table, hist_ids, hist_off, eval_cfg.item_chunk_size))
     finally:
         model.train(was_training)
-    result = acc.result()
+    result = acc.result(reduce)
     return (result, torch.cat(acc.ranks) if acc.ranks else torch.zeros(0, dtype=torch.long)) if return_ranks else result
 
 
@@ -176,7 +188,7 @@ def popularity_table(counts: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_popularity(counts: torch.Tensor, loader: Iterable, eval_cfg) -> Metrics:
+def evaluate_popularity(counts: torch.Tensor, loader: Iterable, eval_cfg, reduce: Optional[Reduce] = None) -> Metrics:
     """Most-popular baseline: every user gets the same ranking by training frequency ``counts`` [N+1]."""
     table = popularity_table(counts)
     acc = _Accumulator(eval_cfg.ks, eval_cfg.ndcg_ks)
@@ -185,4 +197,4 @@ def evaluate_popularity(counts: torch.Tensor, loader: Iterable, eval_cfg) -> Met
         user_vecs = torch.ones(batch.target_ids.numel(), 1, dtype=torch.float64)
         hist_ids, hist_off = _history(batch, eval_cfg.remove_history)
         acc.add(rank_targets(user_vecs, batch.target_ids, table, hist_ids, hist_off, eval_cfg.item_chunk_size))
-    return acc.result()
+    return acc.result(reduce)

@@ -49,22 +49,31 @@ def setup_logging(run_dir: Optional[str], level: int = logging.INFO, console: bo
 
 
 class MetricsLogger:
-    """Appends JSON lines to run_dir/metrics.jsonl and mirrors numeric fields to TensorBoard (``<kind>/<name>``)."""
+    """Appends JSON lines to run_dir/metrics.jsonl and mirrors numeric fields to TensorBoard (``<kind>/<name>``).
 
-    def __init__(self, run_dir: str, tensorboard: bool = True) -> None:
-        os.makedirs(run_dir, exist_ok=True)
+    ``enabled=False`` (ranks other than 0) writes nothing; ``purge_step`` (a resumed run) drops TensorBoard
+    events at steps >= it that an interrupted run had written."""
+
+    def __init__(self, run_dir: str, tensorboard: bool = True, enabled: bool = True,
+                 purge_step: Optional[int] = None) -> None:
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = None
         self._tb = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # lazy: importing tensorboard takes ~1 s
 
-            self._tb = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+            self._tb = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"), purge_step=purge_step)
 
     def log(self, kind: str, step: int, **fields: Any) -> Dict[str, Any]:
         """Write one line {"kind", "step", "time", **fields}; returns the written record."""
         record = {"kind": kind, "step": int(step), "time": round(time.time(), 3)}
         record.update({k: _jsonable(v) for k, v in fields.items()})
+        if self._file is None:
+            return record
         self._file.write(json.dumps(record, sort_keys=False) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -84,7 +93,7 @@ class MetricsLogger:
             self._tb.flush()
             self._tb.close()
             self._tb = None
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
 
     def __enter__(self) -> "MetricsLogger":

@@ -46,11 +46,14 @@ def default_run_dir(name: str, root: str = "runs") -> str:
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CHECKPOINT_FILE, "train.log", "eval.json")
 
 
-def prepare_run_dir(path: str) -> List[str]:
+def prepare_run_dir(path: str, keep: bool = False) -> List[str]:
     """Create the run directory. A previous run's files there (config.yaml, metrics.jsonl, results.json,
-    best.pt, train.log, eval.json, tensorboard/) are deleted so runs never mix; returns what was removed."""
+    best.pt, train.log, eval.json, tensorboard/) are deleted so runs never mix; returns what was removed.
+    ``keep`` (a resumed run): nothing is deleted."""
     os.makedirs(path, exist_ok=True)
-    removed = []
+    removed: List[str] = []
+    if keep:
+        return removed
     for name in RUN_FILES:
         f = os.path.join(path, name)
         if os.path.isfile(f):
@@ -65,8 +68,13 @@ def prepare_run_dir(path: str) -> List[str]:
 
 def save_state_dict(module: torch.nn.Module, path: str) -> None:
     """torch.save(module.state_dict()) to ``path.tmp`` then rename: a crash never leaves a half-written file."""
+    save_tensors(module.state_dict(), path)
+
+
+def save_tensors(state: Dict[str, Any], path: str) -> None:
+    """torch.save(state) to ``path.tmp`` then rename."""
     tmp = path + ".tmp"
-    torch.save(module.state_dict(), tmp)
+    torch.save(state, tmp)
     os.replace(tmp, path)
 
 

@@ -1,4 +1,5 @@
-"""The one train loop: ``train(cfg) -> TrainResult`` (retrieval, sampled softmax, full-ranking eval).
+"""The one train loop: ``train(cfg) -> TrainResult``; what it trains is the run's task (``cfg.task``, trainer/tasks.py):
+retrieval (sampled softmax, full-ranking eval; the functions below) or ranking (docs/ranking.md).
 
 Per run: seed → data (load_sequences / build_loaders) → model (build_model) → AdamW (+ linear warmup) →
 epochs of ``train_one_epoch`` (optional Stochastic Length) with ``run_evaluation`` every
@@ -6,6 +7,13 @@ epochs of ``train_one_epoch`` (optional Stochastic Length) with ``run_evaluation
 saved to run_dir/best.pt; everything is logged to metrics.jsonl / TensorBoard / train.log and summarised in
 results.json. Epochs are 1-based. A NaN/inf loss raises :class:`NonFiniteLossError` before any parameter
 update (best.pt stays untouched).
+
+The same loop runs in 1 or N processes (docs/distributed.md): with ``sharding.enabled`` the item table is a
+TorchRec EmbeddingCollection sharded by DMP (fused rowwise AdamW) and the dense tower is DDP; each rank trains
+on its slice of every global batch, the loss is the global batch's (``distributed.reduce_step``), evaluation is
+split over ranks. ``checkpoint.every_steps`` writes resumable DCP checkpoints (trainer/checkpoint.py) and
+``train.resume`` continues from the latest one; ``sharding.pipeline=prefetch`` overlaps the next batch's input
+all-to-all with the current step (trainer/pipeline.py).
 """
 
 from __future__ import annotations
@@ -24,11 +32,14 @@ import torch
 from tqdm import tqdm
 
 from hstu.modules.losses import next_item_labels, sampled_softmax_loss
+from hstu.trainer import checkpoint as ckpt
+from hstu.trainer import distributed as hd
 from hstu.trainer import run_dir as rd
 from hstu.trainer.config import ConfigError, RunConfig, save_config, to_dict
 from hstu.trainer.evaluate import evaluate, evaluate_popularity, popularity_counts
 from hstu.trainer.metrics_log import MetricsLogger, setup_logging
-from hstu.trainer.stochastic_length import apply_stochastic_length
+from hstu.trainer.pipeline import BatchStream, PreparedBatch, prepare_batch, restore_position
+from hstu.trainer.tasks import make_task
 
 log = logging.getLogger("hstu")
 
@@ -69,6 +80,9 @@ class TrainContext:
     metrics: MetricsLogger
     neg_generator: torch.Generator  # negatives for the sampled softmax
     sl_generator: torch.Generator  # Stochastic Length
+    env: hd.DistEnv = field(default_factory=hd.DistEnv)  # rank / world / device / sharded
+    item_embeddings: Any = None  # the CollectionItemEmbeddings of a sharded model (prefetch), else None
+    task: Any = None  # the run's task (trainer/tasks.py): loss, evaluation, metric names
 
 
 @dataclass
@@ -78,6 +92,8 @@ class TrainState:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    sparse_optimizer: Any = None  # sharded path: dmp.fused_optimizer (rowwise AdamW, updates inside backward)
+    sparse_scheduler: Any = None  # its LambdaLR (same warmup); must step before the backward it affects
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     tokens: int = 0
@@ -86,6 +102,11 @@ class TrainState:
     best_epoch: int = 0
     best_metrics: Dict[str, float] = field(default_factory=dict)
     final_metrics: Dict[str, float] = field(default_factory=dict)
+    baseline_metrics: Dict[str, float] = field(default_factory=dict)
+    epoch_loss_sum: float = 0.0  # over the steps of the current epoch (kept across a resume)
+    epoch_steps: int = 0
+    save_pending: bool = False  # a checkpoint fell on an epoch's last step: written after its evaluation
+    position: Any = None  # data position after the last trained batch (pipeline.BatchStream.position)
 
 
 # ------------------------------------------------------------------------------------------------ setup helpers
@@ -104,21 +125,28 @@ def metric_names(eval_cfg) -> list:
 
 def check_train_config(cfg: RunConfig) -> None:
     """Checks that need more than config.validate: the selection metric must be one evaluation produces."""
-    names = metric_names(cfg.eval)
+    task = make_task(cfg)
+    task.check_config()
+    names = task.metric_names()
     if cfg.eval.selection_metric not in names:
         raise ConfigError(f"key 'eval.selection_metric' = {cfg.eval.selection_metric!r} is not one of {names}")
     if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"key 'train.device' = {cfg.train.device!r} but CUDA is not available")
 
 
+def warmup_schedule(optimizer: Any, optim_cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR linear warmup over ``optim_cfg.warmup_steps`` (then constant)."""
+    warm = max(0, int(optim_cfg.warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+
+
 def build_optimizer(model: torch.nn.Module, optim_cfg) -> tuple:
-    """AdamW over all trainable parameters + LambdaLR linear warmup over ``warmup_steps`` (then constant)."""
+    """AdamW over all trainable parameters + LambdaLR linear warmup over ``warmup_steps`` (then constant).
+    (A sharded table's parameters do not require grad: its fused optimizer is separate.)"""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
                             weight_decay=optim_cfg.weight_decay)
-    warm = max(0, int(optim_cfg.warmup_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    return opt, sched
+    return opt, warmup_schedule(opt, optim_cfg)
 
 
 def _set_epoch(loader: Any, epoch: int) -> None:
@@ -137,12 +165,22 @@ def _autocast(cfg: RunConfig, device: torch.device):
 
 
 def compute_loss(model: torch.nn.Module, batch: Any, ctx: TrainContext) -> torch.Tensor:
-    """Sampled-softmax next-item loss of one jagged batch (already on the device)."""
-    seq_emb = model.encode(batch)  # [T, D]
-    labels, valid = next_item_labels(batch.item_ids, batch.offsets)
+    """Sampled-softmax next-item loss of one batch on the device: a JaggedBatch, or a PreparedBatch (whose
+    ``lookup_ids`` on the sharded path make ONE call of the (DMP) model do both item lookups)."""
     lc = ctx.cfg.loss
-    return sampled_softmax_loss(seq_emb, labels, valid, model.item_vectors, ctx.num_items, lc.num_negatives,
-                                lc.temperature, ctx.neg_generator)
+    p = batch if isinstance(batch, PreparedBatch) else PreparedBatch(batch, int(batch.item_ids.numel()))
+    if p.lookup_ids is None:
+        seq_emb = model.encode(p.batch)  # [T, D]
+        labels, valid = next_item_labels(p.batch.item_ids, p.batch.offsets)
+        return sampled_softmax_loss(seq_emb, labels, valid, model.item_vectors, ctx.num_items, lc.num_negatives,
+                                    lc.temperature, ctx.neg_generator)
+    seq_emb, vecs = model(p.batch, p.lookup_ids, p.input_index)  # [T, D], [U, D]
+    if vecs.shape[0] == ctx.num_items + 1:  # lookup_ids = 0..N
+        item_vectors = vecs.__getitem__
+    else:
+        item_vectors = lambda ids: vecs[torch.searchsorted(p.lookup_ids, ids)]  # noqa: E731
+    return sampled_softmax_loss(seq_emb, p.labels, p.valid, item_vectors, ctx.num_items, lc.num_negatives,
+                                lc.temperature, negatives=p.negatives)
 
 
 def _non_finite(state: TrainState, ctx: TrainContext, loss: float) -> NonFiniteLossError:
@@ -156,25 +194,26 @@ def _non_finite(state: TrainState, ctx: TrainContext, loss: float) -> NonFiniteL
 
 
 def train_step(state: TrainState, ctx: TrainContext, batch: Any) -> float:
-    """One optimizer step on a CPU batch; returns the loss. Raises NonFiniteLossError before updating."""
+    """One optimizer step on a CPU loader batch or a PreparedBatch; returns the (global) loss.
+    Raises NonFiniteLossError before updating (the loss is all-reduced first, so every rank raises)."""
     cfg = ctx.cfg
-    if cfg.train.stochastic_length.enabled:
-        batch = apply_stochastic_length(batch, cfg.data.max_seq_len, cfg.train.stochastic_length.alpha,
-                                        ctx.sl_generator)
-    batch = batch.to(ctx.device)
+    prepared = batch if isinstance(batch, PreparedBatch) else prepare_batch(batch, ctx)
     with _autocast(cfg, ctx.device):
-        loss = compute_loss(state.model, batch, ctx)
-    value = float(loss.detach())
+        loss = ctx.task.compute_loss(state.model, prepared, ctx)
+    value, scale, tokens = hd.reduce_step(ctx.env, loss, prepared.num_valid, prepared.tokens)
     if not math.isfinite(value):
         raise _non_finite(state, ctx, value)
     state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.optim.grad_clip_norm > 0:
+    (loss * scale if scale != 1.0 else loss).backward()  # sharded table: its rowwise AdamW update runs here
+    if cfg.optim.grad_clip_norm > 0:  # dense parameters only (the table's gradients never materialise)
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip_norm)
     state.optimizer.step()
     state.scheduler.step()
+    if state.sparse_scheduler is not None:
+        state.sparse_optimizer.step()  # a no-op (the update ran in backward); keeps LambdaLR's call order
+        state.sparse_scheduler.step()  # the LR of the next backward
     state.step += 1
-    state.tokens += int(batch.item_ids.numel())
+    state.tokens += tokens
     return value
 
 
@@ -182,55 +221,102 @@ def _steps_left(state: TrainState, cfg: RunConfig) -> bool:
     return cfg.train.max_steps <= 0 or state.step < cfg.train.max_steps
 
 
+def _meta(state: TrainState) -> Dict[str, Any]:
+    """JSON-able run state for a checkpoint (see trainer/checkpoint.py)."""
+    keys = ("step", "epoch", "tokens", "train_seconds", "best_value", "best_epoch", "best_metrics",
+            "final_metrics", "baseline_metrics", "epoch_loss_sum", "epoch_steps")
+    return {**{k: getattr(state, k) for k in keys}, "scheduler": ckpt._scheduler_state(state.scheduler),
+            "sparse_scheduler": ckpt._scheduler_state(state.sparse_scheduler)}
+
+
+def save_checkpoint(state: TrainState, ctx: TrainContext, position: Any) -> None:
+    """Collective: write checkpoint step_<state.step> (position: data position after the last trained batch)."""
+    cfg = ctx.cfg
+    t0 = time.perf_counter()
+    path = ckpt.save(ckpt.checkpoint_dir(cfg), state, ctx.env, _meta(state), position, cfg.checkpoint.keep_last)
+    state.save_pending = False
+    ctx.metrics.log("checkpoint", state.step, epoch=state.epoch, path=path, seconds=time.perf_counter() - t0)
+
+
+def resume(state: TrainState, ctx: TrainContext, path: str) -> None:
+    """Load checkpoint ``path`` into state / loader / generators / RNGs (see trainer/checkpoint.py)."""
+    meta = ckpt.load(path, state, ctx.env)
+    for k, v in _meta(state).items():
+        if k in meta and not k.endswith("scheduler"):
+            setattr(state, k, meta[k])
+    rng = meta["rng"] or {}
+    restore_position({"loader": meta["loader"], **rng}, ctx.train_loader, ctx)
+    log.info("resumed from %s: step %d, epoch %d", path, state.step, state.epoch)
+
+
 def train_one_epoch(state: TrainState, ctx: TrainContext) -> Dict[str, float]:
-    """One pass over the train loader (stops early at train.max_steps); logs every train.log_every_steps."""
+    """One pass over the train loader (stops early at train.max_steps); logs every train.log_every_steps and
+    checkpoints every checkpoint.every_steps (a checkpoint due on the epoch's last step is left pending)."""
     cfg = ctx.cfg
     state.model.train()
     _set_epoch(ctx.train_loader, state.epoch)
-    bar = tqdm(ctx.train_loader, desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}", leave=False,
-               disable=not cfg.train.progress, dynamic_ncols=True)
+    stream = BatchStream(ctx, prefetch=ctx.env.sharded and cfg.sharding.pipeline == "prefetch")
+    bar = tqdm(stream, desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}", leave=False,
+               disable=not cfg.train.progress or not ctx.env.is_main, dynamic_ncols=True)
     t0, tokens0, win_t, win_tok = time.perf_counter(), state.tokens, time.perf_counter(), state.tokens
-    losses, window = [], []
+    window, every = [], cfg.checkpoint.every_steps
     try:
         for batch in bar:
             value = train_step(state, ctx, batch)
-            losses.append(value)
+            state.epoch_loss_sum += value
+            state.epoch_steps += 1
             window.append(value)
             bar.set_postfix(loss=f"{value:.4f}")
             if cfg.train.log_every_steps > 0 and state.step % cfg.train.log_every_steps == 0:
                 now = time.perf_counter()
                 tps = (state.tokens - win_tok) / max(now - win_t, 1e-9)
                 ctx.metrics.log_train(state.step, state.epoch + 1, sum(window) / len(window),
-                                      lr=state.scheduler.get_last_lr()[0], tokens_per_second=tps)
+                                      lr=state.scheduler.get_last_lr()[0], tokens_per_second=tps,
+                                      process_cpu_seconds=time.process_time())  # rank 0's, all threads
                 win_t, win_tok, window = now, state.tokens, []
+            if every > 0 and state.step % every == 0:
+                if batch.last or not _steps_left(state, cfg):
+                    state.save_pending = True
+                else:
+                    save_checkpoint(state, ctx, stream.position())
             if not _steps_left(state, cfg):
                 break
+        state.position = stream.position()
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
     state.train_seconds += seconds
     state.epoch += 1
-    mean_loss = sum(losses) / len(losses) if losses else float("nan")
+    mean_loss = state.epoch_loss_sum / state.epoch_steps if state.epoch_steps else float("nan")
+    state.epoch_loss_sum, state.epoch_steps = 0.0, 0
     tps = (state.tokens - tokens0) / max(seconds, 1e-9)
     ctx.metrics.log("epoch", state.step, epoch=state.epoch, loss=mean_loss, seconds=seconds, tokens_per_second=tps)
-    log.info("epoch %d: loss %.4f, %d steps, %.1f s, %.0f tokens/s", state.epoch, mean_loss, len(losses), seconds, tps)
+    log.info("epoch %d: loss %.4f, %.1f s, %.0f tokens/s", state.epoch, mean_loss, seconds, tps)
     return {"loss": mean_loss, "seconds": seconds, "tokens_per_second": tps}
 
 
 def run_evaluation(state: TrainState, ctx: TrainContext) -> Dict[str, float]:
     """Full-ranking eval; records it in metrics.jsonl and saves best.pt when the selection metric improves."""
-    cfg = ctx.cfg
+    cfg, env = ctx.cfg, ctx.env
     t0 = time.perf_counter()
     with _autocast(cfg, ctx.device):
-        metrics = evaluate(state.model, ctx.eval_loader, ctx.num_items, cfg.eval, ctx.device)
-    value = metrics[cfg.eval.selection_metric]
+        metrics = ctx.task.evaluate(state.model, ctx)
+    value = ctx.task.selection_value(metrics)
     is_best = value > state.best_value
     if is_best:
         state.best_value, state.best_epoch, state.best_metrics = value, state.epoch, dict(metrics)
-        rd.save_state_dict(state.model, os.path.join(cfg.run_dir, rd.CHECKPOINT_FILE))
+        best = os.path.join(cfg.run_dir, rd.CHECKPOINT_FILE)
+        if env.sharded:  # best.pt holds the plain RetrievalModel's state_dict (gathered table): `hstu eval`
+            from hstu.trainer.parallel.item_embeddings import plain_state_dict
+
+            tensors = plain_state_dict(state.model)  # collective
+            if env.is_main:
+                rd.save_tensors(tensors, best)
+        else:
+            rd.save_state_dict(state.model, best)
     state.final_metrics = dict(metrics)
     ctx.metrics.log_eval(state.step, state.epoch, metrics, is_best=is_best, seconds=time.perf_counter() - t0)
-    shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in metric_names(cfg.eval))
+    shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ctx.task.metric_names() if k in metrics)
     log.info("eval epoch %d: %s%s", state.epoch, shown, " (best)" if is_best else "")
     return metrics
 
@@ -245,12 +331,13 @@ def resolve_run_dir(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, run_dir=rd.default_run_dir(f"{cfg.data.name}-{cfg.model.arch}"))
 
 
-def build_data(cfg: RunConfig):
-    """(seqs, train_loader, eval_loader) from the data package (progress bars follow train.progress)."""
+def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1):
+    """(seqs, train_loader, eval_loader) from the data package (progress bars follow train.progress); the
+    loaders read this rank's slice of every global batch."""
     from hstu.trainer.data import build_loaders, load_sequences
 
-    seqs = load_sequences(cfg.data, progress=cfg.train.progress)
-    train_loader, eval_loader = build_loaders(cfg.data, seqs)
+    seqs = load_sequences(cfg.data, progress=cfg.train.progress and rank == 0)
+    train_loader, eval_loader = build_loaders(cfg.data, seqs, rank, world_size)
     return seqs, train_loader, eval_loader
 
 
@@ -260,11 +347,13 @@ def build_model_for(cfg: RunConfig, num_items: int, device: torch.device) -> tor
     return build_model(cfg, num_items).to(device)
 
 
-def _popularity_baseline(cfg: RunConfig, seqs, eval_loader, metrics: MetricsLogger) -> Dict[str, float]:
+def _popularity_baseline(cfg: RunConfig, seqs, eval_loader, metrics: MetricsLogger,
+                         env: hd.DistEnv) -> Dict[str, float]:
     if not cfg.eval.popularity_baseline:
         return {}
     counts = popularity_counts(torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets), seqs.num_items)
-    base = evaluate_popularity(counts, eval_loader, cfg.eval)
+    base = evaluate_popularity(counts, eval_loader, cfg.eval, reduce=env.all_reduce_sum if env.world_size > 1
+                               else None)
     metrics.log("baseline", 0, epoch=0, name="most_popular", **base)
     log.info("most-popular baseline: %s", ", ".join(f"{k} {base[k]:.4f}" for k in metric_names(cfg.eval)))
     return base
@@ -274,31 +363,73 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def _start(cfg: RunConfig, env: hd.DistEnv):
+    """Rank 0's run_dir for all ranks; resume decision (rank 0's); run_dir / checkpoint dir preparation.
+    Returns (cfg, checkpoint path to resume from or None)."""
+    cfg = dataclasses.replace(cfg, run_dir=env.broadcast_object(resolve_run_dir(cfg).run_dir))
+    ckpt_dir = ckpt.checkpoint_dir(cfg)
+    resume_from = env.broadcast_object(ckpt.latest_checkpoint(ckpt_dir) if cfg.train.resume and env.is_main
+                                       else None)
+    removed = []
+    if env.is_main:
+        removed = rd.prepare_run_dir(cfg.run_dir, keep=resume_from is not None)
+        ckpt.clean_dir(ckpt_dir, fresh=resume_from is None)
+        if resume_from:  # what the resumed run logs again is dropped
+            ckpt.rewind_metrics(os.path.join(cfg.run_dir, rd.METRICS_FILE), ckpt.checkpoint_step(resume_from))
+        save_config(cfg, os.path.join(cfg.run_dir, rd.CONFIG_FILE))
+    env.barrier()
+    setup_logging(cfg.run_dir if env.is_main else None, level=logging.INFO if env.is_main else logging.WARNING)
+    if removed:
+        log.warning("run_dir %s held a previous run; replaced its %s", cfg.run_dir, ", ".join(removed))
+    return cfg, resume_from
+
+
 def train(cfg: RunConfig) -> TrainResult:
     """Train and evaluate one model as configured; see the module docstring. Returns the run summary."""
     check_train_config(cfg)
-    cfg = resolve_run_dir(cfg)
-    removed = rd.prepare_run_dir(cfg.run_dir)
-    save_config(cfg, os.path.join(cfg.run_dir, rd.CONFIG_FILE))
-    setup_logging(cfg.run_dir)
-    if removed:
-        log.warning("run_dir %s held a previous run; replaced its %s", cfg.run_dir, ", ".join(removed))
+    env = hd.setup(cfg)
+    try:
+        return _train(cfg, env)
+    finally:
+        hd.teardown(env)
+
+
+def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
+    cfg, resume_from = _start(cfg, env)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
-    device = torch.device(cfg.train.device)
-    seqs, train_loader, eval_loader = build_data(cfg)
-    model = build_model_for(cfg, seqs.num_items, device)
+    device = env.device
+    task = make_task(cfg)
+    data = task.build_data(env)
+    model = task.build_model(device)
+    sparse_optimizer = sparse_scheduler = None
+    if env.sharded:
+        model, sparse_optimizer = hd.shard_model(model, cfg, env)
+        sparse_scheduler = warmup_schedule(sparse_optimizer, cfg.optim)
+        if env.world_size > 1:
+            torch.manual_seed(hd.rank_seed(cfg.train.seed, env))  # rank-local dropout masks
     optimizer, scheduler = build_optimizer(model, cfg.optim)
-    log.info("run_dir %s: %d users, %d items, %d parameters", cfg.run_dir, seqs.num_users, seqs.num_items,
-             sum(p.numel() for p in model.parameters()))
-    with MetricsLogger(cfg.run_dir, tensorboard=cfg.train.tensorboard) as metrics:
-        ctx = TrainContext(cfg, device, seqs.num_items, train_loader, eval_loader, metrics,
-                           _generator(device, cfg.train.seed + 1), torch.Generator().manual_seed(cfg.train.seed + 2))
-        state = TrainState(model, optimizer, scheduler)
-        baseline = _popularity_baseline(cfg, seqs, eval_loader, metrics)
+    log.info("run_dir %s: %d users, %d items, %d parameters (this process), world size %d%s", cfg.run_dir,
+             data.num_users, data.num_items, sum(p.numel() for p in model.parameters()), env.world_size,
+             f", item table {cfg.sharding.sharding_type}" if env.sharded else "")
+    ctx = TrainContext(cfg, device, data.num_items, data.train_loader, data.eval_loader, None,
+                       _generator(device, hd.rank_seed(cfg.train.seed + 1, env)),
+                       torch.Generator().manual_seed(hd.rank_seed(cfg.train.seed + 2, env)), env, task=task)
+    if env.sharded:
+        from hstu.trainer.parallel.item_embeddings import find_item_embeddings
+
+        ctx.item_embeddings = find_item_embeddings(model)
+    state = TrainState(model, optimizer, scheduler, sparse_optimizer, sparse_scheduler)
+    if resume_from:
+        resume(state, ctx, resume_from)
+    with MetricsLogger(cfg.run_dir, tensorboard=cfg.train.tensorboard and env.is_main, enabled=env.is_main,
+                       purge_step=state.step + 1 if resume_from else None) as metrics:
+        ctx.metrics = metrics
+        if not resume_from:
+            state.baseline_metrics = task.baseline(metrics, env)
         budget_s = cfg.train.max_train_minutes * 60.0
-        for _ in range(cfg.train.epochs):
+        while state.epoch < cfg.train.epochs and _steps_left(state, cfg):
             train_one_epoch(state, ctx)
             over_budget = budget_s > 0 and state.train_seconds >= budget_s
             if over_budget:
@@ -307,15 +438,19 @@ def train(cfg: RunConfig) -> TrainResult:
             last = state.epoch == cfg.train.epochs or not _steps_left(state, cfg) or over_budget
             if last or state.epoch % cfg.train.eval_every_epochs == 0:
                 run_evaluation(state, ctx)
+            if state.save_pending or (last and cfg.checkpoint.every_steps > 0):
+                save_checkpoint(state, ctx, state.position)
             if last:
                 break
         result = TrainResult(
             run_dir=cfg.run_dir, selection_metric=cfg.eval.selection_metric, best_epoch=state.best_epoch,
-            best_metrics=state.best_metrics, final_metrics=state.final_metrics, baseline_metrics=baseline,
-            epochs_run=state.epoch, steps=state.step, train_tokens=state.tokens, train_seconds=state.train_seconds,
+            best_metrics=state.best_metrics, final_metrics=state.final_metrics,
+            baseline_metrics=state.baseline_metrics, epochs_run=state.epoch, steps=state.step,
+            train_tokens=state.tokens, train_seconds=state.train_seconds,
             tokens_per_second=state.tokens / max(state.train_seconds, 1e-9))
         metrics.log("best", state.step, epoch=state.best_epoch, **state.best_metrics)
-    rd.write_json({**result.to_dict(), "config": to_dict(cfg)}, os.path.join(cfg.run_dir, rd.RESULTS_FILE))
+    if env.is_main:
+        rd.write_json({**result.to_dict(), "config": to_dict(cfg)}, os.path.join(cfg.run_dir, rd.RESULTS_FILE))
     log.info("done: best %s %.4f at epoch %d; results in %s", cfg.eval.selection_metric,
-             state.best_value, state.best_epoch, cfg.run_dir)
+             state.best_metrics.get(cfg.eval.selection_metric, float("nan")), state.best_epoch, cfg.run_dir)
     return result

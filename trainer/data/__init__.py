@@ -93,13 +93,15 @@ def load_sequences(data_cfg: DataConfig, progress: bool = True) -> UserSequences
     return _load(data_cfg, progress)[0]
 
 
-def build_loaders(data_cfg: DataConfig, seqs: UserSequences) -> Tuple[SequenceLoader, SequenceLoader]:
+def build_loaders(data_cfg: DataConfig, seqs: UserSequences, rank: int = 0,
+                  world_size: int = 1) -> Tuple[SequenceLoader, SequenceLoader]:
     """Leave-one-out split -> (train loader: shuffled per (seed, epoch), resumable; eval loader: in user order,
-    batches carry target_ids / target_timestamps)."""
+    batches carry target_ids / target_timestamps). rank/world_size: this process's slice of every global batch."""
     train_view, eval_view = leave_one_out(seqs, data_cfg.max_seq_len)
     train = SequenceLoader(train_view, data_cfg.batch_size, shuffle=True, seed=data_cfg.seed,
-                           num_workers=data_cfg.num_workers, min_len=2)
-    evaluation = SequenceLoader.for_eval(eval_view, data_cfg.eval_batch_size, num_workers=data_cfg.num_workers)
+                           num_workers=data_cfg.num_workers, min_len=2, rank=rank, world_size=world_size)
+    evaluation = SequenceLoader.for_eval(eval_view, data_cfg.eval_batch_size, num_workers=data_cfg.num_workers,
+                                         rank=rank, world_size=world_size)
     return train, evaluation
 
 

@@ -4,6 +4,11 @@ The batch plan (which users go in which batch) is made in the main process from 
 workers (persistent when num_workers > 0) only gather the rows, so batches are identical for any num_workers.
 ``state_dict()`` = (epoch, batches consumed): a loader restored from it continues the epoch at that position
 with exactly the batches the original loader would have produced next.
+
+Data parallel (``rank``/``world_size``): the plan of global batches (data.batch_size users each) is the same on
+every rank; rank r takes the r-th of ``world_size`` contiguous slices of every global batch, so each rank has
+the same number of batches per epoch and world sizes 1 and N see the same users per step. With N > 1 a last
+global batch smaller than N is merged into the one before it (no rank ever gets an empty batch).
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class SequenceLoader:
     shuffle: permute users with np.random.default_rng(seed + epoch). resumable: track (epoch, batches consumed)
     and continue from there on the next iteration (default: = shuffle; eval loaders always restart).
     min_len: users with shorter sequences are skipped (train: 2, a single item has no next-item label).
+    rank / world_size: which slice of every global batch this process reads (see the module docstring).
     """
 
     def __init__(
@@ -74,9 +80,14 @@ class SequenceLoader:
         target_timestamps: Optional[np.ndarray] = None,
         min_len: int = 1,
         resumable: Optional[bool] = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size <= 0:
             raise DataError(f"batch_size must be > 0, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.rank, self.world_size = int(rank), int(world_size)
         self.seqs, self.batch_size, self.shuffle, self.seed = seqs, int(batch_size), shuffle, int(seed)
         self.num_workers = int(num_workers)
         self.resumable = shuffle if resumable is None else resumable
@@ -87,13 +98,16 @@ class SequenceLoader:
         self.epoch, self.batches_consumed = 0, 0
 
     @classmethod
-    def for_eval(cls, view: EvalSequences, batch_size: int, num_workers: int = 0) -> "SequenceLoader":
+    def for_eval(cls, view: EvalSequences, batch_size: int, num_workers: int = 0, rank: int = 0,
+                 world_size: int = 1) -> "SequenceLoader":
         return cls(view.history, batch_size, shuffle=False, num_workers=num_workers, target_ids=view.target_ids,
-                   target_timestamps=view.target_timestamps, resumable=False)
+                   target_timestamps=view.target_timestamps, resumable=False, rank=rank, world_size=world_size)
 
     def __len__(self) -> int:
-        """Batches per epoch."""
-        return -(-self.rows.size // self.batch_size)
+        """Batches per epoch (the same on every rank)."""
+        n = -(-self.rows.size // self.batch_size)
+        tail = self.rows.size - (n - 1) * self.batch_size
+        return n - 1 if self.world_size > 1 and n > 1 and tail < self.world_size else n
 
     @property
     def num_sequences(self) -> int:
@@ -104,7 +118,12 @@ class SequenceLoader:
         rows = self.rows
         if self.shuffle:
             rows = rows[np.random.default_rng(self.seed + epoch).permutation(rows.size)]
-        return [rows[i : i + self.batch_size] for i in range(0, rows.size, self.batch_size)]
+        batches = [rows[i : i + self.batch_size] for i in range(0, rows.size, self.batch_size)]
+        if self.world_size == 1:
+            return batches
+        if len(batches) > 1 and batches[-1].size < self.world_size:
+            batches[-2:] = [np.concatenate(batches[-2:])]
+        return [np.array_split(b, self.world_size)[self.rank] for b in batches]
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first batch (no-op when already positioned inside that epoch)."""
@@ -124,9 +143,12 @@ class SequenceLoader:
             "seed": self.seed,
             "batch_size": self.batch_size,
             "num_sequences": self.num_sequences,
+            "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
+        """The position counts global batches, so a state saved with another world size resumes at the same
+        global batch (only the merged tail batch can differ between world sizes)."""
         for key in ("seed", "batch_size", "num_sequences"):
             if key in state and int(state[key]) != getattr(self, key):
                 raise DataError(f"loader state has {key}={state[key]}, this loader has {getattr(self, key)}")

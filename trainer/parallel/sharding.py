@@ -71,7 +71,9 @@ def make_item_embedding_collection(num_embeddings: int, dim: int, weight_dtype: 
 
 
 def rowwise_adamw_fused_params(cfg: ShardingConfig) -> Dict[str, Any]:
-    """fused_params for the sharder: fbgemm names + the PARTIAL_ROWWISE_ADAM marker + our state placement."""
+    """fused_params for the sharder: fbgemm names + the PARTIAL_ROWWISE_ADAM marker + our state placement.
+    Hyper-parameters left None in ``cfg`` get ``DEFAULT_HPARAMS`` (see ShardingConfig.resolved)."""
+    cfg = cfg.resolved()
     return {
         "optimizer": EmbOptimType.PARTIAL_ROWWISE_ADAM,  # marker: same state layout (m [rows, D], v [rows])
         "learning_rate": cfg.lr,

@@ -1,0 +1,133 @@
+"""Batch preparation and the train pipeline (``sharding.pipeline``): what happens to a loader batch before the
+model sees it, and the data position a checkpoint must record.
+
+``prepare_batch``: Stochastic Length (``ctx.sl_generator``) → device; on the sharded path also next-item
+labels, the negatives (``ctx.neg_generator``) and the ids of the ONE table lookup of the step:
+``lookup_ids`` = all ids 0..N when the loss scores every item (``all_items_route``), else the unique ids of the
+batch and its negatives; ``input_index`` [T] maps each batch item into lookup_ids.
+
+``BatchStream`` iterates one epoch of prepared batches. With ``prefetch`` (sharded path, pipeline=prefetch)
+batch k+1 is prepared and its input dist (the ids all-to-all) started *before* batch k is trained, so the
+communication overlaps batch k's compute — TorchRec's TrainPipelineSparseDist schedule, hand-rolled because
+that class owns forward/backward/step and this loop checks the loss between forward and backward.
+Preparation only draws from ``ctx.sl_generator``/``ctx.neg_generator`` (never the global RNG that dropout uses),
+so prefetch on/off gives bit-identical training. ``position()`` is the data position after the last batch
+handed out (loader state + generator states *before* any batch prepared ahead): what a checkpoint stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, Optional
+
+import torch
+
+from hstu.modules.losses import all_items_route, next_item_labels, sample_negatives
+from hstu.trainer.stochastic_length import apply_stochastic_length
+
+
+@dataclass
+class PreparedBatch:
+    """A train batch ready for ``compute_loss`` (its JaggedBatch attributes read through, e.g. ``.item_ids``).
+    batch: JaggedBatch on the device (after SL), T items; tokens = T. Sharded path only (else None): labels [T], valid [T] bool, negatives [V, R] for the V valid
+    positions, lookup_ids [U], input_index [T]."""
+
+    batch: Any
+    tokens: int
+    position: Optional[Dict[str, Any]] = None  # data position before this batch was drawn
+    last: bool = False  # last batch of its epoch
+    labels: Optional[torch.Tensor] = None
+    valid: Optional[torch.Tensor] = None
+    negatives: Optional[torch.Tensor] = None
+    lookup_ids: Optional[torch.Tensor] = None
+    input_index: Optional[torch.Tensor] = None
+
+    def __getattr__(self, name: str) -> Any:  # reads as the JaggedBatch too (item_ids, offsets, ...)
+        if name == "batch":
+            raise AttributeError(name)
+        return getattr(self.batch, name)
+
+    @property
+    def num_valid(self) -> int:
+        return int(self.valid.sum()) if self.valid is not None else 0
+
+
+def prepare_batch(batch: Any, ctx: Any) -> PreparedBatch:
+    """Loader batch (CPU) -> PreparedBatch (see the module docstring). ``ctx``: the TrainContext."""
+    cfg = ctx.cfg
+    if cfg.train.stochastic_length.enabled:
+        batch = apply_stochastic_length(batch, cfg.data.max_seq_len, cfg.train.stochastic_length.alpha,
+                                        ctx.sl_generator)
+    batch = batch.to(ctx.device)
+    out = PreparedBatch(batch=batch, tokens=batch.num_events)  # JaggedBatch: items; RankingBatch: tokens
+    if not ctx.env.sharded:
+        return out  # plain path: the loss draws its negatives itself
+    labels, valid = next_item_labels(batch.item_ids, batch.offsets)
+    lc, n = cfg.loss, ctx.num_items
+    negatives = sample_negatives(int(valid.sum()), lc.num_negatives, n, ctx.neg_generator, ctx.device)
+    if all_items_route(n, lc.num_negatives, cfg.model.embedding_dim):
+        lookup_ids, input_index = torch.arange(n + 1, device=ctx.device), batch.item_ids
+    else:
+        lookup_ids, inverse = torch.unique(torch.cat([batch.item_ids, negatives.flatten()]), return_inverse=True)
+        input_index = inverse[: batch.item_ids.numel()]
+    out.labels, out.valid, out.negatives, out.lookup_ids, out.input_index = (labels, valid, negatives,
+                                                                            lookup_ids, input_index)
+    return out
+
+
+def capture_position(loader: Any, ctx: Any) -> Dict[str, Any]:
+    """Loader state (global: the same on every rank) + this rank's SL / negative generator states."""
+    return {"loader": loader.state_dict(), "neg_generator": ctx.neg_generator.get_state(),
+            "sl_generator": ctx.sl_generator.get_state()}
+
+
+def restore_position(position: Dict[str, Any], loader: Any, ctx: Any, generators: bool = True) -> None:
+    loader.load_state_dict(position["loader"])
+    if generators and "neg_generator" in position:
+        ctx.neg_generator.set_state(position["neg_generator"])
+        ctx.sl_generator.set_state(position["sl_generator"])
+
+
+class BatchStream:
+    """One epoch of PreparedBatch from ``ctx.train_loader``; see the module docstring."""
+
+    def __init__(self, ctx: Any, prefetch: bool = False) -> None:
+        self.ctx, self.prefetch = ctx, prefetch
+        self.loader = ctx.train_loader
+        self._ahead: Optional[PreparedBatch] = None
+
+    def __len__(self) -> int:
+        state = self.loader.state_dict()
+        return len(self.loader) - state["batches_consumed"]
+
+    def _draw(self, it: Iterator[Any]) -> Optional[PreparedBatch]:
+        position = capture_position(self.loader, self.ctx)
+        raw = next(it, None)
+        if raw is None:
+            return None
+        prepared = prepare_batch(raw, self.ctx)
+        prepared.position = position
+        prepared.last = position["loader"]["batches_consumed"] + 1 >= len(self.loader)
+        return prepared
+
+    def position(self) -> Dict[str, Any]:
+        """Data position after the batches handed out so far (a batch prepared ahead is not counted)."""
+        if self._ahead is not None:
+            return self._ahead.position
+        return capture_position(self.loader, self.ctx)
+
+    def __iter__(self) -> Iterator[PreparedBatch]:
+        it = iter(self.loader)
+        embeddings = self.ctx.item_embeddings
+        cur = self._draw(it)
+        try:
+            while cur is not None:
+                if self.prefetch and not cur.last:
+                    self._ahead = self._draw(it)
+                    if self._ahead is not None and embeddings is not None:
+                        embeddings.prefetch(self._ahead.lookup_ids)
+                yield cur
+                cur, self._ahead = (self._ahead, None) if self.prefetch else (self._draw(it), None)
+        finally:
+            if self._ahead is not None and embeddings is not None:
+                embeddings.drop_prefetch()  # stopped early (max_steps): finish the started collective

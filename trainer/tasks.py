@@ -1,0 +1,279 @@
+"""Tasks: what the ONE train loop (trainer/train.py) trains, selected by ``RunConfig.task``.
+
+A task is built per run from the RunConfig and supplies the task-specific parts; the loop (epochs, optimizer,
+eval cadence, best epoch, logging, checkpoints) is shared::
+
+    task = make_task(cfg)            # RetrievalTask | RankingTask
+    task.check_config()              # raises ConfigError
+    data = task.build_data(env)      # TaskData(train_loader, eval_loader, num_items, num_users, source)
+    model = task.build_model(device)
+    loss = task.compute_loss(model, batch, ctx)        # batch: the loop's PreparedBatch (on the device)
+    metrics = task.evaluate(model, ctx)                # {name: value}
+    task.metric_names(); task.selection_value(metrics) # higher is better
+    task.baseline(metrics_logger, env)                 # logged once per run ({} if none)
+
+RetrievalTask delegates to the retrieval functions of trainer/train.py (looked up at call time, so their
+behaviour — and any patching of them — stays where it is). RankingTask: docs/ranking.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hstu.trainer.config import ConfigError, RunConfig
+
+log = logging.getLogger("hstu")
+TASKS = ("retrieval", "ranking")
+RANKING_DATASETS = {"ml-1m": (("like", "love"), "rating"), "synthetic": (("click", "like", "share", "complete"), "")}
+
+
+@dataclass
+class TaskData:
+    """What a task's build_data returns: loaders, catalogue size, user count and the underlying dataset."""
+
+    train_loader: Any
+    eval_loader: Any
+    num_items: int
+    num_users: int
+    source: Any = None  # retrieval: UserSequences; ranking: RankingData
+
+
+def make_task(cfg: RunConfig):
+    """cfg.task -> a fresh task object for this run."""
+    task = getattr(cfg, "task", "retrieval")
+    if task == "retrieval":
+        return RetrievalTask(cfg)
+    if task == "ranking":
+        return RankingTask(cfg)
+    raise ConfigError(f"key 'task' = {task!r} is not one of {list(TASKS)}")
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+
+
+class RetrievalTask:
+    """Next-item retrieval: sampled softmax, full-ranking evaluation (trainer/train.py, trainer/evaluate.py)."""
+
+    name = "retrieval"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg, self.data = cfg, None
+
+    def check_config(self) -> None:
+        if self.cfg.model.arch == "dlrm":
+            raise ConfigError("key 'model.arch' = 'dlrm' needs task=ranking")
+
+    def metric_names(self) -> List[str]:
+        from hstu.trainer import train as train_mod
+
+        return train_mod.metric_names(self.cfg.eval)
+
+    def selection_value(self, metrics: Dict[str, float]) -> float:
+        return metrics[self.cfg.eval.selection_metric]
+
+    def build_data(self, env=None) -> TaskData:
+        from hstu.trainer import train as train_mod
+
+        rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
+        seqs, train_loader, eval_loader = train_mod.build_data(self.cfg, rank, world)
+        self.data = TaskData(train_loader, eval_loader, seqs.num_items, seqs.num_users, seqs)
+        return self.data
+
+    def build_model(self, device: torch.device) -> torch.nn.Module:
+        from hstu.trainer import train as train_mod
+
+        return train_mod.build_model_for(self.cfg, self.data.num_items, device)
+
+    def compute_loss(self, model, batch, ctx) -> torch.Tensor:
+        from hstu.trainer import train as train_mod
+
+        return train_mod.compute_loss(model, batch, ctx)
+
+    def evaluate(self, model, ctx) -> Dict[str, float]:
+        from hstu.trainer import distributed as hd
+        from hstu.trainer.evaluate import evaluate
+
+        env = ctx.env
+        return evaluate(hd.unwrap(model), ctx.eval_loader, ctx.num_items, self.cfg.eval, ctx.device,
+                        reduce=env.all_reduce_sum if env.world_size > 1 else None)
+
+    def baseline(self, metrics, env) -> Dict[str, float]:
+        from hstu.trainer import train as train_mod
+
+        return train_mod._popularity_baseline(self.cfg, self.data.source, self.data.eval_loader, metrics, env)
+
+
+# ------------------------------------------------------------------------------------------------ ranking
+
+
+class RankingTask:
+    """Generative ranking (docs/ranking.md): multi-task BCE at item positions, NE / AUC / GAUC evaluation."""
+
+    name = "ranking"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg, self.data, self.split, self.spec, self.eval_loader = cfg, None, None, None, None
+
+    # -- config
+    def task_names(self) -> List[str]:
+        rc = self.cfg.ranking
+        return list(rc.tasks) if rc.tasks else list(RANKING_DATASETS.get(self.cfg.data.name, ((), ""))[0])
+
+    def regression_name(self) -> str:
+        if self.cfg.ranking.regression_weight <= 0:
+            return ""
+        return RANKING_DATASETS.get(self.cfg.data.name, ((), ""))[1]
+
+    def check_config(self) -> None:
+        cfg, rc = self.cfg, self.cfg.ranking
+        if cfg.data.name not in RANKING_DATASETS:
+            raise ConfigError(f"key 'data.name' = {cfg.data.name!r}: task=ranking supports {list(RANKING_DATASETS)}")
+        if cfg.model.arch not in ("hstu", "dlrm"):
+            raise ConfigError(f"key 'model.arch' = {cfg.model.arch!r}: task=ranking supports hstu | dlrm")
+        if cfg.train.stochastic_length.enabled:
+            raise ConfigError("key 'train.stochastic_length.enabled': not supported with task=ranking")
+        known = RANKING_DATASETS[cfg.data.name][0]
+        bad = [t for t in rc.tasks if t not in known]
+        if bad:
+            raise ConfigError(f"key 'ranking.tasks': {bad} not defined for {cfg.data.name} (known: {list(known)})")
+        if rc.task_weights and len(rc.task_weights) != len(self.task_names()):
+            raise ConfigError(f"key 'ranking.task_weights' has {len(rc.task_weights)} values for "
+                              f"{len(self.task_names())} tasks {self.task_names()}")
+        if any(w < 0 for w in rc.task_weights) or rc.regression_weight < 0:
+            raise ConfigError("ranking.task_weights / ranking.regression_weight must be >= 0")
+        if rc.regression_weight > 0 and not RANKING_DATASETS[cfg.data.name][1]:
+            raise ConfigError(f"key 'ranking.regression_weight' > 0 but {cfg.data.name} has no regression target")
+        if rc.num_eval_targets < 1:
+            raise ConfigError(f"key 'ranking.num_eval_targets' must be >= 1, got {rc.num_eval_targets}")
+        if getattr(getattr(cfg, "sharding", None), "enabled", False):
+            raise ConfigError("key 'sharding.enabled': task=ranking trains in one process for now (its tables are "
+                              "separate modules, ready to be sharded like the item table)")
+
+    def metric_names(self) -> List[str]:
+        from hstu.trainer.ranking_metrics import metric_names
+
+        return metric_names(self.task_names(), self.regression_name())
+
+    def selection_value(self, metrics: Dict[str, float]) -> float:
+        from hstu.trainer.ranking_metrics import higher_is_better
+
+        name = self.cfg.eval.selection_metric
+        v = float(metrics[name])
+        if math.isnan(v):
+            return -math.inf
+        return v if higher_is_better(name) else -v
+
+    # -- data / model
+    def build_data(self, env=None) -> TaskData:
+        if env is not None and env.world_size > 1:
+            raise ConfigError("task=ranking runs in a single process (world size 1)")
+        from hstu.trainer.data.ranking import build_ranking_loaders, chronological_split, load_ranking_data
+
+        cfg, rc = self.cfg, self.cfg.ranking
+        self.data = data = load_ranking_data(cfg, progress=cfg.train.progress)
+        self.split = chronological_split(data, cfg.data.max_seq_len, rc.num_eval_targets)
+        train, evaluation = build_ranking_loaders(data, self.split, cfg.data.batch_size, cfg.data.eval_batch_size,
+                                                  cfg.data.seed, rc.max_side_tokens)
+        from hstu.modules.ranking import RankingSpec
+
+        C = len(data.context_names)
+        max_side = rc.max_side_tokens if data.side is not None else 0
+        self.spec = RankingSpec(
+            num_items=data.num_items, num_actions=data.num_actions, contextual_vocab=tuple(data.context_vocab),
+            side_vocab=tuple(data.side_vocab), task_names=tuple(data.task_names),
+            regression=rc.regression_weight > 0, max_tokens=C + 2 * cfg.data.max_seq_len + max_side + 1,
+            action_with_item=rc.action_with_item, head_hidden_dim=rc.head_hidden_dim)
+        log.info("ranking data %s: %d users, %d events, tasks %s, contextual %s, side series %s",
+                 cfg.data.name, data.num_users, data.num_events, list(data.task_names), list(data.context_names),
+                 list(data.side.names) if data.side is not None else [])
+        self.eval_loader = evaluation
+        return TaskData(train, evaluation, data.num_items, int(self.split.rows.size), data)
+
+    def build_model(self, device: torch.device) -> torch.nn.Module:
+        cfg = self.cfg
+        if cfg.model.arch == "dlrm":
+            from hstu.modules.dlrm import DLRMRanking
+
+            model = DLRMRanking(cfg.model.embedding_dim, self.spec, cfg.ranking.dlrm_mlp, cfg.model.dropout)
+        else:
+            from hstu.modules.ranking import HSTURankingModel
+
+            model = HSTURankingModel(cfg.model, self.spec, cfg.ops.backend)
+        return model.to(device)
+
+    def _weights(self, device) -> torch.Tensor:
+        w = self.cfg.ranking.task_weights or [1.0] * len(self.spec.task_names)
+        return torch.tensor(w, dtype=torch.float32, device=device)
+
+    def compute_loss(self, model, batch, ctx=None) -> torch.Tensor:
+        """Σ_k w_k · mean BCE_k over the batch's item positions (+ regression_weight · MSE). ``batch``: a
+        RankingBatch on the device, or the loop's PreparedBatch wrapping one."""
+        batch = getattr(batch, "batch", batch)
+        logits, reg = model(batch)
+        if logits.shape[0] == 0:
+            return logits.sum() * 0.0
+        bce = F.binary_cross_entropy_with_logits(logits.float(), batch.labels, reduction="none").mean(0)  # [K]
+        loss = (bce * self._weights(bce.device)).sum()
+        if reg is not None and batch.regression is not None:
+            loss = loss + self.cfg.ranking.regression_weight * F.mse_loss(reg.float(), batch.regression)
+        return loss
+
+    @torch.no_grad()
+    def predict(self, model, device) -> Dict[str, np.ndarray]:
+        """Eval-set predictions: logits [N, K], labels [N, K], users [N] (+ regression, regression_target)."""
+        was = model.training
+        model.eval()
+        parts: Dict[str, list] = {"logits": [], "labels": [], "users": [], "reg": [], "reg_t": []}
+        try:
+            for batch in self.eval_loader:
+                batch = batch.to(device)
+                logits, reg = model(batch)
+                parts["logits"].append(logits.float().cpu())
+                parts["labels"].append(batch.labels.cpu())
+                parts["users"].append(batch.user_ids[batch.pred_seq].cpu())
+                if reg is not None and batch.regression is not None:
+                    parts["reg"].append(reg.float().cpu())
+                    parts["reg_t"].append(batch.regression.cpu())
+        finally:
+            model.train(was)
+        return {k: torch.cat(v).numpy() for k, v in parts.items() if v}
+
+    def evaluate(self, model, ctx) -> Dict[str, float]:
+        """NE / AUC / GAUC per task on the eval candidates (``ctx``: the TrainContext, or a device)."""
+        from hstu.trainer.ranking_metrics import ranking_metrics
+
+        p = self.predict(model, getattr(ctx, "device", ctx))
+        return ranking_metrics(p["logits"], p["labels"], p["users"], self.spec.task_names, p.get("reg"),
+                               p.get("reg_t"), self.regression_name())
+
+    def baseline(self, metrics, env=None) -> Dict[str, float]:
+        """Item-rate baseline (eval.popularity_baseline): each item's smoothed positive rate per task in the
+        training windows, as the prediction for every eval impression of that item."""
+        if not self.cfg.eval.popularity_baseline:
+            return {}
+        from hstu.trainer.data.sequences import gather_ranges
+        from hstu.trainer.ranking_metrics import ranking_metrics
+
+        d, s = self.data, self.split
+        base = d.offsets[s.rows]
+        tr, _ = gather_ranges(base + s.hist_start, base + s.hist_end)
+        ev, _ = gather_ranges(base + s.hist_end, base + s.hist_end + s.num_candidates)
+        prior = d.labels[tr].mean(0)  # [K]
+        alpha = 10.0
+        pos = np.zeros((d.num_items + 1, prior.size))
+        np.add.at(pos, d.item_ids[tr], d.labels[tr])
+        cnt = np.bincount(d.item_ids[tr], minlength=d.num_items + 1)[:, None]
+        rate = np.clip((pos + alpha * prior) / (cnt + alpha), 1e-6, 1 - 1e-6)[d.item_ids[ev]]
+        users = np.repeat(d.user_ids[s.rows], s.num_candidates)
+        out = ranking_metrics(np.log(rate / (1 - rate)), d.labels[ev], users, d.task_names)
+        metrics.log("baseline", 0, epoch=0, name="item_rate", **out)
+        log.info("item-rate baseline: %s", ", ".join(f"{k} {out[k]:.4f}" for k in out if k.startswith(("ne_",
+                                                                                                         "auc_"))))
+        return out
