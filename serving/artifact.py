@@ -1,0 +1,216 @@
+"""Standalone loader of a serving artifact written by ``hstu export`` (docs/serving.md).
+
+    import hstu.serving
+    model = hstu.serving.load("artifacts/ml-1m-hstu")
+    top = model.retrieve(history_ids, history_timestamps, k=10)          # TopK(ids [k], scores [k])
+    scores = model.rank(history_ids, history_timestamps, candidates)      # [m], M-FALCON
+
+Needs torch (+ the standard library) only: it never imports hstu.trainer, hstu.modules, hstu.ops, triton or
+torchrec (tests/test_serving_artifact.py checks this in a subprocess that blocks those imports). Every problem
+with the artifact is an :class:`ArtifactError` naming the file and field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from hstu.serving.mfalcon import DEFAULT_MICRO_BATCH, MFalcon, Tensorish, UserState
+from hstu.serving.retrieval import ItemTable, TopK, topk_inner_product
+
+FORMAT, FORMAT_VERSION = "hstu-serving", 1  # = serving/export.py (not imported: it needs the trainer)
+MANIFEST, CONFIG_JSON = "manifest.json", "config.json"
+MODEL_FIELDS = ("arch", "variant", "embedding_dim", "num_layers", "num_heads", "attention_dim", "linear_dim",
+                "l2_norm_output", "num_items", "max_seq_len")
+L2_EPS = 1e-6  # = hstu.modules.model.L2_EPS
+TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
+
+
+class ArtifactError(ValueError):
+    """The artifact is missing a file, has another format version, or its files disagree (names file/field)."""
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{path}: missing file (not an hstu serving artifact, or an incomplete copy)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+
+
+def _field(d: Dict[str, Any], dotted: str, where: str) -> Any:
+    cur: Any = d
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise ArtifactError(f"{where}: missing field {dotted!r}")
+        cur = cur[part]
+    return cur
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ServingModel:
+    """A loaded artifact: M-FALCON ranking, catalog retrieval, incremental user state. Single user per call."""
+
+    def __init__(self, path: str, manifest: Dict[str, Any], config: Dict[str, Any], engine: MFalcon,
+                 table: ItemTable, records: List[Dict[str, torch.Tensor]]) -> None:
+        self.path, self.manifest, self.config = path, manifest, config
+        self.engine, self.table, self.records = engine, table, records
+        m = manifest["model"]
+        self.num_items, self.max_seq_len, self.variant = int(m["num_items"]), int(m["max_seq_len"]), m["variant"]
+        self.embedding_dtype = manifest["embedding"]["dtype"]
+
+    # -------------------------------------------------------------------------------------- user state
+    def encode(self, history_ids: Tensorish, history_timestamps: Tensorish,
+               query_time: Optional[int] = None) -> UserState:
+        """Encode a history once (last max_seq_len events) -> UserState (KV cache + user vector)."""
+        return self.engine.encode(history_ids, history_timestamps, query_time)
+
+    def append(self, state: UserState, item_ids: Tensorish, timestamps: Tensorish,
+               query_time: Optional[int] = None) -> UserState:
+        """New events / query time -> updated UserState without re-encoding the cache (see MFalcon.append)."""
+        return self.engine.append(state, item_ids, timestamps, query_time)
+
+    # -------------------------------------------------------------------------------------- requests
+    def user_vector(self, history_ids: Tensorish, history_timestamps: Tensorish,
+                    query_time: Optional[int] = None) -> torch.Tensor:
+        return self.encode(history_ids, history_timestamps, query_time).last
+
+    def rank_state(self, state: UserState, candidates: Tensorish, micro_batch: Optional[int] = None) -> torch.Tensor:
+        return self.engine.rank(state, candidates, micro_batch)
+
+    def rank(self, history_ids: Tensorish, history_timestamps: Tensorish, candidates: Tensorish, *,
+             query_time: Optional[int] = None, micro_batch: Optional[int] = None) -> torch.Tensor:
+        """[m] scores: each candidate encoded after the history (position n, time = query time), seeing the
+        history and itself only; score = <its encoding, its item vector>. Equal to scoring each alone."""
+        return self.rank_state(self.encode(history_ids, history_timestamps, query_time), candidates, micro_batch)
+
+    @torch.inference_mode()
+    def retrieve_state(self, state: UserState, k: int, *, exclude_history: bool = False,
+                       chunk_size: Optional[int] = None) -> TopK:
+        exclude = [state.item_ids] if exclude_history else None
+        return topk_inner_product(state.last, self.table, k, chunk_size=chunk_size, exclude=exclude)
+
+    def retrieve(self, history_ids: Tensorish, history_timestamps: Tensorish, k: int, *,
+                 query_time: Optional[int] = None, exclude_history: bool = False,
+                 chunk_size: Optional[int] = None) -> TopK:
+        """Exact top-k of items 1..num_items by <user vector, item vector> (chunked; ties -> smaller id)."""
+        state = self.encode(history_ids, history_timestamps, query_time)
+        return self.retrieve_state(state, k, exclude_history=exclude_history, chunk_size=chunk_size)
+
+    # -------------------------------------------------------------------------------------- self-check
+    def verify(self, atol: float = TOLERANCE["atol"], rtol: float = TOLERANCE["rtol"]) -> Dict[str, float]:
+        """Replay the recorded requests; raises ArtifactError on a mismatch, returns the max abs errors."""
+        worst = {"rank_scores": 0.0, "user_vector": 0.0, "topk_scores": 0.0}
+        where = os.path.join(self.path, self.manifest["records"]["file"])
+        for i, r in enumerate(self.records):
+            state = self.encode(r["history_ids"], r["history_timestamps"], int(r["query_time"]))
+            got = {"rank_scores": self.rank_state(state, r["candidates"]), "user_vector": state.last,
+                   "topk_scores": self.retrieve_state(state, len(r["topk_ids"])).scores}
+            for name, value in got.items():
+                ref = r[name]
+                err = float((value - ref).abs().max()) if ref.numel() else 0.0
+                worst[name] = max(worst[name], err)
+                if not torch.allclose(value, ref, atol=atol, rtol=rtol):
+                    raise ArtifactError(f"{where}: record {i} field {name!r} differs from the loaded model by "
+                                        f"{err:.3g} (atol {atol}, rtol {rtol})")
+        return worst
+
+
+def _check_config(manifest: Dict[str, Any], config: Dict[str, Any], path: str) -> None:
+    mpath, cpath = os.path.join(path, MANIFEST), os.path.join(path, CONFIG_JSON)
+    model = _field(manifest, "model", mpath)
+    for name in MODEL_FIELDS:
+        _field(manifest, f"model.{name}", mpath)
+    for name in MODEL_FIELDS:
+        if name in ("num_items", "max_seq_len"):
+            continue
+        cv = _field(config, f"model.{name}", cpath)
+        if cv != model[name]:
+            raise ArtifactError(f"{cpath}: field model.{name} = {cv!r} does not match {mpath} model.{name} = "
+                                f"{model[name]!r}")
+    cv = _field(config, "data.max_seq_len", cpath)
+    if cv != model["max_seq_len"]:
+        raise ArtifactError(f"{cpath}: field data.max_seq_len = {cv!r} does not match {mpath} model.max_seq_len = "
+                            f"{model['max_seq_len']!r}")
+    if model["arch"] != "hstu" or model["variant"] not in ("research", "production"):
+        raise ArtifactError(f"{mpath}: field model.arch/variant = {model['arch']}/{model['variant']} not servable")
+
+
+def _load_table(path: str, manifest: Dict[str, Any]) -> ItemTable:
+    mpath = os.path.join(path, MANIFEST)
+    emb = _field(manifest, "embedding", mpath)
+    file = os.path.join(path, _field(manifest, "embedding.file", mpath))
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    w = state.get("weight") if isinstance(state, dict) else None
+    if w is None:
+        raise ArtifactError(f"{file}: missing field 'weight'")
+    expected = (manifest["model"]["num_items"] + 1, manifest["model"]["embedding_dim"])
+    if tuple(w.shape) != expected or tuple(w.shape) != (emb.get("rows"), emb.get("dim")):
+        raise ArtifactError(f"{file}: field weight has shape {tuple(w.shape)}, {mpath} says {expected} "
+                            "(model.num_items + 1, model.embedding_dim)")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}.get(emb.get("dtype"))
+    if dtype is None or w.dtype != dtype:
+        raise ArtifactError(f"{file}: field weight is {w.dtype}, {mpath} field embedding.dtype = {emb.get('dtype')!r}")
+    scale = state.get("scale")
+    if (scale is None) != (dtype != torch.int8) or (scale is not None and tuple(scale.shape) != (expected[0],)):
+        raise ArtifactError(f"{file}: field 'scale' must be [{expected[0]}] fp32 exactly for int8 tables")
+    return ItemTable(w, scale, l2_norm=bool(manifest["model"]["l2_norm_output"]), eps=L2_EPS)
+
+
+def load(path: str, *, verify: bool = True, verify_checksums: bool = True,
+         micro_batch: int = DEFAULT_MICRO_BATCH) -> ServingModel:
+    """Load an artifact directory -> ServingModel. verify: replay the recorded requests (a few ms);
+    verify_checksums: check every file's size and sha256 against manifest.json."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ArtifactError(f"{path}: no such artifact directory")
+    mpath = os.path.join(path, MANIFEST)
+    manifest = _read_json(mpath)
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{mpath}: field format = {manifest.get('format')!r}, expected {FORMAT!r}")
+    version = _field(manifest, "format_version", mpath)
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{mpath}: field format_version = {version!r}, this loader reads version "
+                            f"{FORMAT_VERSION} (re-export with this version of `hstu export`)")
+    for name, info in _field(manifest, "files", mpath).items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise ArtifactError(f"{file}: missing file (listed in {mpath} field files)")
+        if os.path.getsize(file) != info.get("bytes") or (verify_checksums and _sha256(file) != info.get("sha256")):
+            raise ArtifactError(f"{file}: size or sha256 differs from {mpath} field files.{name} (corrupt copy?)")
+    config = _read_json(os.path.join(path, CONFIG_JSON))
+    _check_config(manifest, config, path)
+    table = _load_table(path, manifest)
+    programs = {}
+    for name in ("extend", "score"):
+        file = os.path.join(path, _field(manifest, f"programs.{name}.file", mpath))
+        if not os.path.isfile(file):
+            raise ArtifactError(f"{file}: missing file (programs.{name} in {mpath})")
+        programs[name] = torch.export.load(file).module()
+    records = torch.load(os.path.join(path, _field(manifest, "records.file", mpath)), map_location="cpu",
+                         weights_only=True)
+    m = manifest["model"]
+    engine = MFalcon(programs["extend"], programs["score"], table.lookup, table.vectors, variant=m["variant"],
+                     max_seq_len=m["max_seq_len"], num_items=m["num_items"], num_layers=m["num_layers"],
+                     num_heads=m["num_heads"], attention_dim=m["attention_dim"], linear_dim=m["linear_dim"],
+                     embedding_dim=m["embedding_dim"], micro_batch=micro_batch)
+    model = ServingModel(path, manifest, config, engine, table, records)
+    if verify:
+        model.verify()
+    return model
+
+
+__all__ = ["ArtifactError", "ServingModel", "TopK", "UserState", "load"]

@@ -1,0 +1,312 @@
+"""``hstu export``: a trained retrieval run -> a self-contained serving artifact (docs/serving.md).
+
+Artifact directory (written into a hidden temp dir next to OUT, then renamed; format version FORMAT_VERSION)::
+
+    manifest.json     format, format_version, model metadata, embedding dtype, programs, files (bytes + sha256)
+    config.yaml       the run's resolved config, verbatim;  config.json: the same, for the torch-only loader
+    dense_extend.pt2  torch.export program: history rows (causal continuation of a KV cache)  -> enc, K, V
+    dense_score.pt2   torch.export program: M-FALCON candidates (history + self only)         -> enc
+    embeddings.pt     item table rows 0..num_items, unsharded: fp32 | bf16 | int8 (+ rowwise scale)
+    records.pt        recorded input -> output pairs (rank scores, user vector, top-10) of the reference model
+
+The dense programs are exported for ONE user with dynamic sizes (new rows M >= 1, cached rows N >= 0) from plain
+torch ops (``HSTUEncoder.forward_cached``: dense single-sequence attention, no jagged op, no custom op), so they
+load and run with torch alone. Checkpoints come through :func:`iter_full_tensors`, the hook for sharded (DCP)
+checkpoints: it yields full unsharded tensors whatever wrote them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+from types import SimpleNamespace
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+
+import torch
+
+from hstu.serving.mfalcon import DenseStep
+from hstu.serving.retrieval import EMBEDDING_DTYPES, ItemTable, brute_force_topk
+
+FORMAT, FORMAT_VERSION = "hstu-serving", 1
+MANIFEST, CONFIG_YAML, CONFIG_JSON = "manifest.json", "config.yaml", "config.json"
+EXTEND_FILE, SCORE_FILE = "dense_extend.pt2", "dense_score.pt2"
+EMBEDDINGS_FILE, RECORDS_FILE = "embeddings.pt", "records.pt"
+STEP_INPUTS = ["x", "pos", "ts", "t_next", "q_time", "past_k", "past_v", "past_pos", "past_ts"]
+ITEM_KEY = "item_embeddings.table.weight"
+MODEL_FIELDS = ("arch", "variant", "embedding_dim", "num_layers", "num_heads", "attention_dim", "linear_dim",
+                "l2_norm_output")
+RECORD_TOPK = 10
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _collection_key() -> str:
+    try:
+        from hstu.trainer.parallel.item_embeddings import COLLECTION_KEY
+
+        return COLLECTION_KEY
+    except ImportError:  # pragma: no cover - torchrec missing
+        return "item_embeddings.collection.embeddings.item_id.weight"
+
+
+WRAPPER_PREFIXES = ("_dmp_wrapped_module.", "module.")  # DMP / DDP wrappers, if a state dict kept them
+
+
+def _plain_name(name: str, coll: str) -> str:
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return ITEM_KEY if name == coll else name
+
+
+def iter_full_tensors(source: str) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, full tensor) of every model parameter/buffer in ``source``, one at a time, names as the plain
+    ``RetrievalModel.state_dict()`` (a TorchRec-sharded table is renamed to item_embeddings.table.weight,
+    DMP/DDP wrapper prefixes are dropped).
+
+    source: a ``torch.save`` state_dict file (best.pt), or a DCP checkpoint directory (trainer/checkpoint.py,
+    keys ``model.*``; ShardedTensors are read back unsharded without a process group, any world size)."""
+    if os.path.isfile(source):
+        for name, t in torch.load(source, map_location="cpu", weights_only=True, mmap=True).items():
+            yield _plain_name(name, ""), t
+        return
+    if not os.path.exists(os.path.join(source, ".metadata")):
+        raise FileNotFoundError(f"checkpoint not found: {source} (expected a state_dict file or a DCP directory)")
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    coll = _collection_key()
+    meta = dcp.FileSystemReader(source).read_metadata().state_dict_metadata
+    for key, md in meta.items():
+        if not (key.startswith("model.") and isinstance(md, TensorStorageMetadata)):
+            continue
+        target = {key: torch.empty(tuple(md.size), dtype=md.properties.dtype)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process": intended
+            dcp.load(target, storage_reader=dcp.FileSystemReader(source), no_dist=True)
+        yield _plain_name(key[len("model."):], coll), target[key]
+
+
+def resolve_checkpoint(run_dir: str, checkpoint: Optional[str] = None) -> str:
+    """checkpoint, else RUN_DIR/best.pt, else the latest complete DCP checkpoint under RUN_DIR/checkpoints."""
+    if checkpoint:
+        return checkpoint
+    best = os.path.join(run_dir, "best.pt")
+    if os.path.exists(best):
+        return best
+    ckpts = os.path.join(run_dir, "checkpoints")
+    latest = os.path.join(ckpts, "latest")
+    if os.path.exists(latest):
+        with open(latest, encoding="utf-8") as f:
+            return os.path.join(ckpts, f.read().strip())
+    raise FileNotFoundError(f"no checkpoint in {run_dir}: neither best.pt nor checkpoints/latest")
+
+
+# ---------------------------------------------------------------------------------------------- reference
+def _batch(seqs, qts) -> Any:
+    ids = torch.cat([torch.as_tensor(s[0], dtype=torch.int64) for s in seqs])
+    ts = torch.cat([torch.as_tensor(s[1], dtype=torch.int64) for s in seqs])
+    lengths = torch.tensor([len(s[0]) for s in seqs])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    return SimpleNamespace(item_ids=ids, timestamps=ts, offsets=offsets, max_len=int(lengths.max()),
+                           target_timestamps=torch.as_tensor(qts, dtype=torch.int64))
+
+
+@torch.inference_mode()
+def reference_rank_scores(model, ids, ts, qt: int, candidates) -> torch.Tensor:
+    """Ground truth for M-FALCON: every candidate scored ALONE by the full model: sequence history + [c] with
+    timestamps history + [qt], query time qt; score = <encoding of the candidate row, item_vector(c)>."""
+    cand = torch.as_tensor(candidates, dtype=torch.int64)
+    ids, ts = torch.as_tensor(ids, dtype=torch.int64), torch.as_tensor(ts, dtype=torch.int64)
+    seqs = [(torch.cat([ids, c.view(1)]), torch.cat([ts, torch.tensor([qt])])) for c in cand]
+    batch = _batch(seqs, [qt] * len(seqs))
+    enc = model.encode(batch)[batch.offsets[1:] - 1]
+    return (enc * model.item_vectors(cand)).sum(-1)
+
+
+@torch.inference_mode()
+def reference_user_vector(model, ids, ts, qt: int) -> torch.Tensor:
+    """The full model's user vector (last row, query time qt) of one history."""
+    return model.user_vectors(_batch([(ids, ts)], [qt]))[0]
+
+
+# ---------------------------------------------------------------------------------------------- export
+def export_dense_programs(encoder, l2_norm: bool, eps: float):
+    """(extend, score) ExportedPrograms of the encoder's serving step, dynamic in rows M and cached rows N."""
+    from torch.export import Dim
+
+    layer = encoder.layers[0]
+    L, H, D = len(encoder.layers), layer.num_heads, encoder.embedding_dim
+    dqk, dv = layer.attention_dim, layer.linear_dim
+    M, N = Dim("rows", min=1, max=1 << 24), Dim("past", min=0, max=1 << 24)
+    m, n = 5, 7
+    ts = torch.arange(1_000_000, 1_000_000 + 100 * (n + m), 100)
+    past = (torch.randn(L, H, n, dqk), torch.randn(L, H, n, dv), torch.arange(n), ts[:n])
+    rows = (torch.randn(m, D), torch.arange(n, n + m), ts[n:], ts[n:] + 50, ts[n:] + 99)
+    past_shapes = ({2: N}, {2: N}, {0: N}, {0: N})
+    one = (torch.tensor([n]), ts[n:n + 1], ts[n:n + 1], ts[n:n + 1])
+    with torch.no_grad():
+        extend = torch.export.export(DenseStep(encoder, l2_norm, False, eps).eval(), rows + past,
+                                     dynamic_shapes=({0: M},) * 5 + past_shapes)
+        score = torch.export.export(DenseStep(encoder, l2_norm, True, eps).eval(), (rows[0],) + one + past,
+                                    dynamic_shapes=({0: M}, None, None, None, None) + past_shapes)
+    return extend, score
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _records(model, table: ItemTable, n_max: int, seed: int = 0):
+    """A few deterministic synthetic requests and the reference outputs (of ``model``, whose item table must
+    already hold the artifact's dequantised rows)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(sorted({1, min(7, n_max), n_max})):
+        ids = torch.randint(1, model.num_items + 1, (n,), generator=g)
+        ts = 1_600_000_000 + torch.randint(0, 86_400, (n,), generator=g).cumsum(0)
+        qt = int(ts[-1]) + (3_600 if i % 2 else 0)
+        cand = torch.randint(1, model.num_items + 1, (8,), generator=g)
+        uv = reference_user_vector(model, ids, ts, qt)
+        top = brute_force_topk(uv, table, RECORD_TOPK)
+        out.append({"history_ids": ids, "history_timestamps": ts, "query_time": torch.tensor(qt),
+                    "candidates": cand, "rank_scores": reference_rank_scores(model, ids, ts, qt, cand),
+                    "user_vector": uv, "topk_ids": top.ids, "topk_scores": top.scores})
+    return out
+
+
+def export_model(model, config: Dict[str, Any], out: str, *, embedding_dtype: str = "fp32",
+                 source: Optional[Dict[str, str]] = None, overwrite: bool = False) -> Dict[str, Any]:
+    """Write the artifact of a RetrievalModel (HSTU) to ``out`` atomically; returns the manifest."""
+    import copy
+
+    from hstu.modules.model import L2_EPS
+
+    if embedding_dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"--embedding-dtype must be one of {EMBEDDING_DTYPES}, got {embedding_dtype!r}")
+    mc = config["model"]
+    if mc.get("arch") != "hstu" or not hasattr(model.encoder, "forward_cached"):
+        raise ValueError(f"serving export supports model.arch hstu only, got {mc.get('arch')!r}")
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists (pass --force to replace it)")
+    model = model.eval()
+    table = ItemTable.quantize(model.item_embeddings.table.weight, embedding_dtype, l2_norm=model.l2_norm_output,
+                               eps=L2_EPS)
+    ref = copy.deepcopy(model)  # reference outputs use exactly the rows the artifact stores
+    with torch.no_grad():
+        ref.item_embeddings.table.weight.copy_(table.lookup(torch.arange(table.num_rows)))
+    enc = model.encoder
+    extend, score = export_dense_programs(enc, model.l2_norm_output, L2_EPS)
+    records = _records(ref, table, enc.max_seq_len)
+    meta_model = {k: mc[k] for k in MODEL_FIELDS}
+    meta_model.update(num_items=int(model.num_items), max_seq_len=int(enc.max_seq_len))
+    manifest: Dict[str, Any] = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__, "source": source or {}, "model": meta_model,
+        "embedding": {"file": EMBEDDINGS_FILE, "dtype": embedding_dtype, "rows": table.num_rows, "dim": table.dim,
+                      "quantization": "int8 symmetric rowwise, row = weight * scale" if embedding_dtype == "int8"
+                      else "none"},
+        "programs": {"extend": {"file": EXTEND_FILE, "inputs": STEP_INPUTS, "outputs": ["enc", "k", "v"]},
+                     "score": {"file": SCORE_FILE, "inputs": STEP_INPUTS, "outputs": ["enc"]}},
+        "records": {"file": RECORDS_FILE, "count": len(records)},
+    }
+    if embedding_dtype != "fp32":  # what quantisation costs on the recorded requests, vs the fp32 model
+        err = max(float((reference_rank_scores(model, r["history_ids"], r["history_timestamps"],
+                                               int(r["query_time"]), r["candidates"]) - r["rank_scores"]).abs().max())
+                  for r in records)
+        manifest["quantization_max_abs_rank_error"] = err
+    parent, base = os.path.split(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        torch.export.save(extend, os.path.join(tmp, EXTEND_FILE))
+        torch.export.save(score, os.path.join(tmp, SCORE_FILE))
+        torch.save(table.state(), os.path.join(tmp, EMBEDDINGS_FILE))
+        torch.save(records, os.path.join(tmp, RECORDS_FILE))
+        with open(os.path.join(tmp, CONFIG_JSON), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        import yaml
+
+        with open(os.path.join(tmp, CONFIG_YAML), "w", encoding="utf-8") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        manifest["files"] = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
+                                    "sha256": _sha256(os.path.join(tmp, name))} for name in sorted(os.listdir(tmp))}
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+        old = None
+        if os.path.exists(out):
+            old = os.path.join(parent, f".{base}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def export_run(run_dir: str, out: str, *, embedding_dtype: str = "fp32", checkpoint: Optional[str] = None,
+               overwrite: bool = False, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """RUN_DIR (config.yaml + best.pt or a DCP checkpoint) -> artifact at ``out``; returns the manifest."""
+    from hstu.modules.model import build_model
+    from hstu.trainer.config import ConfigError, load_config, to_dict
+
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(cfg_path):
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(cfg_path, overrides)
+    if getattr(cfg, "task", "retrieval") != "retrieval":
+        raise ConfigError(f"{cfg_path}: task {cfg.task!r}: hstu export supports retrieval runs only")
+    if cfg.model.arch != "hstu":
+        raise ConfigError(f"{cfg_path}: model.arch {cfg.model.arch!r}: hstu export supports hstu only")
+    cfg.ops.backend = "pytorch"  # the exported programs use plain torch ops; never needs Triton
+    ckpt = resolve_checkpoint(run_dir, checkpoint)
+    state = dict(iter_full_tensors(ckpt))
+    if ITEM_KEY not in state:
+        raise ConfigError(f"{ckpt}: no {ITEM_KEY} (not a RetrievalModel checkpoint?)")
+    model = build_model(cfg, int(state[ITEM_KEY].shape[0]) - 1)
+    model.load_state_dict(state)
+    return export_model(model, to_dict(cfg), out, embedding_dtype=embedding_dtype, overwrite=overwrite,
+                        source={"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(ckpt),
+                                "config": cfg_path})
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_export_arguments(p) -> None:
+    """Arguments of ``hstu export`` (trainer/cli.py registers the subcommand)."""
+    p.add_argument("--run-dir", metavar="DIR", required=True, help="a run directory written by `hstu train`")
+    p.add_argument("--out", metavar="PATH", required=True, help="artifact directory to write (atomically)")
+    p.add_argument("--embedding-dtype", choices=EMBEDDING_DTYPES, default="fp32",
+                   help="item table storage: fp32 | bf16 | int8 (rowwise symmetric); default fp32")
+    p.add_argument("--checkpoint", metavar="PATH", help="state_dict file or DCP checkpoint directory (default "
+                   "RUN_DIR/best.pt, else RUN_DIR/checkpoints/latest)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact at --out")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied on top of the saved config")
+
+
+def cmd_export(args) -> int:
+    """``hstu export``: print a short JSON summary of the written artifact."""
+    from hstu.trainer.config import ConfigError
+
+    try:
+        manifest = export_run(args.run_dir, args.out, embedding_dtype=args.embedding_dtype,
+                              checkpoint=args.checkpoint, overwrite=args.force, overrides=args.overrides)
+    except (FileExistsError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    print(json.dumps({"out": os.path.abspath(args.out), "format_version": manifest["format_version"],
+                      "model": manifest["model"], "embedding_dtype": manifest["embedding"]["dtype"],
+                      "bytes": {k: v["bytes"] for k, v in manifest["files"].items()}}, indent=2))
+    return 0

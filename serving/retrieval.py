@@ -1,0 +1,147 @@
+"""Serving item table (fp32 | bf16 | int8 rowwise) and chunked exact top-K by inner product (torch only).
+
+Top-K over the whole catalog never materialises [B, num_items] scores: items are scored ``chunk_size`` rows at
+a time and merged into a running top-K, so memory is O(B·(chunk_size + k)) whatever the catalog size. The
+order is total and deterministic: score descending, then item id ascending (ties broken by the smaller id),
+exactly like a stable sort of the brute-force score row.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+EMBEDDING_DTYPES = ("fp32", "bf16", "int8")
+DEFAULT_CHUNK = 65536  # fp32 rows per top-K chunk; bf16 / int8 use 16384 (their fp32 copy then stays in cache)
+COMPRESSED_CHUNK = 16384
+
+
+class TopK(NamedTuple):
+    ids: torch.Tensor  # [k] or [B, k] int64
+    scores: torch.Tensor  # [k] or [B, k] float32
+
+
+class ItemTable:
+    """Rows 0..num_items of the item embedding table (row 0 = padding, never retrieved).
+
+    fp32 / bf16: ``weight`` in that dtype. int8: symmetric rowwise quantisation, ``weight`` int8 and
+    ``scale`` [rows] fp32 with row ≈ weight·scale (scale = max|row| / 127). ``l2_norm``: output vectors are
+    L2-normalised (the model's ``l2_norm_output``); the per-row factor (scale / ‖row‖) is precomputed once, so
+    scoring a chunk is one matmul plus one multiply."""
+
+    def __init__(self, weight: torch.Tensor, scale: Optional[torch.Tensor] = None, *, l2_norm: bool = True,
+                 eps: float = 1e-6) -> None:
+        self.weight, self.scale, self.l2_norm, self.eps = weight, scale, bool(l2_norm), float(eps)
+        self.dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}.get(weight.dtype)
+        if self.dtype is None or (self.dtype == "int8") != (scale is not None):
+            raise ValueError(f"unsupported item table: weight {weight.dtype}, "
+                             f"scale {'given' if scale is not None else 'None'}")
+        self.num_rows, self.dim = weight.shape
+        factor = None
+        if self.l2_norm:
+            norms = torch.cat([self.lookup(torch.arange(s, min(s + DEFAULT_CHUNK, self.num_rows))).norm(dim=1)
+                               for s in range(0, self.num_rows, DEFAULT_CHUNK)])
+            factor = 1.0 / norms.clamp(min=self.eps)
+            if self.scale is not None:
+                factor = factor * self.scale
+        elif self.scale is not None:
+            factor = self.scale.float()
+        self.row_factor = factor  # [rows] fp32 or None
+        self.default_chunk = DEFAULT_CHUNK if self.dtype == "fp32" else COMPRESSED_CHUNK
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, dtype: str, **kw) -> "ItemTable":
+        """fp32 table -> ItemTable in ``dtype`` (fp32 | bf16 | int8 rowwise)."""
+        w = weight.detach().float().contiguous()
+        if dtype == "fp32":
+            return cls(w, **kw)
+        if dtype == "bf16":
+            return cls(w.to(torch.bfloat16), **kw)
+        if dtype == "int8":
+            scale = w.abs().amax(dim=1) / 127.0
+            q = torch.round(w / scale.clamp(min=1e-30).unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+            return cls(q, scale.float(), **kw)
+        raise ValueError(f"embedding dtype must be one of {EMBEDDING_DTYPES}, got {dtype!r}")
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        return {"weight": self.weight} if self.scale is None else {"weight": self.weight, "scale": self.scale}
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] -> fp32 [..., D] dequantised rows (the model's input embeddings)."""
+        rows = self.weight[ids].float()
+        return rows * self.scale[ids].unsqueeze(-1) if self.scale is not None else rows
+
+    def vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] -> fp32 [..., D] output-side item vectors (L2-normalised when l2_norm)."""
+        e = self.lookup(ids)
+        return e / e.norm(dim=-1, keepdim=True).clamp(min=self.eps) if self.l2_norm else e
+
+    def chunk_scores(self, query: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """query [B, D] fp32 -> [B, end − start] scores of rows start..end−1."""
+        s = query @ self.weight[start:end].float().t()
+        return s * self.row_factor[start:end] if self.row_factor is not None else s
+
+
+def _exclusion_mask(exclude, B: int, start: int, end: int) -> Optional[torch.Tensor]:
+    if exclude is None:
+        return None
+    mask = torch.zeros(B, end - start, dtype=torch.bool)
+    for b, ids in enumerate(exclude):
+        ids = torch.as_tensor(ids, dtype=torch.int64)
+        ids = ids[(ids >= start) & (ids < end)] - start
+        mask[b, ids] = True
+    return mask
+
+
+def _chunk_topk(s: torch.Tensor, kk: int):
+    """Top kk of each row of s, ties at the boundary resolved to the smallest column (torch.topk is not)."""
+    vals, idx = s.topk(kk, dim=1)
+    thr = vals[:, -1:]
+    short = ((s == thr).sum(1) > (vals == thr).sum(1)).nonzero().flatten().tolist()
+    for b in short:  # a tie straddles the boundary (rare for real scores): take the smallest columns among it
+        gt = (s[b] > thr[b]).nonzero().flatten()
+        eq = (s[b] == thr[b]).nonzero().flatten()[: kk - gt.numel()]
+        cols = torch.cat([gt, eq])
+        idx[b], vals[b] = cols, s[b, cols]
+    return vals, idx
+
+
+def topk_inner_product(query: torch.Tensor, table: ItemTable, k: int, *, chunk_size: Optional[int] = None,
+                       exclude: Optional[Sequence[Union[torch.Tensor, List[int]]]] = None) -> TopK:
+    """Exact top-k items 1..num_items by score(query, item) = <query, table.vectors(item)>.
+
+    query [D] or [B, D]; exclude: per query, item ids to leave out (e.g. the history). Returns TopK with
+    ids / scores [k] (or [B, k]), k clamped to num_items; excluded items score −inf if k exceeds the rest.
+    chunk_size: rows scored at once (default: the table's, 65536 fp32 / 16384 bf16, int8)."""
+    single = query.dim() == 1
+    q = query.float().reshape(-1, table.dim)
+    B = q.shape[0]
+    if exclude is not None and len(exclude) != B:
+        raise ValueError(f"exclude must hold one id list per query ({B}), got {len(exclude)}")
+    k = max(0, min(int(k), table.num_rows - 1))
+    chunk_size = int(chunk_size or table.default_chunk)
+    best_s, best_i = q.new_zeros(B, 0), torch.zeros(B, 0, dtype=torch.int64)
+    for start in range(1, table.num_rows if k else 1, chunk_size):
+        end = min(table.num_rows, start + chunk_size)
+        s = table.chunk_scores(q, start, end)
+        mask = _exclusion_mask(exclude, B, start, end)
+        if mask is not None:
+            s = s.masked_fill(mask, float("-inf"))
+        vals, idx = _chunk_topk(s, min(k, end - start))
+        cand_s, cand_i = torch.cat([best_s, vals], 1), torch.cat([best_i, idx + start], 1)
+        order = cand_i.argsort(dim=1)  # ids are unique: ascending id ...
+        cand_s, cand_i = cand_s.gather(1, order), cand_i.gather(1, order)
+        order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, :k]  # ... then score desc
+        best_s, best_i = cand_s.gather(1, order), cand_i.gather(1, order)
+    return TopK(best_i[0], best_s[0]) if single else TopK(best_i, best_s)
+
+
+def brute_force_topk(query: torch.Tensor, table: ItemTable, k: int) -> TopK:
+    """Reference: all scores at once, stable sort (score desc, id asc). For tests and small catalogs."""
+    single = query.dim() == 1
+    q = query.float().reshape(-1, table.dim)
+    s = table.chunk_scores(q, 1, table.num_rows)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+    ids, scores = order + 1, s.gather(1, order)
+    return TopK(ids[0], scores[0]) if single else TopK(ids, scores)
