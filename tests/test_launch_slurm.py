@@ -29,10 +29,10 @@ def _slurm_usable() -> str:
     if shutil.which("sinfo") is None:
         return "SLURM is not installed (no sinfo)"
     try:
-        subprocess.run([SETUP, "--status"], check=True, capture_output=True, timeout=30)
-        return ""
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
-        return f"SLURM is not running ({SETUP} --status: {getattr(e, 'stderr', b'') or e})"
+        p = subprocess.run([SETUP, "--status"], capture_output=True, text=True, timeout=30)
+    except (subprocess.TimeoutExpired, OSError) as e:
+        return f"SLURM is not usable ({SETUP} --status: {e})"
+    return "" if p.returncode == 0 else f"SLURM is not running ({SETUP} --status: {p.stderr.strip()})"
 
 
 @pytest.fixture(scope="module")
