@@ -34,6 +34,7 @@ def run_one(model: str, data_dir: str, run_root: str, overrides: list) -> dict:
 
     cfg = load_config(os.path.join(REPO, "configs", "ml-1m", f"{model}.yaml"),
                       [f"data.data_dir={data_dir}", f"run_dir={os.path.join(run_root, model)}"] + list(overrides))
+    started = provenance()  # the code that trains is the code at start (HEAD may move during a long run)
     result = train(cfg)
     best = result.best_metrics
     entry = {"model": model}
@@ -52,6 +53,8 @@ def run_one(model: str, data_dir: str, run_root: str, overrides: list) -> dict:
         "run_dir": cfg.run_dir,
     })
     entry.update(provenance())
+    entry["commit"] = started["commit"]
+    entry["started"] = started["date"]
     return entry
 
 

@@ -31,6 +31,9 @@ def _ml1m_section(rows: list) -> List[str]:
                   _fmt(r.get("train_seconds")), _fmt(r.get("tokens_per_second")), r.get("machine", ""),
                   r.get("date", "")[:10], r.get("commit", "")]
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
+        if "started" not in r:
+            out.append(f"|  ↳ `commit` is HEAD when the run finished (runs before the script recorded the start commit) |"
+                       + " |" * 12)
         if r.get("overrides"):
             out.append(f"|  ↳ overrides: `{' '.join(r['overrides'])}` |" + " |" * 12)
     return out + [""]
