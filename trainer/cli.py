@@ -181,9 +181,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def format_result(result: Dict[str, Any]) -> str:
-    """A compact metrics table: best epoch vs final epoch vs the most-popular baseline."""
+    """A compact metrics table: best epoch vs final epoch vs the task's baseline (most-popular for retrieval,
+    per-item rate for ranking)."""
     best, final, base = result["best_metrics"], result["final_metrics"], result.get("baseline_metrics") or {}
-    lines = [f"{'metric':<10}{'best (epoch ' + str(result['best_epoch']) + ')':>18}{'final':>10}{'most-popular':>14}"]
+    lines = [f"{'metric':<10}{'best (epoch ' + str(result['best_epoch']) + ')':>18}{'final':>10}{'baseline':>14}"]
     for name in best:
         if name == "num_users":
             continue
