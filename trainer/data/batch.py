@@ -47,15 +47,6 @@ class JaggedBatch:
             moved[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
         return JaggedBatch(**moved)
 
-    def next_item_labels(self) -> torch.Tensor:
-        """[T] int64 train labels: item_ids[i+1] within the same sequence, 0 (= ignore) at each sequence's end."""
-        labels = torch.zeros_like(self.item_ids)
-        if self.num_events > 1:
-            labels[:-1] = self.item_ids[1:]
-        ends = self.offsets[1:] - 1
-        labels[ends[self.lengths > 0]] = 0
-        return labels
-
     def to_kjt(self):
         """torchrec KeyedJaggedTensor with the single key "item_id" (values = item_ids, lengths = lengths)."""
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
