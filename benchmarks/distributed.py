@@ -2,6 +2,8 @@
 
     python benchmarks/distributed.py [--steps 150] [--ml1m-steps 30] [--data-dir ../shared/data/ml-1m]
     python benchmarks/distributed.py --full --data-dir ../shared/data/ml-1m     # hours: HR@10 1 vs 2 processes
+    python benchmarks/distributed.py --full --suites none --full-baseline-run runs/reproduce-ml1m/hstu \
+        --run-root runs/distributed      # reuse the reproduction's 1-process run; only the 2-process one trains
 
 Short mode (minutes): the real trainer (`hstu train`, torchrun for 2 processes) for a few hundred steps at most,
 1 intra-op thread per process, on (a) a synthetic catalog of 20k items (negatives through the unique-id lookup)
@@ -61,20 +63,27 @@ def train_run(run_dir: str, nproc: int, overrides: List[str], config: str = "") 
     proc = subprocess.run(cmd + overrides, env=_env(), cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd + overrides)} failed:\n{proc.stderr[-4000:]}")
+    return summarize_run(run_dir, nproc, time.perf_counter() - t0)
+
+
+def summarize_run(run_dir: str, nproc: int, wall_seconds: float = float("nan")) -> Dict[str, Any]:
+    """A finished run's results.json + step timing from its metrics.jsonl (medians over logging windows)."""
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
     recs = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     train = [r for r in recs if r["kind"] == "train"]
-    windows = [(b["time"] - a["time"]) / (b["step"] - a["step"]) for a, b in zip(train[1:], train[2:])]
-    cpu = [(b["process_cpu_seconds"] - a["process_cpu_seconds"]) / (b["step"] - a["step"])
-           for a, b in zip(train[1:], train[2:])]
+    pairs = [(a, b) for a, b in zip(train[1:], train[2:]) if b["step"] > a["step"]]
+    windows = [(b["time"] - a["time"]) / (b["step"] - a["step"]) for a, b in pairs]
+    cpu = [(b["process_cpu_seconds"] - a["process_cpu_seconds"]) / (b["step"] - a["step"]) for a, b in pairs
+           if "process_cpu_seconds" in a and "process_cpu_seconds" in b]  # not logged by older runs
     tps = [r["tokens_per_second"] for r in train[2:]]
-    return {"processes": nproc, "steps": res["steps"], "wall_seconds": round(time.perf_counter() - t0, 1),
+    return {"processes": nproc, "run_dir": run_dir, "steps": res["steps"], "wall_seconds": round(wall_seconds, 1),
             "train_seconds": round(res["train_seconds"], 2),
             "ms_per_step_median": round(1000 * statistics.median(windows), 1) if windows else None,
             "rank0_cpu_ms_per_step_median": round(1000 * statistics.median(cpu), 1) if cpu else None,
             "tokens_per_second_median": round(statistics.median(tps)) if tps else None,
             "tokens_per_second_overall": round(res["tokens_per_second"]),
+            "best_epoch": res.get("best_epoch"), "best_metrics": res.get("best_metrics"),
             "final_metrics": res["final_metrics"]}
 
 
@@ -142,14 +151,53 @@ def eval_table_suite() -> Dict[str, Any]:
         return json.load(open(out))
 
 
-def full_suite(data_dir: str, root: str) -> Dict[str, Any]:
-    """ML-1M HSTU to completion, 1 process (plain) vs 2 processes (sharded)."""
+# Keys that may differ between the 1- and 2-process runs without changing what is trained.
+_RUN_ONLY_KEYS = ("run_dir", "data.data_dir", "train.num_threads", "train.progress", "train.max_train_minutes",
+                  "train.resume", "train.tensorboard", "checkpoint", "sharding")
+
+
+def _trained_config(path: str = "", overrides: List[str] = ()) -> Dict[str, Any]:
+    """A config file (a run's config.yaml, or a config + overrides), resolved and flattened to dotted keys, minus
+    the keys that only say how/where it ran."""
+    from hstu.trainer.config import load_config, to_dict
+
+    def flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix[:-1]: d}
+        return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+
+    cfg = flat(to_dict(load_config(path, list(overrides))))  # resolved: keys added since the run get defaults
+    return {k: v for k, v in cfg.items() if not any(k == p or k.startswith(p + ".") for p in _RUN_ONLY_KEYS)}
+
+
+def full_suite(data_dir: str, root: str, baseline_run: str = "") -> Dict[str, Any]:
+    """ML-1M HSTU to completion, 1 process (plain) vs 2 processes (sharded).
+
+    baseline_run: an already finished 1-process run of configs/ml-1m/hstu.yaml (e.g. the reproduction's
+    runs/reproduce-ml1m/hstu) used instead of training it again; its trained config must equal the 2-process one.
+    The 2-process run checkpoints every 5 epochs and resumes from its latest checkpoint when rerun."""
     config = os.path.join(REPO, "configs", "ml-1m", "hstu.yaml")
     common = [f"data.data_dir={data_dir}", "train.num_threads=1", "train.progress=false"]
-    one = train_run(os.path.join(root, "full-1"), 1, common, config)
-    two = train_run(os.path.join(root, "full-2"), 2, common + ["sharding.enabled=true"], config)
-    delta = two["final_metrics"]["hr@10"] - one["final_metrics"]["hr@10"]
-    return {"plain-1": one, "dmp-2": two, "delta_final_hr@10": round(delta, 4), "within_0.005": abs(delta) <= 0.005}
+    if baseline_run:
+        one = summarize_run(os.path.abspath(baseline_run), 1)
+        one["reused"] = True
+    else:
+        one = train_run(os.path.join(root, "full-1"), 1, common, config)
+    two_dir = os.path.join(root, "full-2")
+    two_overrides = common + ["sharding.enabled=true", "checkpoint.every_steps=240", "checkpoint.keep_last=1",
+                              "train.resume=true"]
+    a = _trained_config(os.path.join(one["run_dir"], "config.yaml"))
+    b = _trained_config(config, two_overrides)
+    diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    if diff:  # checked before training: the comparison is only meaningful for the same trained config
+        raise RuntimeError(f"1- and 2-process runs train different configs (1-process, 2-process): {diff}")
+    two = train_run(two_dir, 2, two_overrides, config)
+    out: Dict[str, Any] = {"plain-1": one, "dmp-2": two}
+    for which in ("final_metrics", "best_metrics"):
+        delta = two[which]["hr@10"] - one[which]["hr@10"]
+        out[f"delta_{which.split('_')[0]}_hr@10"] = round(delta, 4)
+        out[f"{which.split('_')[0]}_within_0.005"] = abs(delta) <= 0.005
+    return out
 
 
 def main() -> None:
@@ -158,6 +206,8 @@ def main() -> None:
     p.add_argument("--ml1m-steps", type=int, default=40, help="steps per ML-1M run (0: skip)")
     p.add_argument("--data-dir", default=os.path.join(REPO, "..", "shared", "data", "ml-1m"))
     p.add_argument("--full", action="store_true", help="also train ML-1M to completion with 1 and 2 processes")
+    p.add_argument("--full-baseline-run", default="", metavar="RUN_DIR",
+                   help="--full: reuse this finished 1-process run of configs/ml-1m/hstu.yaml instead of training it")
     p.add_argument("--run-root", default=None, help="where run directories go (default: a temp dir)")
     p.add_argument("--suites", default="synthetic,ml1m,eval_table",
                    help="comma list of synthetic | ml1m | eval_table; results are merged into the existing JSON")
@@ -165,7 +215,7 @@ def main() -> None:
     args = p.parse_args()
     if args.eval_table_worker:
         return _eval_table_worker(args.eval_table_worker)
-    root = args.run_root or tempfile.mkdtemp(prefix="hstu_dist_bench_")
+    root = os.path.abspath(args.run_root or tempfile.mkdtemp(prefix="hstu_dist_bench_"))
     suites = set(args.suites.split(","))
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "distributed.json")
     payload: Dict[str, Any] = json.load(open(path)) if os.path.exists(path) else {}
@@ -186,7 +236,7 @@ def main() -> None:
     if "eval_table" in suites:
         record("eval_item_table_2_ranks", eval_table_suite)
     if args.full:
-        record("ml1m_full", lambda: full_suite(os.path.abspath(args.data_dir), root))
+        record("ml1m_full", lambda: full_suite(os.path.abspath(args.data_dir), root, args.full_baseline_run))
     print("wrote", path)
 
 
