@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -61,13 +62,24 @@ def provenance() -> Dict[str, Any]:
     }
 
 
+def _json_safe(x: Any) -> Any:
+    """NaN/inf -> None, so results files stay strict JSON (json.dump would write bare NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def write_json(name: str, payload: Any) -> str:
-    """Write benchmarks/results/<name> atomically (tmp + rename); returns the path."""
+    """Write benchmarks/results/<name> atomically (tmp + rename) as strict JSON; returns the path."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, name)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=False)
+        json.dump(_json_safe(payload), f, indent=2, sort_keys=False, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
     return path

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +66,7 @@ def train_run(run_dir: str, nproc: int, overrides: List[str], config: str = "") 
     return summarize_run(run_dir, nproc, time.perf_counter() - t0)
 
 
-def summarize_run(run_dir: str, nproc: int, wall_seconds: float = float("nan")) -> Dict[str, Any]:
+def summarize_run(run_dir: str, nproc: int, wall_seconds: Optional[float] = None) -> Dict[str, Any]:
     """A finished run's results.json + step timing from its metrics.jsonl (medians over logging windows)."""
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
@@ -77,7 +77,7 @@ def summarize_run(run_dir: str, nproc: int, wall_seconds: float = float("nan")) 
     cpu = [(b["process_cpu_seconds"] - a["process_cpu_seconds"]) / (b["step"] - a["step"]) for a, b in pairs
            if "process_cpu_seconds" in a and "process_cpu_seconds" in b]  # not logged by older runs
     tps = [r["tokens_per_second"] for r in train[2:]]
-    return {"processes": nproc, "run_dir": run_dir, "steps": res["steps"], "wall_seconds": round(wall_seconds, 1),
+    return {"processes": nproc, "run_dir": run_dir, "steps": res["steps"], "wall_seconds": round(wall_seconds, 1) if wall_seconds is not None else None,
             "train_seconds": round(res["train_seconds"], 2),
             "ms_per_step_median": round(1000 * statistics.median(windows), 1) if windows else None,
             "rank0_cpu_ms_per_step_median": round(1000 * statistics.median(cpu), 1) if cpu else None,
