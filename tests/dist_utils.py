@@ -42,6 +42,7 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: 
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: a rank destroying its group while a peer still talks to it can abort
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
