@@ -1,6 +1,7 @@
 """Serving benchmark: M-FALCON vs one full pass per candidate vs the history-only encode; retrieval latency.
 
-    python benchmarks/serving.py [--quick]   -> benchmarks/results/serving.json (then benchmarks/summarize.py)
+    python benchmarks/serving.py [--quick] [--sizes 16,128] [--sections ranking_model]
+        -> benchmarks/results/serving.json (merged: sections not run keep their stored figures)
 
 Model: ML-1M-sized HSTU (research variant: D = 50, 2 layers x 1 head, d_qk = d_v = 50, max_seq_len 200,
 3952 items; random weights: timing does not depend on them), history length 200, ONE CPU thread, fp32.
@@ -11,6 +12,10 @@ Model: ML-1M-sized HSTU (research variant: D = 50, 2 layers x 1 head, d_qk = d_v
   candidates and extrapolated linearly to m (flagged); batched: all m sequences in one jagged batch (timed up
   to MAX_BATCHED, extrapolated above).
 - retrieval: exact chunked top-100 over 1M items (D = 64) for fp32 / bf16 / int8 tables, one user.
+- ranking_model: the generative RANKING model (HSTURankingModel as configs/ml-1m/ranking-hstu.yaml: production,
+  D = 64, 2 layers x 2 heads, d = 32; ML-1M layout: 4 contextual tokens + 100 (item, action) events = 204 tokens,
+  2 tasks + regression): M-FALCON (serving/ranking.py) vs one training-model pass per candidate (each alone, as
+  the reference) vs the history-only encode, eager and through the exported ranking artifact.
 Times are medians of process CPU time over repeats, the compared paths interleaved (the machine is shared:
 CPU time and interleaving resist other processes; the wall time of M-FALCON is recorded too).
 """
@@ -18,6 +23,7 @@ CPU time and interleaving resist other processes; the wall time of M-FALCON is r
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -27,9 +33,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import provenance, write_json  # noqa: E402
+from common import RESULTS_DIR, provenance, write_json  # noqa: E402
 
 MS = [16, 128, 1024, 4096]
+SECTIONS = ("ranking", "retrieval", "ranking_model")  # ranking: the retrieval model's M-FALCON (historical key)
 PER_CANDIDATE_SUBSET = 16
 MAX_BATCHED = 128
 
@@ -103,7 +110,7 @@ def ranking(args) -> dict:
     max_err = max(float((eng.rank(state, cands[:64]) - check).abs().max()),
                   float((sm.rank_state(art_state, cands[:64]) - check).abs().max()))
     rows = []
-    for m in MS:
+    for m in args.sizes:
         c = cands[:m]
         r = max(3, rep if m <= 1024 else rep // 2)
         with torch.inference_mode():
@@ -134,20 +141,112 @@ def ranking(args) -> dict:
     c1024 = cands[:1024]
     sweep = [{"micro_batch": b, "rank_ms_m1024": round(_median_ms(lambda: eng.rank(state, c1024, b), rep), 3)}
              for b in (32, 128, 256, 1024)]
-    r1024 = next(r for r in rows if r["m"] == 1024)
+    r1024 = next((r for r in rows if r["m"] == 1024), None)  # None when --sizes leaves 1024 out
+    at = lambda key: r1024[key] if r1024 else None  # noqa: E731
     return {
         "setup": {"variant": "research", "embedding_dim": 50, "num_layers": 2, "num_heads": 1, "d": 50,
                   "max_seq_len": args.max_seq_len, "history": n, "num_items": args.num_items,
                   "micro_batch": eng.micro_batch, "threads": torch.get_num_threads(),
                   "per_candidate_subset": PER_CANDIDATE_SUBSET, "max_batched_measured": MAX_BATCHED},
-        "summary": {"m1024_total_over_history_encode": r1024["total_over_history_encode"],
-                    "goal_m1024_le_2x_history_encode": r1024["total_over_history_encode"] <= 2.0,
-                    "m1024_speedup_vs_per_candidate": r1024["speedup_vs_per_candidate"],
-                    "goal_m1024_ge_50x_vs_per_candidate": r1024["speedup_vs_per_candidate"] >= 50,
+        "summary": {"m1024_total_over_history_encode": at("total_over_history_encode"),
+                    "goal_m1024_le_2x_history_encode": r1024 and r1024["total_over_history_encode"] <= 2.0,
+                    "m1024_speedup_vs_per_candidate": at("speedup_vs_per_candidate"),
+                    "goal_m1024_ge_50x_vs_per_candidate": r1024 and r1024["speedup_vs_per_candidate"] >= 50,
                     "single_candidate_full_pass_ms": round(per_cand_ms, 3),
                     "max_abs_error_vs_alone": max_err,
                     "export_s": round(export_s, 1), "artifact_load_s": round(load_s, 2)},
         "rows": rows, "micro_batch_sweep": sweep,
+    }
+
+
+def _ranking_model(events: int):
+    from hstu.modules.ranking import HSTURankingModel, RankingSpec
+    from hstu.serving.ranking import RankingHistory
+    from hstu.trainer.config import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="production", embedding_dim=64, num_layers=2, num_heads=2, attention_dim=32,
+                      linear_dim=32, dropout=0.2)
+    spec = RankingSpec(num_items=3952, num_actions=5, contextual_vocab=(3, 8, 22, 100), side_vocab=(),
+                       task_names=("like", "love"), regression=True, max_tokens=4 + 2 * events + 1)
+    g = torch.Generator().manual_seed(1)
+    hist = RankingHistory(torch.randint(1, 3953, (events,), generator=g), torch.randint(1, 6, (events,), generator=g),
+                          1_000_000_000 + torch.randint(0, 86_400, (events,), generator=g).cumsum(0), [1, 3, 7, 42])
+    return HSTURankingModel(cfg, spec).eval(), cfg, hist
+
+
+def ranking_model(args) -> dict:
+    """Ranking-model M-FALCON figures (see the module docstring), rows per m in args.sizes."""
+    from types import SimpleNamespace
+
+    from hstu.serving.export_ranking import alone_batch, export_ranking_model
+    from hstu.serving.ranking import RankingMFalcon
+    from hstu.trainer.config import RunConfig, to_dict
+
+    events, sizes = args.ranking_events, args.sizes
+    model, mcfg, hist = _ranking_model(events)
+    eng = RankingMFalcon.from_model(model, max_seq_len=events, max_side_tokens=0)
+    lay = eng.layout(hist)
+    qt = lay.last_event_time + 3600
+    cands = torch.randint(1, 3953, (max(sizes),), generator=torch.Generator().manual_seed(2))
+    T = int(lay.ids.numel())
+    history_batch = SimpleNamespace(token_ids=lay.ids, token_kinds=lay.kinds, token_features=lay.features,
+                                    paired_items=lay.paired, timestamps=lay.timestamps, positions=lay.positions,
+                                    time_gaps=lay.gaps, offsets=torch.tensor([0, T]), max_len=T,
+                                    num_targets=torch.zeros(1, dtype=torch.int64), contextual_len=lay.contextual_len,
+                                    pred_rows=torch.tensor([T - 1]))
+    rep = args.repeats
+    with torch.inference_mode():
+        state = eng.encode(hist, qt)
+        subset = cands[:PER_CANDIDATE_SUBSET]
+        one_ms = _median_ms(lambda: [model(alone_batch(lay, c.view(1), qt)) for c in subset], max(1, rep // 2))
+        check = model(alone_batch(lay, cands[:64], qt))[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = RunConfig()
+        cfg.task, cfg.model, cfg.data.max_seq_len, cfg.data.name = "ranking", mcfg, events, "ml-1m"
+        t0 = time.perf_counter()
+        export_ranking_model(model, to_dict(cfg), os.path.join(tmp, "art"),
+                             context_names=("gender", "age", "occupation", "zip"))
+        export_s = time.perf_counter() - t0
+        import hstu.serving
+
+        t0 = time.perf_counter()
+        sm = hstu.serving.load(os.path.join(tmp, "art"), task="ranking")
+        load_s = time.perf_counter() - t0
+    art_state = sm.encode(hist, qt)
+    max_err = max(float((eng.rank(state, cands[:64]).logits - check).abs().max()),
+                  float((sm.rank_state(art_state, cands[:64]).logits - check).abs().max()))
+    rows = []
+    for m in sizes:
+        c = cands[:m]
+        r = max(3, rep if m <= 1024 else rep // 2)
+        with torch.inference_mode():
+            t = _paired({"history": lambda: model.encode(history_batch), "encode": lambda: eng.encode(hist, qt),
+                         "rank": lambda: eng.rank(state, c), "art_encode": lambda: sm.encode(hist, qt),
+                         "art_rank": lambda: sm.rank_state(art_state, c)}, r)
+        hist_ms, enc_ms, mf_ms = t["history"]["cpu_ms"], t["encode"]["cpu_ms"], t["rank"]["cpu_ms"]
+        art_ms, total = t["art_rank"]["cpu_ms"], enc_ms + mf_ms
+        seq_ms = one_ms / PER_CANDIDATE_SUBSET * m
+        rows.append({
+            "m": m, "history_encode_ms": round(hist_ms, 3), "mfalcon_encode_ms": round(enc_ms, 3),
+            "mfalcon_rank_ms": round(mf_ms, 3), "mfalcon_total_ms": round(total, 3),
+            "mfalcon_total_wall_ms": round(t["encode"]["wall_ms"] + t["rank"]["wall_ms"], 3),
+            "artifact_total_ms": round(t["art_encode"]["cpu_ms"] + art_ms, 3),
+            "per_candidate_pass_ms": round(seq_ms, 1), "per_candidate_extrapolated": m > PER_CANDIDATE_SUBSET,
+            "total_over_history_encode": round(total / hist_ms, 2),
+            "speedup_vs_per_candidate": round(seq_ms / total, 1),
+            "candidates_per_s": round(m / (mf_ms / 1e3)), "artifact_candidates_per_s": round(m / (art_ms / 1e3)),
+        })
+    return {
+        "setup": {"model": "HSTURankingModel (configs/ml-1m/ranking-hstu.yaml dims)", "variant": "production",
+                  "embedding_dim": 64, "num_layers": 2, "num_heads": 2, "d": 32, "events": events,
+                  "history_tokens": T, "contextual": 4, "tasks": 2, "regression": True,
+                  "micro_batch": eng.micro_batch, "threads": torch.get_num_threads(),
+                  "per_candidate_subset": PER_CANDIDATE_SUBSET},
+        "summary": {"single_candidate_full_pass_ms": round(one_ms / PER_CANDIDATE_SUBSET, 3),
+                    "max_abs_logit_error_vs_alone": max_err, "export_s": round(export_s, 1),
+                    "artifact_load_s": round(load_s, 2)},
+        "rows": rows,
     }
 
 
@@ -186,7 +285,16 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", default="serving.json")
+    p.add_argument("--sizes", default=",".join(map(str, MS)), help="candidate counts m, comma-separated")
+    p.add_argument("--ranking-events", type=int, default=100, help="ranking_model: history events")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {SECTIONS}; sections not run keep their stored figures")
     args = p.parse_args(argv)
+    args.sizes = sorted({int(x) for x in str(args.sizes).split(",") if x})
+    sections = [x for x in args.sections.split(",") if x]
+    unknown = [x for x in sections if x not in SECTIONS]
+    if unknown or not args.sizes:
+        p.error(f"--sections: unknown {unknown} (choose from {SECTIONS})" if unknown else "--sizes: empty")
     if args.quick:
         args.repeats, args.items = 2, 100_000
     torch.set_num_threads(1)
@@ -199,9 +307,19 @@ def main(argv=None) -> int:
         "mfalcon_total_ms = mfalcon_encode_ms (history once, KV cache) + mfalcon_rank_ms (m candidates).",
         "artifact_*: the same through the exported torch.export programs (hstu.serving.load).",
     ]
-    payload["ranking"] = ranking(args)
-    payload["retrieval"] = retrieval(args)
-    print(write_json(args.out, payload))
+    runners = {"ranking": ranking, "retrieval": retrieval, "ranking_model": ranking_model}
+    stored = os.path.join(RESULTS_DIR, args.out)
+    merged = {}
+    if os.path.exists(stored):  # keep the sections (and their provenance) this run does not measure
+        with open(stored, encoding="utf-8") as f:
+            merged = json.load(f)
+    if set(sections) != set(SECTIONS):
+        payload = {k: v for k, v in payload.items() if k != "notes"}
+        merged.update({name: dict(runners[name](args), provenance=payload) for name in sections})
+    else:
+        merged.update(payload)
+        merged.update({name: runners[name](args) for name in sections})
+    print(write_json(args.out, merged))
     return 0
 
 

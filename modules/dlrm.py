@@ -66,20 +66,29 @@ class DLRMRanking(nn.Module):
         cand_start = (batch.offsets[1:] - batch.num_targets).long()
         is_cand = torch.arange(T, device=kinds.device) >= cand_start[sequence_ids(batch.offsets, T)]
         hist_item = (kinds == KIND_ITEM) & ~is_cand
-        ids = batch.token_ids
-        item_vals = self.tables.items(torch.where(hist_item, ids, torch.zeros_like(ids)))
-        action_vals = self.tables.actions(torch.where(kinds == KIND_ACTION, ids, torch.zeros_like(ids)))
-        feats = [self.tables.contextual_embeddings(batch.context_ids)[batch.pred_seq]]  # [N, C, D]
-        single = [self.tables.items(batch.pred_items),
+        ids, feats_t = batch.token_ids, batch.token_features
+        hist_rows = torch.nonzero(hist_item, as_tuple=True)[0]
+        action_rows = torch.nonzero(kinds == KIND_ACTION, as_tuple=True)[0]
+        side = kinds == KIND_SIDE
+        side_groups = [torch.nonzero(side & (feats_t == f), as_tuple=True)[0] for f in range(self.tables.num_side)]
+        C = self.tables.num_contextual
+        parts = [("item", batch.pred_items), ("item", ids[hist_rows]), ("action", ids[action_rows])]
+        parts += [(f"context_{c}", batch.context_ids[:, c]) for c in range(C)]
+        parts += [(f"side_{f}", ids[sg]) for f, sg in enumerate(side_groups)]
+        embs = self.tables.lookup_many(parts)  # ONE lookup (one collective on the sharded path)
+        zeros = torch.zeros(T, self.dim, device=kinds.device)
+        item_vals = zeros.index_copy(0, hist_rows, embs[1].to(zeros.dtype))
+        action_vals = zeros.index_copy(0, action_rows, embs[2].to(zeros.dtype))
+        ctx = (torch.stack(embs[3:3 + C], 1) if C else
+               zeros.new_zeros(batch.context_ids.shape[0], 0, self.dim))  # [B, C, D]
+        feats = [ctx[batch.pred_seq]]  # [N, C, D]
+        single = [embs[0],
                   _prefix_means(item_vals, hist_item, batch.offsets, rows),
                   _prefix_means(action_vals, kinds == KIND_ACTION, batch.offsets, rows)]
-        if len(self.tables.side):
-            side = kinds == KIND_SIDE
-            side_vals = torch.zeros(T, self.dim, device=kinds.device)
-            sel = torch.nonzero(side, as_tuple=True)[0]
-            if sel.numel():
-                side_vals = side_vals.index_copy(0, sel, RankingTables._per_feature(
-                    self.tables.side, batch.token_features[sel], ids[sel], self.dim))
+        if self.tables.num_side:
+            side_vals = zeros
+            for sel, e in zip(side_groups, embs[3 + C:]):
+                side_vals = side_vals.index_copy(0, sel, e.to(zeros.dtype))
             single.append(_prefix_means(side_vals, side, batch.offsets, rows))
         return torch.cat(feats + [torch.stack(single, 1)], 1)
 

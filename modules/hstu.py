@@ -54,11 +54,13 @@ class CachedLayerMixin:
 
     def forward_cached(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
                        bias_past: Optional[torch.Tensor], bias_new: Optional[torch.Tensor],
-                       candidates: bool = False):
+                       candidates: bool = False, visible_new: Optional[torch.Tensor] = None):
         """x [M, D]: new rows of one sequence; past_k [H, N, dqk], past_v [H, N, dv]: cached keys/values of the N
         rows before them. Every new row attends to all past rows and, candidates=False, to new rows j <= i
         (causal), candidates=True, to itself only (M-FALCON). bias_past [M|1, N]; bias_new [M, M] (causal) or
-        [M|1] (candidates). Returns (y [M, D], k [H, M, dqk], v [H, M, dv]) — the new rows' cache entries."""
+        [M|1] (candidates); visible_new [M, M] bool replaces the causal mask among new rows (ranking: the
+        contextual prefix is visible to every row). Returns (y [M, D], k [H, M, dqk], v [H, M, dv]) — the new
+        rows' cache entries."""
         M = x.shape[0]
         H = self.num_heads
         u, v, q, k = self.project(x)
@@ -78,9 +80,10 @@ class CachedLayerMixin:
             s_new = torch.matmul(qa, k.transpose(1, 2))  # [H, M, M]
             if bias_new is not None:
                 s_new = s_new + bias_new.to(s_new.dtype)
-            rows = torch.arange(M, device=x.device)
-            causal = rows.view(-1, 1) >= rows.view(1, -1)
-            attn = attn + torch.matmul(F.silu(s_new) * causal, v)
+            if visible_new is None:
+                rows = torch.arange(M, device=x.device)
+                visible_new = rows.view(-1, 1) >= rows.view(1, -1)
+            attn = attn + torch.matmul(F.silu(s_new) * visible_new, v)
         attn = (attn / float(self.max_seq_len)).transpose(0, 1).reshape(M, -1)
         return self.finish(x, u, attn), k, v
 
@@ -279,17 +282,29 @@ class HSTUEncoder(nn.Module):
         are a causal continuation; True: each sees the past and itself only. Returns (h [M, D] before the
         model's L2 norm, k [L, H, M, dqk], v [L, H, M, dv])."""
         h = self.input_dropout(self.input_embeddings(x, pos, timestamps, query_times))
-        qp, qt = pos.view(-1, 1), t_next.view(-1, 1)
-        first = self.layers[0]  # rab index tables depend on the config only: computed once for all layers
-        idx_past = first.rab_indices(qp, past_pos.view(1, -1), qt, past_ts.view(1, -1))
-        if candidates:
-            idx_new = first.rab_indices(pos, pos, t_next, timestamps)
-        else:
-            idx_new = first.rab_indices(qp, pos.view(1, -1), qt, timestamps.view(1, -1))
-        ks, vs = [], []
-        for i, layer in enumerate(self.layers):
-            h, k, v = layer.forward_cached(h, past_k[i], past_v[i], layer.relative_bias(idx_past),
-                                           layer.relative_bias(idx_new), candidates)
-            ks.append(k)
-            vs.append(v)
-        return h, torch.stack(ks), torch.stack(vs)
+        return cached_layers(self.layers, h, pos, timestamps, t_next, past_k, past_v, past_pos, past_ts, candidates)
+
+
+def cached_layers(layers, h: torch.Tensor, pos: torch.Tensor, timestamps: torch.Tensor, t_next: torch.Tensor,
+                  past_k: torch.Tensor, past_v: torch.Tensor, past_pos: torch.Tensor, past_ts: torch.Tensor,
+                  candidates: bool = False, visible_new: Optional[torch.Tensor] = None):
+    """The cached layer stack shared by every serving step (retrieval ``HSTUEncoder``, ``HSTURankingModel``).
+
+    h [M, D] layer input of the new rows; pos / timestamps / t_next [M] or [1] (rab inputs: sequence index,
+    own time, the time the row's rab uses); past_* the cache of the N rows before (see forward_cached).
+    visible_new [M, M] bool (candidates=False only): which new rows each new row sees (default causal).
+    Returns (h [M, D], k [L, H, M, dqk], v [L, H, M, dv])."""
+    qp, qt = pos.view(-1, 1), t_next.view(-1, 1)
+    first = layers[0]  # rab index tables depend on the config only: computed once for all layers
+    idx_past = first.rab_indices(qp, past_pos.view(1, -1), qt, past_ts.view(1, -1))
+    if candidates:
+        idx_new = first.rab_indices(pos, pos, t_next, timestamps)
+    else:
+        idx_new = first.rab_indices(qp, pos.view(1, -1), qt, timestamps.view(1, -1))
+    ks, vs = [], []
+    for i, layer in enumerate(layers):
+        h, k, v = layer.forward_cached(h, past_k[i], past_v[i], layer.relative_bias(idx_past),
+                                       layer.relative_bias(idx_new), candidates, visible_new)
+        ks.append(k)
+        vs.append(v)
+    return h, torch.stack(ks), torch.stack(vs)

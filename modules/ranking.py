@@ -11,22 +11,23 @@ history + themselves) and ``contextual_len`` (the C prefix tokens are visible to
 Linear(D, hidden) → SiLU → Linear(hidden, K [+1 regression]) on the rows in ``batch.pred_rows`` only.
 
 The batch is duck-typed (``hstu.trainer.data.ranking_batch.RankingBatch``); nothing from the trainer is imported.
-The embedding tables (item, action, contextual, side) live in :class:`RankingTables`, apart from the dense tower,
-so they can be replaced by (sharded) TorchRec tables later.
+The embedding tables (item, action, contextual, side) live in :class:`RankingTables`, apart from the dense tower;
+the model only reaches them through :class:`RankingLookup` (one batched lookup per forward), which the sharded
+TorchRec tables of ``hstu.trainer.parallel.ranking_embeddings`` also implement (``sharding.enabled``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from hstu.modules.embeddings import INIT_STD, ItemEmbeddings
-from hstu.modules.hstu import ProductionHSTULayer, ResearchHSTULayer
+from hstu.modules.hstu import ProductionHSTULayer, ResearchHSTULayer, cached_layers
 from hstu.ops.backend import BackendLike
 from hstu.ops.pytorch.hstu_attention import time_bucket_ids
 
@@ -61,7 +62,64 @@ def _table(rows: int, dim: int) -> nn.Embedding:
     return emb
 
 
-class RankingTables(nn.Module):
+class RankingLookup:
+    """Token-embedding logic over an abstract batched lookup, shared by the plain :class:`RankingTables` and the
+    sharded TorchRec tables (``hstu.trainer.parallel.ranking_embeddings``).
+
+    Table keys: ``item``, ``action``, ``context_<c>`` (one per contextual feature), ``side_<f>`` (one per side
+    series). Subclasses set ``dim``, ``num_contextual``, ``num_side`` and implement :meth:`lookup`; every method
+    below issues exactly ONE ``lookup`` call (on the sharded path one collective, the same on every rank)."""
+
+    dim: int
+    num_contextual: int
+    num_side: int
+
+    def table_keys(self) -> List[str]:
+        return (["item", "action"] + [f"context_{c}" for c in range(self.num_contextual)]
+                + [f"side_{f}" for f in range(self.num_side)])
+
+    def lookup(self, requests: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """{table key: ids [N_k] int64} -> {table key: [N_k, D] float32}; id 0 = padding (zero vector)."""
+        raise NotImplementedError
+
+    def lookup_many(self, parts: Sequence[Tuple[str, torch.Tensor]]) -> List[torch.Tensor]:
+        """[(table key, ids [N_i])] -> [[N_i, D]] through one :meth:`lookup` (ids of one table concatenated)."""
+        by_key: Dict[str, List[torch.Tensor]] = {}
+        for key, ids in parts:
+            by_key.setdefault(key, []).append(ids.reshape(-1))
+        out = self.lookup({k: torch.cat(v) if len(v) > 1 else v[0] for k, v in by_key.items()})
+        splits = {k: list(torch.split(out[k], [t.numel() for t in v])) for k, v in by_key.items()}
+        return [splits[key].pop(0) for key, _ in parts]
+
+    def contextual_embeddings(self, context_ids: torch.Tensor) -> torch.Tensor:
+        """[B, C] -> [B, C, D]."""
+        if not self.num_contextual:
+            return context_ids.new_zeros(context_ids.shape + (self.dim,), dtype=torch.float32)
+        embs = self.lookup_many([(f"context_{c}", context_ids[:, c]) for c in range(self.num_contextual)])
+        return torch.stack(embs, 1)
+
+    def token_embeddings(self, batch: Any, action_with_item: bool) -> torch.Tensor:
+        """Embedding of every token of a RankingBatch: [T, D] (kind by kind; see the module docstring)."""
+        kinds, ids, feats = batch.token_kinds, batch.token_ids, batch.token_features
+        sel = {k: torch.nonzero(kinds == k, as_tuple=True)[0] for k in (KIND_ITEM, KIND_ACTION)}
+        groups = [(f"context_{c}", torch.nonzero((kinds == KIND_CONTEXT) & (feats == c), as_tuple=True)[0])
+                  for c in range(self.num_contextual)]
+        groups += [(f"side_{f}", torch.nonzero((kinds == KIND_SIDE) & (feats == f), as_tuple=True)[0])
+                   for f in range(self.num_side)]
+        parts = [("item", ids[sel[KIND_ITEM]]), ("action", ids[sel[KIND_ACTION]])]
+        if action_with_item:
+            parts.append(("item", batch.paired_items[sel[KIND_ACTION]]))
+        embs = self.lookup_many(parts + [(key, ids[rows]) for key, rows in groups])
+        action = embs[1] + embs[2] if action_with_item else embs[1]
+        out = torch.zeros(ids.shape[0], self.dim, device=ids.device)
+        out = out.index_copy(0, sel[KIND_ITEM], embs[0].to(out.dtype))
+        out = out.index_copy(0, sel[KIND_ACTION], action.to(out.dtype))
+        for (_, rows), e in zip(groups, embs[len(parts):]):
+            out = out.index_copy(0, rows, e.to(out.dtype))
+        return out
+
+
+class RankingTables(RankingLookup, nn.Module):
     """Item, action, contextual (one per feature) and side-series (one per series) tables, each
     ``nn.Embedding(rows, D, padding_idx=0)`` with GR's truncated-normal init."""
 
@@ -72,43 +130,19 @@ class RankingTables(nn.Module):
         self.actions = _table(spec.num_actions + 1, dim)
         self.contextual = nn.ModuleList(_table(v, dim) for v in spec.contextual_vocab)
         self.side = nn.ModuleList(_table(v, dim) for v in spec.side_vocab)
+        self.num_contextual, self.num_side = len(self.contextual), len(self.side)
 
-    @staticmethod
-    def _per_feature(tables: nn.ModuleList, features: torch.Tensor, ids: torch.Tensor, dim: int) -> torch.Tensor:
-        """ids [N] with feature index [N] -> [N, D] (one lookup per table)."""
-        out = torch.zeros(ids.shape[0], dim, device=ids.device)
-        for f, table in enumerate(tables):
-            sel = torch.nonzero(features == f, as_tuple=True)[0]
-            if sel.numel():
-                out = out.index_copy(0, sel, table(ids[sel]))
-        return out
+    def table(self, key: str) -> nn.Embedding:
+        """The nn.Embedding of a table key (see :meth:`RankingLookup.table_keys`)."""
+        if key == "item":
+            return self.items.table
+        if key == "action":
+            return self.actions
+        kind, _, index = key.rpartition("_")
+        return (self.contextual if kind == "context" else self.side)[int(index)]
 
-    def contextual_embeddings(self, context_ids: torch.Tensor) -> torch.Tensor:
-        """[B, C] -> [B, C, D]."""
-        if not len(self.contextual):
-            return context_ids.new_zeros(context_ids.shape + (self.dim,), dtype=torch.float32)
-        return torch.stack([t(context_ids[:, c]) for c, t in enumerate(self.contextual)], 1)
-
-    def token_embeddings(self, batch: Any, action_with_item: bool) -> torch.Tensor:
-        """Embedding of every token of a RankingBatch: [T, D] (kind by kind; see the module docstring)."""
-        kinds, ids = batch.token_kinds, batch.token_ids
-        out = torch.zeros(ids.shape[0], self.dim, device=ids.device)
-        for kind in (KIND_ITEM, KIND_ACTION, KIND_CONTEXT, KIND_SIDE):
-            sel = torch.nonzero(kinds == kind, as_tuple=True)[0]
-            if sel.numel() == 0:
-                continue
-            if kind == KIND_ITEM:
-                e = self.items(ids[sel])
-            elif kind == KIND_ACTION:
-                e = self.actions(ids[sel])
-                if action_with_item:
-                    e = e + self.items(batch.paired_items[sel])
-            elif kind == KIND_CONTEXT:
-                e = self._per_feature(self.contextual, batch.token_features[sel], ids[sel], self.dim)
-            else:
-                e = self._per_feature(self.side, batch.token_features[sel], ids[sel], self.dim)
-            out = out.index_copy(0, sel, e.to(out.dtype))
-        return out
+    def lookup(self, requests: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {key: self.table(key)(ids) for key, ids in requests.items()}
 
 
 class MultiTaskHead(nn.Module):
@@ -173,3 +207,34 @@ class HSTURankingModel(nn.Module):
 
     def forward(self, batch: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self.head(self.encode(batch)[batch.pred_rows])
+
+    # ------------------------------------------------------------------ serving (M-FALCON, docs/serving.md)
+    def input_embeddings(self, e: torch.Tensor, kinds: torch.Tensor, positions: torch.Tensor,
+                         time_gaps: torch.Tensor) -> torch.Tensor:
+        """Layer input of tokens from their raw table rows e [M, D] (``RankingTables.token_embeddings``):
+        e·√D + kind_emb[kind] + pos_emb[position] (+ production time_emb[bucket(gap)]), as ``encode`` before
+        dropout; kinds / positions / time_gaps [M] or [1] (broadcast)."""
+        h = e * math.sqrt(self.dim) + self.kind_embeddings(kinds) + self.position_embeddings(
+            positions.clamp(max=self.max_tokens - 1))
+        if self.time_embeddings is not None:
+            h = h + self.time_embeddings(time_bucket_ids(time_gaps, self.time_bucket_base, self.num_time_buckets))
+        return h
+
+    def forward_cached(self, e: torch.Tensor, kinds: torch.Tensor, positions: torch.Tensor, time_gaps: torch.Tensor,
+                       timestamps: torch.Tensor, t_next: torch.Tensor, contextual_len: torch.Tensor,
+                       past_k: torch.Tensor, past_v: torch.Tensor, past_pos: torch.Tensor, past_ts: torch.Tensor,
+                       candidates: bool = False):
+        """ONE sequence's new rows after a KV cache (serving/ranking.py), equal to ``encode`` on the whole layout.
+
+        e [M, D] raw token rows; kinds, positions (= layout index: position embedding and rab), time_gaps,
+        timestamps, t_next (the next layout row's time; the query time for the last history row): [M], or [1]
+        when shared (M-FALCON candidates; time_gaps may stay [M]); contextual_len [1]: prefix rows (visible to
+        every row). past_k [L, H, N, dqk], past_v [L, H, N, dv], past_pos / past_ts [N]. candidates=False:
+        causal continuation (+ prefix); True: each row sees the past and itself. -> (h [M, D], k, v [L, H, M, ·])."""
+        h = self.input_dropout(self.input_embeddings(e, kinds, positions, time_gaps))
+        visible = None
+        if not candidates:
+            rows = torch.arange(h.shape[0], device=h.device)
+            visible = (rows.view(-1, 1) >= rows.view(1, -1)) | (positions.view(1, -1) < contextual_len.view(1, 1))
+        return cached_layers(self.layers, h, positions, timestamps, t_next, past_k, past_v, past_pos, past_ts,
+                             candidates, visible)

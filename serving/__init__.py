@@ -3,7 +3,9 @@
 
 from hstu.serving.artifact import ArtifactError, ServingModel, load
 from hstu.serving.mfalcon import MFalcon, UserState
+from hstu.serving.ranking import RankingHistory, RankingMFalcon, RankScores
+from hstu.serving.ranking_artifact import RankingServingModel
 from hstu.serving.retrieval import ItemTable, TopK, topk_inner_product
 
 __all__ = ["ArtifactError", "ServingModel", "load", "MFalcon", "UserState", "ItemTable", "TopK",
-           "topk_inner_product"]
+           "topk_inner_product", "RankingHistory", "RankingMFalcon", "RankScores", "RankingServingModel"]

@@ -4,6 +4,8 @@
     model = hstu.serving.load("artifacts/ml-1m-hstu")
     top = model.retrieve(history_ids, history_timestamps, k=10)          # TopK(ids [k], scores [k])
     scores = model.rank(history_ids, history_timestamps, candidates)      # [m], M-FALCON
+    ranker = hstu.serving.load("artifacts/ranking", task="ranking")      # a ranking artifact:
+    out = ranker.rank(history, candidates)                                # RankScores(probabilities [m, K], ...)
 
 Needs torch (+ the standard library) only: it never imports hstu.trainer, hstu.modules, hstu.ops, triton or
 torchrec (tests/test_serving_artifact.py checks this in a subprocess that blocks those imports). Every problem
@@ -15,14 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from hstu.serving.mfalcon import DEFAULT_MICRO_BATCH, MFalcon, Tensorish, UserState
+from hstu.serving.mfalcon import DEFAULT_MICRO_BATCH, MFalcon, Tensorish, UserState, per_user_query_times
 from hstu.serving.retrieval import ItemTable, TopK, topk_inner_product
 
-FORMAT, FORMAT_VERSION = "hstu-serving", 1  # = serving/export.py (not imported: it needs the trainer)
+FORMAT, FORMAT_VERSION = "hstu-serving", 2  # = serving/export.py (not imported: it needs the trainer)
+READABLE_VERSIONS = (1, 2)  # 1: retrieval artifacts before manifest.task existed
 MANIFEST, CONFIG_JSON = "manifest.json", "config.json"
 MODEL_FIELDS = ("arch", "variant", "embedding_dim", "num_layers", "num_heads", "attention_dim", "linear_dim",
                 "l2_norm_output", "num_items", "max_seq_len")
@@ -62,7 +65,9 @@ def _sha256(path: str) -> str:
 
 
 class ServingModel:
-    """A loaded artifact: M-FALCON ranking, catalog retrieval, incremental user state. Single user per call."""
+    """A loaded retrieval artifact: M-FALCON ranking, catalog retrieval, incremental user state."""
+
+    task = "retrieval"
 
     def __init__(self, path: str, manifest: Dict[str, Any], config: Dict[str, Any], engine: MFalcon,
                  table: ItemTable, records: List[Dict[str, torch.Tensor]]) -> None:
@@ -97,6 +102,15 @@ class ServingModel:
         history and itself only; score = <its encoding, its item vector>. Equal to scoring each alone."""
         return self.rank_state(self.encode(history_ids, history_timestamps, query_time), candidates, micro_batch)
 
+    def rank_batch(self, histories: Sequence[Sequence[Tensorish]], candidates: Sequence[Tensorish], *,
+                   query_times: Optional[Sequence[Optional[int]]] = None,
+                   micro_batch: Optional[int] = None) -> List[torch.Tensor]:
+        """Several users in one call: histories[b] = (history_ids, history_timestamps) with candidates[b]
+        (jagged: any m_b) -> [scores [m_b]]; equal to per-user ``rank`` calls."""
+        qts = per_user_query_times(histories, candidates, query_times)
+        return [self.rank(h[0], h[1], c, query_time=qt, micro_batch=micro_batch)
+                for h, c, qt in zip(histories, candidates, qts)]
+
     @torch.inference_mode()
     def retrieve_state(self, state: UserState, k: int, *, exclude_history: bool = False,
                        chunk_size: Optional[int] = None) -> TopK:
@@ -129,13 +143,15 @@ class ServingModel:
         return worst
 
 
-def _check_config(manifest: Dict[str, Any], config: Dict[str, Any], path: str) -> None:
+def _check_config(manifest: Dict[str, Any], config: Dict[str, Any], path: str,
+                  fields: Sequence[str] = MODEL_FIELDS) -> None:
+    """manifest.json model.* present and equal to config.json model.* / data.max_seq_len."""
     mpath, cpath = os.path.join(path, MANIFEST), os.path.join(path, CONFIG_JSON)
     model = _field(manifest, "model", mpath)
-    for name in MODEL_FIELDS:
+    for name in fields:
         _field(manifest, f"model.{name}", mpath)
-    for name in MODEL_FIELDS:
-        if name in ("num_items", "max_seq_len"):
+    for name in fields:
+        if name in ("num_items", "max_seq_len", "max_tokens", "max_side_tokens"):
             continue
         cv = _field(config, f"model.{name}", cpath)
         if cv != model[name]:
@@ -170,10 +186,27 @@ def _load_table(path: str, manifest: Dict[str, Any]) -> ItemTable:
     return ItemTable(w, scale, l2_norm=bool(manifest["model"]["l2_norm_output"]), eps=L2_EPS)
 
 
-def load(path: str, *, verify: bool = True, verify_checksums: bool = True,
-         micro_batch: int = DEFAULT_MICRO_BATCH) -> ServingModel:
-    """Load an artifact directory -> ServingModel. verify: replay the recorded requests (a few ms);
-    verify_checksums: check every file's size and sha256 against manifest.json."""
+def load_programs(path: str, manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """{"extend", "score"}: the artifact's torch.export programs as callables."""
+    mpath, programs = os.path.join(path, MANIFEST), {}
+    for name in ("extend", "score"):
+        file = os.path.join(path, _field(manifest, f"programs.{name}.file", mpath))
+        if not os.path.isfile(file):
+            raise ArtifactError(f"{file}: missing file (programs.{name} in {mpath})")
+        programs[name] = torch.export.load(file).module()
+    return programs
+
+
+def load_records(path: str, manifest: Dict[str, Any]) -> List[Dict[str, torch.Tensor]]:
+    return torch.load(os.path.join(path, _field(manifest, "records.file", os.path.join(path, MANIFEST))),
+                      map_location="cpu", weights_only=True)
+
+
+def load(path: str, *, task: Optional[str] = None, verify: bool = True, verify_checksums: bool = True,
+         micro_batch: int = DEFAULT_MICRO_BATCH):
+    """Load an artifact directory -> ServingModel (retrieval) | RankingServingModel (ranking). task: the kind
+    expected (None = either); verify: replay the recorded requests (a few ms); verify_checksums: check every
+    file's size and sha256 against manifest.json."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ArtifactError(f"{path}: no such artifact directory")
@@ -182,9 +215,14 @@ def load(path: str, *, verify: bool = True, verify_checksums: bool = True,
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath}: field format = {manifest.get('format')!r}, expected {FORMAT!r}")
     version = _field(manifest, "format_version", mpath)
-    if version != FORMAT_VERSION:
-        raise ArtifactError(f"{mpath}: field format_version = {version!r}, this loader reads version "
-                            f"{FORMAT_VERSION} (re-export with this version of `hstu export`)")
+    if version not in READABLE_VERSIONS:
+        raise ArtifactError(f"{mpath}: field format_version = {version!r}, this loader reads versions "
+                            f"{list(READABLE_VERSIONS)} (re-export with this version of `hstu export`)")
+    kind = manifest.get("task", "retrieval") if version == 1 else _field(manifest, "task", mpath)
+    if kind not in ("retrieval", "ranking"):
+        raise ArtifactError(f"{mpath}: field task = {kind!r}, expected retrieval | ranking")
+    if task is not None and kind != task:
+        raise ArtifactError(f"{mpath}: field task = {kind!r}, but a {task!r} artifact was asked for")
     for name, info in _field(manifest, "files", mpath).items():
         file = os.path.join(path, name)
         if not os.path.isfile(file):
@@ -192,16 +230,14 @@ def load(path: str, *, verify: bool = True, verify_checksums: bool = True,
         if os.path.getsize(file) != info.get("bytes") or (verify_checksums and _sha256(file) != info.get("sha256")):
             raise ArtifactError(f"{file}: size or sha256 differs from {mpath} field files.{name} (corrupt copy?)")
     config = _read_json(os.path.join(path, CONFIG_JSON))
+    if kind == "ranking":
+        from hstu.serving.ranking_artifact import load_ranking  # lazy: it imports this module
+
+        return load_ranking(path, manifest, config, verify=verify, micro_batch=micro_batch)
     _check_config(manifest, config, path)
     table = _load_table(path, manifest)
-    programs = {}
-    for name in ("extend", "score"):
-        file = os.path.join(path, _field(manifest, f"programs.{name}.file", mpath))
-        if not os.path.isfile(file):
-            raise ArtifactError(f"{file}: missing file (programs.{name} in {mpath})")
-        programs[name] = torch.export.load(file).module()
-    records = torch.load(os.path.join(path, _field(manifest, "records.file", mpath)), map_location="cpu",
-                         weights_only=True)
+    programs = load_programs(path, manifest)
+    records = load_records(path, manifest)
     m = manifest["model"]
     engine = MFalcon(programs["extend"], programs["score"], table.lookup, table.vectors, variant=m["variant"],
                      max_seq_len=m["max_seq_len"], num_items=m["num_items"], num_layers=m["num_layers"],

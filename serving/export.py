@@ -1,4 +1,5 @@
-"""``hstu export``: a trained retrieval run -> a self-contained serving artifact (docs/serving.md).
+"""``hstu export``: a trained retrieval run -> a self-contained serving artifact (docs/serving.md); ranking runs:
+serving/export_ranking.py.
 
 Artifact directory (written into a hidden temp dir next to OUT, then renamed; format version FORMAT_VERSION)::
 
@@ -23,14 +24,14 @@ import json
 import os
 import shutil
 from types import SimpleNamespace
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
 from hstu.serving.mfalcon import DenseStep
 from hstu.serving.retrieval import EMBEDDING_DTYPES, ItemTable, brute_force_topk
 
-FORMAT, FORMAT_VERSION = "hstu-serving", 1
+FORMAT, FORMAT_VERSION = "hstu-serving", 2  # 2: manifest.task (retrieval | ranking); 1 = retrieval
 MANIFEST, CONFIG_YAML, CONFIG_JSON = "manifest.json", "config.yaml", "config.json"
 EXTEND_FILE, SCORE_FILE = "dense_extend.pt2", "dense_score.pt2"
 EMBEDDINGS_FILE, RECORDS_FILE = "embeddings.pt", "records.pt"
@@ -55,15 +56,23 @@ WRAPPER_PREFIXES = ("_dmp_wrapped_module.", "module.")  # DMP / DDP wrappers, if
 
 
 def _plain_name(name: str, coll: str) -> str:
+    """A (possibly sharded, wrapped) model's state_dict name -> the plain model's: the retrieval item collection
+    -> ITEM_KEY; a ranking collection table -> its ``tables.*`` name (trainer/parallel/ranking_embeddings.py)."""
     while name.startswith(WRAPPER_PREFIXES):
         name = name.split(".", 1)[1]
-    return ITEM_KEY if name == coll else name
+    if name == coll:
+        return ITEM_KEY
+    if ".collection.embeddings." in name:
+        from hstu.trainer.parallel.ranking_embeddings import plain_name
+
+        return plain_name(name)
+    return name
 
 
 def iter_full_tensors(source: str) -> Iterator[Tuple[str, torch.Tensor]]:
     """(name, full tensor) of every model parameter/buffer in ``source``, one at a time, names as the plain
-    ``RetrievalModel.state_dict()`` (a TorchRec-sharded table is renamed to item_embeddings.table.weight,
-    DMP/DDP wrapper prefixes are dropped).
+    model's ``state_dict()`` (a TorchRec-sharded retrieval table is renamed to item_embeddings.table.weight,
+    sharded ranking tables to their ``tables.*`` names, DMP/DDP wrapper prefixes are dropped).
 
     source: a ``torch.save`` state_dict file (best.pt), or a DCP checkpoint directory (trainer/checkpoint.py,
     keys ``model.*``; ShardedTensors are read back unsharded without a process group, any world size)."""
@@ -91,18 +100,21 @@ def iter_full_tensors(source: str) -> Iterator[Tuple[str, torch.Tensor]]:
 
 
 def resolve_checkpoint(run_dir: str, checkpoint: Optional[str] = None) -> str:
-    """checkpoint, else RUN_DIR/best.pt, else the latest complete DCP checkpoint under RUN_DIR/checkpoints."""
-    if checkpoint:
+    """checkpoint: None (RUN_DIR/best.pt, else the latest DCP checkpoint), "best" (RUN_DIR/best.pt), "latest"
+    (the checkpoint RUN_DIR/checkpoints/latest names: a DCP directory, sharded by any number of processes) or
+    a path (state_dict file or DCP directory)."""
+    if checkpoint not in (None, "", "best", "latest"):
         return checkpoint
     best = os.path.join(run_dir, "best.pt")
-    if os.path.exists(best):
+    if checkpoint != "latest" and os.path.exists(best):
         return best
     ckpts = os.path.join(run_dir, "checkpoints")
     latest = os.path.join(ckpts, "latest")
-    if os.path.exists(latest):
+    if checkpoint != "best" and os.path.exists(latest):
         with open(latest, encoding="utf-8") as f:
             return os.path.join(ckpts, f.read().strip())
-    raise FileNotFoundError(f"no checkpoint in {run_dir}: neither best.pt nor checkpoints/latest")
+    wanted = {"best": "best.pt", "latest": "checkpoints/latest"}.get(checkpoint or "", "best.pt nor checkpoints/latest")
+    raise FileNotFoundError(f"no checkpoint in {run_dir}: no {wanted}")
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -164,6 +176,57 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def check_out(out: str, overwrite: bool) -> str:
+    """Absolute --out; refuses an existing one unless overwrite (--force)."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists (pass --force to replace it)")
+    return out
+
+
+def manifest_head(task: str, model: Dict[str, Any], source: Optional[Dict[str, str]]) -> Dict[str, Any]:
+    """The fields every artifact's manifest starts with."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "task": task,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch_version": torch.__version__, "source": source or {}, "model": model}
+
+
+def write_artifact(out: str, manifest: Dict[str, Any], config: Dict[str, Any],
+                   files: Dict[str, Callable[[str], None]]) -> None:
+    """Write files (name -> writer(path)), config.json/yaml and manifest.json (files: bytes + sha256) into a
+    hidden temp dir next to ``out``, then rename it to ``out`` (an existing ``out`` is renamed away first and
+    deleted after): a reader never sees a partial artifact."""
+    import yaml
+
+    parent, base = os.path.split(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        for name, write in files.items():
+            write(os.path.join(tmp, name))
+        with open(os.path.join(tmp, CONFIG_JSON), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        with open(os.path.join(tmp, CONFIG_YAML), "w", encoding="utf-8") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        manifest["files"] = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
+                                    "sha256": _sha256(os.path.join(tmp, name))} for name in sorted(os.listdir(tmp))}
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+        old = None
+        if os.path.exists(out):
+            old = os.path.join(parent, f".{base}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _records(model, table: ItemTable, n_max: int, seed: int = 0):
     """A few deterministic synthetic requests and the reference outputs (of ``model``, whose item table must
     already hold the artifact's dequantised rows)."""
@@ -194,9 +257,7 @@ def export_model(model, config: Dict[str, Any], out: str, *, embedding_dtype: st
     mc = config["model"]
     if mc.get("arch") != "hstu" or not hasattr(model.encoder, "forward_cached"):
         raise ValueError(f"serving export supports model.arch hstu only, got {mc.get('arch')!r}")
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists (pass --force to replace it)")
+    out = check_out(out, overwrite)
     model = model.eval()
     table = ItemTable.quantize(model.item_embeddings.table.weight, embedding_dtype, l2_norm=model.l2_norm_output,
                                eps=L2_EPS)
@@ -208,53 +269,23 @@ def export_model(model, config: Dict[str, Any], out: str, *, embedding_dtype: st
     records = _records(ref, table, enc.max_seq_len)
     meta_model = {k: mc[k] for k in MODEL_FIELDS}
     meta_model.update(num_items=int(model.num_items), max_seq_len=int(enc.max_seq_len))
-    manifest: Dict[str, Any] = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__, "source": source or {}, "model": meta_model,
+    manifest = manifest_head("retrieval", meta_model, source)
+    manifest.update({
         "embedding": {"file": EMBEDDINGS_FILE, "dtype": embedding_dtype, "rows": table.num_rows, "dim": table.dim,
                       "quantization": "int8 symmetric rowwise, row = weight * scale" if embedding_dtype == "int8"
                       else "none"},
         "programs": {"extend": {"file": EXTEND_FILE, "inputs": STEP_INPUTS, "outputs": ["enc", "k", "v"]},
                      "score": {"file": SCORE_FILE, "inputs": STEP_INPUTS, "outputs": ["enc"]}},
         "records": {"file": RECORDS_FILE, "count": len(records)},
-    }
+    })
     if embedding_dtype != "fp32":  # what quantisation costs on the recorded requests, vs the fp32 model
         err = max(float((reference_rank_scores(model, r["history_ids"], r["history_timestamps"],
                                                int(r["query_time"]), r["candidates"]) - r["rank_scores"]).abs().max())
                   for r in records)
         manifest["quantization_max_abs_rank_error"] = err
-    parent, base = os.path.split(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        torch.export.save(extend, os.path.join(tmp, EXTEND_FILE))
-        torch.export.save(score, os.path.join(tmp, SCORE_FILE))
-        torch.save(table.state(), os.path.join(tmp, EMBEDDINGS_FILE))
-        torch.save(records, os.path.join(tmp, RECORDS_FILE))
-        with open(os.path.join(tmp, CONFIG_JSON), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-        import yaml
-
-        with open(os.path.join(tmp, CONFIG_YAML), "w", encoding="utf-8") as f:
-            yaml.safe_dump(config, f, sort_keys=False)
-        manifest["files"] = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
-                                    "sha256": _sha256(os.path.join(tmp, name))} for name in sorted(os.listdir(tmp))}
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-        old = None
-        if os.path.exists(out):
-            old = os.path.join(parent, f".{base}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    files = {EXTEND_FILE: lambda p: torch.export.save(extend, p), SCORE_FILE: lambda p: torch.export.save(score, p),
+             EMBEDDINGS_FILE: lambda p: torch.save(table.state(), p), RECORDS_FILE: lambda p: torch.save(records, p)}
+    write_artifact(out, manifest, config, files)
     return manifest
 
 
@@ -268,20 +299,27 @@ def export_run(run_dir: str, out: str, *, embedding_dtype: str = "fp32", checkpo
     if not os.path.exists(cfg_path):
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(cfg_path, overrides)
-    if getattr(cfg, "task", "retrieval") != "retrieval":
-        raise ConfigError(f"{cfg_path}: task {cfg.task!r}: hstu export supports retrieval runs only")
+    task = getattr(cfg, "task", "retrieval")
+    if task not in ("retrieval", "ranking"):
+        raise ConfigError(f"{cfg_path}: task {task!r}: hstu export supports retrieval | ranking runs")
     if cfg.model.arch != "hstu":
-        raise ConfigError(f"{cfg_path}: model.arch {cfg.model.arch!r}: hstu export supports hstu only")
+        raise ConfigError(f"{cfg_path}: model.arch {cfg.model.arch!r}: hstu export supports hstu only (sasrec and "
+                          "dlrm have no cached serving path)")
     cfg.ops.backend = "pytorch"  # the exported programs use plain torch ops; never needs Triton
     ckpt = resolve_checkpoint(run_dir, checkpoint)
     state = dict(iter_full_tensors(ckpt))
+    source = {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(ckpt), "config": cfg_path}
+    if task == "ranking":
+        from hstu.serving.export_ranking import export_ranking_state
+
+        return export_ranking_state(cfg, state, out, embedding_dtype=embedding_dtype, overwrite=overwrite,
+                                    source=source)
     if ITEM_KEY not in state:
         raise ConfigError(f"{ckpt}: no {ITEM_KEY} (not a RetrievalModel checkpoint?)")
     model = build_model(cfg, int(state[ITEM_KEY].shape[0]) - 1)
     model.load_state_dict(state)
     return export_model(model, to_dict(cfg), out, embedding_dtype=embedding_dtype, overwrite=overwrite,
-                        source={"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(ckpt),
-                                "config": cfg_path})
+                        source=source)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -291,8 +329,9 @@ def add_export_arguments(p) -> None:
     p.add_argument("--out", metavar="PATH", required=True, help="artifact directory to write (atomically)")
     p.add_argument("--embedding-dtype", choices=EMBEDDING_DTYPES, default="fp32",
                    help="item table storage: fp32 | bf16 | int8 (rowwise symmetric); default fp32")
-    p.add_argument("--checkpoint", metavar="PATH", help="state_dict file or DCP checkpoint directory (default "
-                   "RUN_DIR/best.pt, else RUN_DIR/checkpoints/latest)")
+    p.add_argument("--checkpoint", metavar="best|latest|PATH", help="best (RUN_DIR/best.pt), latest (the latest "
+                   "DCP checkpoint, sharded or not, read unsharded in this one process) or a state_dict file / DCP "
+                   "directory (default: best.pt, else the latest checkpoint)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact at --out")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied on top of the saved config")
 

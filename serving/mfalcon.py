@@ -83,6 +83,42 @@ def _ids(x: Tensorish, name: str) -> torch.Tensor:
     return t.to(torch.int64)
 
 
+def extend_cache(step: Callable, k: torch.Tensor, v: torch.Tensor, past_pos: torch.Tensor, past_ts: torch.Tensor,
+                 pos: torch.Tensor, ts: torch.Tensor, chunk: int):
+    """Prefill r new rows (pos, ts [r]) after a cache in chunks of ``chunk`` rows; shared by every engine.
+
+    step(s, e, k, v, past_pos, past_ts) -> (enc [e−s, ·], k_new [L, H, e−s, dqk], v_new) runs rows s..e−1
+    against the cache so far. Returns (enc of the last row, k, v, past_pos, past_ts) with the new rows cached."""
+    last = None
+    for s in range(0, int(pos.numel()), chunk):
+        e = min(int(pos.numel()), s + chunk)
+        enc, k_new, v_new = step(s, e, k, v, past_pos, past_ts)
+        if k.shape[2]:
+            k, v = torch.cat([k, k_new], 2), torch.cat([v, v_new], 2)
+            past_pos, past_ts = torch.cat([past_pos, pos[s:e]]), torch.cat([past_ts, ts[s:e]])
+        else:  # empty cache: nothing to concatenate
+            k, v, past_pos, past_ts = k_new, v_new, pos[s:e], ts[s:e]
+        last = enc[-1]
+    return last, k, v, past_pos, past_ts
+
+
+def in_micro_batches(m: int, micro_batch: int, fn: Callable[[int, int], torch.Tensor],
+                     empty: torch.Tensor) -> torch.Tensor:
+    """cat(fn(s, e) for consecutive [s, e) of at most micro_batch candidates) along dim 0; ``empty`` when m = 0."""
+    out = [fn(s, min(m, s + micro_batch)) for s in range(0, m, max(1, int(micro_batch)))]
+    return torch.cat(out) if out else empty
+
+
+def per_user_query_times(histories: Sequence, candidates: Sequence, query_times: Optional[Sequence]) -> list:
+    """Batched calls: query time per user (None each by default), after checking the lists agree in length."""
+    if len(histories) != len(candidates):
+        raise ValueError(f"{len(histories)} histories but {len(candidates)} candidate lists")
+    qts = list(query_times) if query_times is not None else [None] * len(histories)
+    if len(qts) != len(histories):
+        raise ValueError(f"{len(qts)} query_times for {len(histories)} histories")
+    return qts
+
+
 class MFalcon:
     """Encode a history once (KV cache), rank candidates in micro-batches, append events incrementally."""
 
@@ -129,25 +165,18 @@ class MFalcon:
 
     def _run(self, state: UserState, ids: torch.Tensor, ts: torch.Tensor, qt: int) -> UserState:
         """Append rows (ids, ts) after ``state`` whose rows are final; the last new row's t_next is qt."""
-        r = ids.numel()
-        if r == 0:
+        if ids.numel() == 0:
             return replace(state, query_time=qt)
         n0 = state.length
         t_next = torch.cat([ts[1:], torch.tensor([qt], dtype=torch.int64)])
-        k, v, last = state.k, state.v, state.last
-        past_pos = torch.arange(n0, dtype=torch.int64)
-        all_ts = state.timestamps
-        for s in range(0, r, self.prefill_chunk):
-            e = min(r, s + self.prefill_chunk)
-            pos = torch.arange(n0 + s, n0 + e, dtype=torch.int64)
-            enc, k_new, v_new = self.extend(self.embed(ids[s:e]), pos, ts[s:e], t_next[s:e],
-                                            torch.full((e - s,), qt, dtype=torch.int64), k, v, past_pos, all_ts)
-            if k.shape[2]:
-                k, v = torch.cat([k, k_new], 2), torch.cat([v, v_new], 2)
-                past_pos, all_ts = torch.cat([past_pos, pos]), torch.cat([all_ts, ts[s:e]])
-            else:  # empty cache: nothing to concatenate
-                k, v, past_pos, all_ts = k_new, v_new, pos, ts[s:e]
-            last = enc[-1]
+        pos = torch.arange(n0, n0 + ids.numel(), dtype=torch.int64)
+
+        def step(s: int, e: int, k, v, past_pos, past_ts):
+            return self.extend(self.embed(ids[s:e]), pos[s:e], ts[s:e], t_next[s:e],
+                               torch.full((e - s,), qt, dtype=torch.int64), k, v, past_pos, past_ts)
+
+        last, k, v, _, all_ts = extend_cache(step, state.k, state.v, torch.arange(n0, dtype=torch.int64),
+                                             state.timestamps, pos, ts, self.prefill_chunk)
         return UserState(torch.cat([state.item_ids, ids]), all_ts, qt, k, v, last)
 
     @torch.inference_mode()
@@ -202,8 +231,10 @@ class MFalcon:
         n, qt = state.length, torch.tensor([state.query_time], dtype=torch.int64)
         pos = torch.tensor([n], dtype=torch.int64)
         past_pos = torch.arange(n, dtype=torch.int64)
-        out = []
-        for chunk in cand.split(bm):
+
+        def score(s: int, e: int) -> torch.Tensor:
+            chunk = cand[s:e]
             enc = self.score(self.embed(chunk), pos, qt, qt, qt, state.k, state.v, past_pos, state.timestamps)
-            out.append((enc * self.item_vectors(chunk)).sum(-1))
-        return torch.cat(out) if out else torch.zeros(0)
+            return (enc * self.item_vectors(chunk)).sum(-1)
+
+        return in_micro_batches(cand.numel(), bm, score, torch.zeros(0))

@@ -187,3 +187,17 @@ def test_fused_standin_gradients_match_reference(activation_memory):
     w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad((out * w).sum(), [q, k, v, pw]),
                                torch.autograd.grad((ref * w).sum(), [q, k, v, pw]))
+
+
+# ------------------------------------------------------------------------------------------------ serving.py
+
+def test_serving_ranking_model_section_quick():
+    """benchmarks/serving.py ranking_model section on tiny sizes (no file written)."""
+    import argparse
+
+    serving = _load("serving")
+    out = serving.ranking_model(argparse.Namespace(ranking_events=12, sizes=[4, 16], repeats=1))
+    assert [r["m"] for r in out["rows"]] == [4, 16]
+    assert out["summary"]["max_abs_logit_error_vs_alone"] < 1e-4
+    for r in out["rows"]:
+        assert _positive(r["mfalcon_total_ms"]) and _positive(r["candidates_per_s"]), r

@@ -84,7 +84,8 @@ def test_cli_export_writes_complete_artifact(research, capsys):
     assert names == ["config.json", "config.yaml", "dense_extend.pt2", "dense_score.pt2", "embeddings.pt",
                      "manifest.json", "records.pt"]
     manifest = json.load(open(os.path.join(out, "manifest.json")))
-    assert manifest["format"] == "hstu-serving" and manifest["format_version"] == 1
+    assert manifest["format"] == "hstu-serving" and manifest["format_version"] == 2
+    assert manifest["task"] == "retrieval"
     assert manifest["model"]["num_items"] == NUM_ITEMS and manifest["model"]["max_seq_len"] == MAX_LEN
     assert manifest["model"]["variant"] == "research" and manifest["embedding"]["dtype"] == "fp32"
     assert not [n for n in os.listdir(os.path.dirname(out)) if n.startswith(".")]  # no temp dir left behind
@@ -134,6 +135,18 @@ def test_loaded_model_matches_training_model(which, research, production):
     state = sm.append(state, ids[6:12], ts[6:12])
     torch.testing.assert_close(sm.rank_state(state, cand), reference_rank_scores(ref, ids, ts, int(ts[-1]), cand),
                                **TOL)
+
+
+def test_rank_batch_equals_per_user_calls(research):
+    sm = hstu.serving.load(research[1])
+    reqs = [_request(s, n) for s, n in [(11, 3), (12, MAX_LEN + 2), (13, 1)]]
+    cands = [reqs[0][2], reqs[1][2][:3], torch.arange(1, NUM_ITEMS + 1)]  # jagged: 20, 3, all items
+    qts = [None, int(reqs[1][1][-1]) + 60, None]
+    out = sm.rank_batch([(ids, ts) for ids, ts, _ in reqs], cands, query_times=qts, micro_batch=7)
+    for (ids, ts, _), c, qt, got in zip(reqs, cands, qts, out):
+        assert torch.equal(got, sm.rank(ids, ts, c, query_time=qt, micro_batch=7))
+    with pytest.raises(ValueError, match="query_times"):
+        sm.rank_batch([(ids, ts) for ids, ts, _ in reqs], cands, query_times=[None])
 
 
 def _cfg_of(sm):
@@ -198,9 +211,13 @@ def test_errors_name_the_file_and_field(research, tmp_path):
         hstu.serving.load(art)
     shutil.rmtree(art)
     art = _copy(out, tmp_path)
-    _rewrite(art, "manifest.json", lambda m: m.update(format_version=2))
-    with pytest.raises(ArtifactError, match=r"manifest\.json: field format_version = 2"):
+    _rewrite(art, "manifest.json", lambda m: m.update(format_version=99))
+    with pytest.raises(ArtifactError, match=r"manifest\.json: field format_version = 99"):
         hstu.serving.load(art)
+    _rewrite(art, "manifest.json", lambda m: (m.update(format_version=1), m.pop("task")))
+    assert hstu.serving.load(art, task="retrieval").task == "retrieval"  # version 1 = retrieval, still readable
+    with pytest.raises(ArtifactError, match=r"field task = 'retrieval', but a 'ranking' artifact was asked for"):
+        hstu.serving.load(art, task="ranking")
     shutil.rmtree(art)
     art = _copy(out, tmp_path)
     _rewrite(art, "config.json", lambda c: c["model"].update(embedding_dim=32))

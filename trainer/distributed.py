@@ -5,9 +5,10 @@ process group, the run has that world; otherwise one process. ``sharding.enabled
 process group (a private world of 1 when started as a plain process), world sizes > 1 require it.
 Backend: gloo on CPU, nccl on CUDA; device ``cuda:LOCAL_RANK`` when ``train.device`` is cuda.
 
-``shard_model(model, cfg, env)`` swaps the plain item table for a TorchRec EmbeddingCollection and wraps the
-model in DistributedModelParallel: the table is sharded by the planner (``sharding.sharding_type``) and trained
-by the fused rowwise AdamW; every other parameter (the dense tower) is replicated and synchronised by DDP.
+``shard_model(model, cfg, env)`` swaps the plain item table (task=ranking: all the ranking tables) for a TorchRec
+EmbeddingCollection and wraps the model in DistributedModelParallel: the tables are sharded by the planner
+(``sharding.sharding_type``) and trained by the fused rowwise AdamW; every other parameter (the dense tower) is
+replicated and synchronised by DDP.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -56,6 +57,14 @@ class DistEnv:
         if self.distributed and self.world_size > 1:
             dist.all_reduce(t)
         return t
+
+    def gather_object(self, obj: Any) -> Optional[List[Any]]:
+        """Every rank's ``obj`` (by rank) on rank 0, None on the others; collective (all ranks must call it)."""
+        if not self.distributed or self.world_size == 1:
+            return [obj]
+        out: Optional[List[Any]] = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
@@ -108,14 +117,22 @@ def teardown(env: DistEnv) -> None:
 
 
 def shard_model(model: torch.nn.Module, cfg: RunConfig, env: DistEnv) -> Tuple[torch.nn.Module, Any]:
-    """RetrievalModel -> (DistributedModelParallel, fused rowwise-AdamW optimizer of the table).
+    """RetrievalModel | ranking model -> (DistributedModelParallel, fused rowwise-AdamW optimizer of the tables).
 
+    Retrieval: the item table becomes a CollectionItemEmbeddings; task=ranking: all of ``model.tables`` (item,
+    action, contextual, side) become ONE CollectionRankingTables (trainer/parallel/ranking_embeddings.py).
     Rowwise AdamW hyper-parameters left None in ``sharding.*`` come from ``optim.*``."""
-    from hstu.trainer.parallel.item_embeddings import CollectionItemEmbeddings
     from hstu.trainer.parallel.sharding import shard_embedding_collection
 
     logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)  # notices about dry-run planning
-    model.item_embeddings = CollectionItemEmbeddings(model.item_embeddings, cfg.sharding.weight_dtype)
+    if getattr(cfg, "task", "retrieval") == "ranking":
+        from hstu.trainer.parallel.ranking_embeddings import CollectionRankingTables
+
+        model.tables = CollectionRankingTables(model.tables, cfg.sharding.weight_dtype)
+    else:
+        from hstu.trainer.parallel.item_embeddings import CollectionItemEmbeddings
+
+        model.item_embeddings = CollectionItemEmbeddings(model.item_embeddings, cfg.sharding.weight_dtype)
     o = cfg.optim
     sharding = cfg.sharding.resolved(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     dmp = shard_embedding_collection(model, sharding, device=env.device)
@@ -123,7 +140,7 @@ def shard_model(model: torch.nn.Module, cfg: RunConfig, env: DistEnv) -> Tuple[t
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The RetrievalModel inside a DMP (its sharded modules stay sharded), else the model itself."""
+    """The model inside a DMP (its sharded modules stay sharded), else the model itself."""
     from torchrec.distributed.model_parallel import DistributedModelParallel
 
     return model.module if isinstance(model, DistributedModelParallel) else model

@@ -49,7 +49,11 @@ class PreparedBatch:
 
     @property
     def num_valid(self) -> int:
-        return int(self.valid.sum()) if self.valid is not None else 0
+        """Positions the loss averages over: valid next-item labels (retrieval, sharded path), predicted item
+        positions of a RankingBatch (ranking), else 0."""
+        if self.valid is not None:
+            return int(self.valid.sum())
+        return int(getattr(self.batch, "num_predictions", 0))
 
 
 def prepare_batch(batch: Any, ctx: Any) -> PreparedBatch:
@@ -60,8 +64,8 @@ def prepare_batch(batch: Any, ctx: Any) -> PreparedBatch:
                                         ctx.sl_generator)
     batch = batch.to(ctx.device)
     out = PreparedBatch(batch=batch, tokens=batch.num_events)  # JaggedBatch: items; RankingBatch: tokens
-    if not ctx.env.sharded:
-        return out  # plain path: the loss draws its negatives itself
+    if not ctx.env.sharded or getattr(ctx.task, "name", "retrieval") != "retrieval":
+        return out  # plain path: the loss draws its negatives itself; ranking: the model does its one lookup
     labels, valid = next_item_labels(batch.item_ids, batch.offsets)
     lc, n = cfg.loss, ctx.num_items
     negatives = sample_negatives(int(valid.sum()), lc.num_negatives, n, ctx.neg_generator, ctx.device)

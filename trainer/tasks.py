@@ -11,9 +11,12 @@ eval cadence, best epoch, logging, checkpoints) is shared::
     metrics = task.evaluate(model, ctx)                # {name: value}
     task.metric_names(); task.selection_value(metrics) # higher is better
     task.baseline(metrics_logger, env)                 # logged once per run ({} if none)
+    task.plain_state_dict(model)                       # sharded path: best.pt as the plain model's state_dict
 
 RetrievalTask delegates to the retrieval functions of trainer/train.py (looked up at call time, so their
-behaviour — and any patching of them — stays where it is). RankingTask: docs/ranking.md.
+behaviour — and any patching of them — stays where it is). RankingTask: docs/ranking.md; in N processes
+(``sharding.enabled``) each rank trains and evaluates its slice of every global batch, its tables are sharded
+(trainer/parallel/ranking_embeddings.py) and evaluation gathers all predictions on rank 0 (exact NE/AUC/GAUC).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -109,6 +112,12 @@ class RetrievalTask:
 
         return train_mod._popularity_baseline(self.cfg, self.data.source, self.data.eval_loader, metrics, env)
 
+    def plain_state_dict(self, model) -> Dict[str, torch.Tensor]:
+        """A sharded (DMP) RetrievalModel as the plain model's state_dict; collective."""
+        from hstu.trainer.parallel.item_embeddings import plain_state_dict
+
+        return plain_state_dict(model)
+
 
 # ------------------------------------------------------------------------------------------------ ranking
 
@@ -152,9 +161,10 @@ class RankingTask:
             raise ConfigError(f"key 'ranking.regression_weight' > 0 but {cfg.data.name} has no regression target")
         if rc.num_eval_targets < 1:
             raise ConfigError(f"key 'ranking.num_eval_targets' must be >= 1, got {rc.num_eval_targets}")
-        if getattr(getattr(cfg, "sharding", None), "enabled", False):
-            raise ConfigError("key 'sharding.enabled': task=ranking trains in one process for now (its tables are "
-                              "separate modules, ready to be sharded like the item table)")
+        sharding = getattr(cfg, "sharding", None)
+        if sharding is not None and sharding.enabled and sharding.pipeline != "none":
+            raise ConfigError(f"key 'sharding.pipeline' = {sharding.pipeline!r}: task=ranking supports 'none' (the "
+                              "prefetch pipeline overlaps the retrieval item lookup only)")
 
     def metric_names(self) -> List[str]:
         from hstu.trainer.ranking_metrics import metric_names
@@ -172,15 +182,16 @@ class RankingTask:
 
     # -- data / model
     def build_data(self, env=None) -> TaskData:
-        if env is not None and env.world_size > 1:
-            raise ConfigError("task=ranking runs in a single process (world size 1)")
+        """Data of this rank: every rank holds the whole dataset; its loaders read its slice of every global
+        batch (``data.batch_size`` / ``data.eval_batch_size`` users, split over ``env.world_size`` ranks)."""
         from hstu.trainer.data.ranking import build_ranking_loaders, chronological_split, load_ranking_data
 
         cfg, rc = self.cfg, self.cfg.ranking
-        self.data = data = load_ranking_data(cfg, progress=cfg.train.progress)
+        rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
+        self.data = data = load_ranking_data(cfg, progress=cfg.train.progress and rank == 0)
         self.split = chronological_split(data, cfg.data.max_seq_len, rc.num_eval_targets)
         train, evaluation = build_ranking_loaders(data, self.split, cfg.data.batch_size, cfg.data.eval_batch_size,
-                                                  cfg.data.seed, rc.max_side_tokens)
+                                                  cfg.data.seed, rc.max_side_tokens, rank, world)
         from hstu.modules.ranking import RankingSpec
 
         C = len(data.context_names)
@@ -226,38 +237,81 @@ class RankingTask:
         return loss
 
     @torch.no_grad()
-    def predict(self, model, device) -> Dict[str, np.ndarray]:
-        """Eval-set predictions: logits [N, K], labels [N, K], users [N] (+ regression, regression_target)."""
+    def predict_batches(self, model, device) -> List[Dict[str, np.ndarray]]:
+        """This rank's eval batches, in order: per batch logits [N, K], labels [N, K], users [N] (+ reg,
+        reg_t [N] with a regression head). On the sharded path every rank runs the same number of batches (one
+        collective table lookup each)."""
         was = model.training
         model.eval()
-        parts: Dict[str, list] = {"logits": [], "labels": [], "users": [], "reg": [], "reg_t": []}
+        out: List[Dict[str, np.ndarray]] = []
         try:
             for batch in self.eval_loader:
                 batch = batch.to(device)
                 logits, reg = model(batch)
-                parts["logits"].append(logits.float().cpu())
-                parts["labels"].append(batch.labels.cpu())
-                parts["users"].append(batch.user_ids[batch.pred_seq].cpu())
+                part = {"logits": logits.float().cpu().numpy(), "labels": batch.labels.cpu().numpy(),
+                        "users": batch.user_ids[batch.pred_seq].cpu().numpy()}
                 if reg is not None and batch.regression is not None:
-                    parts["reg"].append(reg.float().cpu())
-                    parts["reg_t"].append(batch.regression.cpu())
+                    part["reg"], part["reg_t"] = reg.float().cpu().numpy(), batch.regression.cpu().numpy()
+                out.append(part)
         finally:
             model.train(was)
-        return {k: torch.cat(v).numpy() for k, v in parts.items() if v}
+        return out
+
+    def predict(self, model, device, env=None) -> Optional[Dict[str, np.ndarray]]:
+        """Eval-set predictions of all ranks in the 1-process order (global batch by global batch, rank slices
+        in rank order): logits [N, K], labels [N, K], users [N] (+ reg, reg_t). Collective with ``env`` of
+        world size > 1: the result is on rank 0, None on the other ranks."""
+        if env is not None and env.sharded:
+            from hstu.trainer import distributed as hd
+
+            model = hd.unwrap(model)  # its sharded tables stay sharded (collective lookups)
+        mine = self.predict_batches(model, device)
+        gathered = env.gather_object(mine) if env is not None and env.world_size > 1 else [mine]
+        if gathered is None:
+            return None
+        if len({len(g) for g in gathered}) != 1:
+            raise RuntimeError(f"ranks evaluated different numbers of batches: {[len(g) for g in gathered]}")
+        ordered = [part for batch_parts in zip(*gathered) for part in batch_parts]
+        keys = ordered[0].keys() if ordered else ()
+        return {k: np.concatenate([p[k] for p in ordered]) for k in keys}
 
     def evaluate(self, model, ctx) -> Dict[str, float]:
-        """NE / AUC / GAUC per task on the eval candidates (``ctx``: the TrainContext, or a device)."""
+        """NE / AUC / GAUC per task over ALL eval candidates (``ctx``: the TrainContext, or a device). With N
+        ranks the predictions are gathered on rank 0, which computes the metrics and broadcasts them."""
         from hstu.trainer.ranking_metrics import ranking_metrics
 
-        p = self.predict(model, getattr(ctx, "device", ctx))
-        return ranking_metrics(p["logits"], p["labels"], p["users"], self.spec.task_names, p.get("reg"),
-                               p.get("reg_t"), self.regression_name())
+        env = getattr(ctx, "env", None)
+        p = self.predict(model, getattr(ctx, "device", ctx), env)
+        metrics = None
+        if p is not None:
+            metrics = ranking_metrics(p["logits"], p["labels"], p["users"], self.spec.task_names, p.get("reg"),
+                                      p.get("reg_t"), self.regression_name())
+        if env is not None and env.world_size > 1:
+            metrics = env.broadcast_object(metrics)
+        return metrics
+
+    def plain_state_dict(self, model) -> Dict[str, torch.Tensor]:
+        """A sharded (DMP) ranking model as the plain model's state_dict (best.pt); collective."""
+        from hstu.trainer.parallel.ranking_embeddings import plain_state_dict
+
+        return plain_state_dict(model)
 
     def baseline(self, metrics, env=None) -> Dict[str, float]:
         """Item-rate baseline (eval.popularity_baseline): each item's smoothed positive rate per task in the
-        training windows, as the prediction for every eval impression of that item."""
+        training windows, as the prediction for every eval impression of that item. Computed on rank 0 from the
+        whole dataset and broadcast (collective with N ranks)."""
         if not self.cfg.eval.popularity_baseline:
             return {}
+        if env is not None and env.world_size > 1:
+            out = env.broadcast_object(self._item_rate() if env.is_main else None)
+        else:
+            out = self._item_rate()
+        metrics.log("baseline", 0, epoch=0, name="item_rate", **out)
+        log.info("item-rate baseline: %s", ", ".join(f"{k} {out[k]:.4f}" for k in out if k.startswith(("ne_",
+                                                                                                         "auc_"))))
+        return out
+
+    def _item_rate(self) -> Dict[str, float]:
         from hstu.trainer.data.sequences import gather_ranges
         from hstu.trainer.ranking_metrics import ranking_metrics
 
@@ -272,8 +326,4 @@ class RankingTask:
         cnt = np.bincount(d.item_ids[tr], minlength=d.num_items + 1)[:, None]
         rate = np.clip((pos + alpha * prior) / (cnt + alpha), 1e-6, 1 - 1e-6)[d.item_ids[ev]]
         users = np.repeat(d.user_ids[s.rows], s.num_candidates)
-        out = ranking_metrics(np.log(rate / (1 - rate)), d.labels[ev], users, d.task_names)
-        metrics.log("baseline", 0, epoch=0, name="item_rate", **out)
-        log.info("item-rate baseline: %s", ", ".join(f"{k} {out[k]:.4f}" for k in out if k.startswith(("ne_",
-                                                                                                         "auc_"))))
-        return out
+        return ranking_metrics(np.log(rate / (1 - rate)), d.labels[ev], users, d.task_names)

@@ -8,12 +8,13 @@ saved to run_dir/best.pt; everything is logged to metrics.jsonl / TensorBoard / 
 results.json. Epochs are 1-based. A NaN/inf loss raises :class:`NonFiniteLossError` before any parameter
 update (best.pt stays untouched).
 
-The same loop runs in 1 or N processes (docs/distributed.md): with ``sharding.enabled`` the item table is a
-TorchRec EmbeddingCollection sharded by DMP (fused rowwise AdamW) and the dense tower is DDP; each rank trains
-on its slice of every global batch, the loss is the global batch's (``distributed.reduce_step``), evaluation is
-split over ranks. ``checkpoint.every_steps`` writes resumable DCP checkpoints (trainer/checkpoint.py) and
-``train.resume`` continues from the latest one; ``sharding.pipeline=prefetch`` overlaps the next batch's input
-all-to-all with the current step (trainer/pipeline.py).
+The same loop runs in 1 or N processes (docs/distributed.md): with ``sharding.enabled`` the item table (ranking:
+all its tables) is a TorchRec EmbeddingCollection sharded by DMP (fused rowwise AdamW) and the dense tower is
+DDP; each rank trains on its slice of every global batch, the loss is the global batch's
+(``distributed.reduce_step``), evaluation is split over ranks. ``checkpoint.every_steps`` writes resumable DCP
+checkpoints (trainer/checkpoint.py) and ``train.resume`` continues from the latest one;
+``sharding.pipeline=prefetch`` overlaps the next batch's input all-to-all with the current step
+(trainer/pipeline.py).
 """
 
 from __future__ import annotations
@@ -306,10 +307,8 @@ def run_evaluation(state: TrainState, ctx: TrainContext) -> Dict[str, float]:
     if is_best:
         state.best_value, state.best_epoch, state.best_metrics = value, state.epoch, dict(metrics)
         best = os.path.join(cfg.run_dir, rd.CHECKPOINT_FILE)
-        if env.sharded:  # best.pt holds the plain RetrievalModel's state_dict (gathered table): `hstu eval`
-            from hstu.trainer.parallel.item_embeddings import plain_state_dict
-
-            tensors = plain_state_dict(state.model)  # collective
+        if env.sharded:  # best.pt holds the plain model's state_dict (gathered tables): `hstu eval`
+            tensors = ctx.task.plain_state_dict(state.model)  # collective
             if env.is_main:
                 rd.save_tensors(tensors, best)
         else:
@@ -412,7 +411,7 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
     optimizer, scheduler = build_optimizer(model, cfg.optim)
     log.info("run_dir %s: %d users, %d items, %d parameters (this process), world size %d%s", cfg.run_dir,
              data.num_users, data.num_items, sum(p.numel() for p in model.parameters()), env.world_size,
-             f", item table {cfg.sharding.sharding_type}" if env.sharded else "")
+             f", tables {cfg.sharding.sharding_type}" if env.sharded else "")
     ctx = TrainContext(cfg, device, data.num_items, data.train_loader, data.eval_loader, None,
                        _generator(device, hd.rank_seed(cfg.train.seed + 1, env)),
                        torch.Generator().manual_seed(hd.rank_seed(cfg.train.seed + 2, env)), env, task=task)

@@ -137,13 +137,16 @@ def chronological_split(data: RankingData, max_seq_len: int, num_eval_targets: i
 
 
 def build_ranking_loaders(data: RankingData, split: RankingSplit, batch_size: int, eval_batch_size: int,
-                          seed: int, max_side_tokens: int) -> Tuple[RankingLoader, RankingLoader]:
+                          seed: int, max_side_tokens: int, rank: int = 0, world_size: int = 1
+                          ) -> Tuple[RankingLoader, RankingLoader]:
     """(train loader: history windows, shuffled per (seed, epoch), loss at every item; eval loader: the same
-    windows + candidates, in user order)."""
+    windows + candidates, in user order). Both read this rank's slice of every global batch (RankingLoader)."""
     train = RankingLoader(data, split.rows, split.hist_start, split.hist_end, np.zeros_like(split.rows),
-                          batch_size, predict="history", shuffle=True, seed=seed, max_side_tokens=max_side_tokens)
+                          batch_size, predict="history", shuffle=True, seed=seed, max_side_tokens=max_side_tokens,
+                          rank=rank, world_size=world_size)
     evaluation = RankingLoader(data, split.rows, split.hist_start, split.hist_end, split.num_candidates,
-                               eval_batch_size, predict="candidates", shuffle=False, max_side_tokens=max_side_tokens)
+                               eval_batch_size, predict="candidates", shuffle=False, max_side_tokens=max_side_tokens,
+                               rank=rank, world_size=world_size)
     return train, evaluation
 
 

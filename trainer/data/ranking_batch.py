@@ -180,12 +180,22 @@ class RankingLoader:
 
     rows [U'] (row indices into data), starts/ends [U'] (history windows), num_candidates [U'] (eval),
     predict "history" | "candidates". shuffle: users permuted by np.random.default_rng(seed + epoch); then the
-    loader is resumable: ``state_dict()`` = (epoch, batches consumed), as SequenceLoader."""
+    loader is resumable: ``state_dict()`` = (epoch, batches consumed), as SequenceLoader.
+    rank / world_size: as SequenceLoader, batches are GLOBAL batches of ``batch_size`` users (the same plan for
+    every world size); rank r reads the r-th of ``world_size`` contiguous slices of each, so every rank has the
+    same number of batches (with world_size > 1 a last global batch smaller than world_size is merged into the
+    one before: no rank gets an empty batch). The position counts global batches (world-size independent)."""
 
     def __init__(self, data, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, num_candidates: np.ndarray,
-                 batch_size: int, *, predict: str, shuffle: bool, seed: int = 0, max_side_tokens: int = 32) -> None:
+                 batch_size: int, *, predict: str, shuffle: bool, seed: int = 0, max_side_tokens: int = 32,
+                 rank: int = 0, world_size: int = 1) -> None:
         if batch_size <= 0:
             raise DataError(f"batch_size must be > 0, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+        if world_size > 1 and len(rows) < world_size:
+            raise DataError(f"{len(rows)} users cannot be split over {world_size} processes (each needs >= 1)")
+        self.rank, self.world_size = int(rank), int(world_size)
         self.data, self.batch_size, self.predict, self.shuffle, self.seed = data, int(batch_size), predict, shuffle, seed
         self.rows, self.starts, self.ends = (np.asarray(a, dtype=np.int64) for a in (rows, starts, ends))
         self.num_candidates = np.asarray(num_candidates, dtype=np.int64)
@@ -193,18 +203,26 @@ class RankingLoader:
         self.epoch, self.batches_consumed = 0, 0
 
     def __len__(self) -> int:
-        return -(-self.rows.size // self.batch_size)
+        """Batches per epoch (the same on every rank)."""
+        n = -(-self.rows.size // self.batch_size)
+        tail = self.rows.size - (n - 1) * self.batch_size
+        return n - 1 if self.world_size > 1 and n > 1 and tail < self.world_size else n
 
     @property
     def num_sequences(self) -> int:
         return int(self.rows.size)
 
     def plan(self, epoch: int) -> List[np.ndarray]:
-        """Index arrays (into self.rows) of every batch of ``epoch``."""
+        """Index arrays (into self.rows) of this rank's slice of every global batch of ``epoch``."""
         idx = np.arange(self.rows.size)
         if self.shuffle:
             idx = np.random.default_rng(self.seed + epoch).permutation(self.rows.size)
-        return [idx[i:i + self.batch_size] for i in range(0, idx.size, self.batch_size)]
+        batches = [idx[i:i + self.batch_size] for i in range(0, idx.size, self.batch_size)]
+        if self.world_size == 1:
+            return batches
+        if len(batches) > 1 and batches[-1].size < self.world_size:
+            batches[-2:] = [np.concatenate(batches[-2:])]
+        return [np.array_split(b, self.world_size)[self.rank] for b in batches]
 
     def batch(self, sel: np.ndarray) -> RankingBatch:
         return build_ranking_batch(self.data, self.rows[sel], self.starts[sel], self.ends[sel],
@@ -222,7 +240,7 @@ class RankingLoader:
     def state_dict(self) -> Dict[str, int]:
         self._normalize()
         return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "seed": self.seed,
-                "batch_size": self.batch_size, "num_sequences": self.num_sequences}
+                "batch_size": self.batch_size, "num_sequences": self.num_sequences, "world_size": self.world_size}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         for key in ("seed", "batch_size", "num_sequences"):

@@ -1,0 +1,375 @@
+"""M-FALCON for the generative RANKING model (modules/ranking.py, docs/serving.md "Ranking model").
+
+Torch-only on purpose (the standalone loader runs it on the exported programs; :meth:`RankingMFalcon.from_model`
+on a trained ``HSTURankingModel``). One user = one token layout, built here exactly as the trainer's
+``build_ranking_batch`` builds an eval example (tests/test_serving_ranking.py compares the two)::
+
+    [ctx_1 .. ctx_C] [side tokens and x_0 a_0 … x_{n-1} a_{n-1}, merged by time] [candidate]
+
+- history = the last ``max_seq_len`` events; side snapshots are run-compressed per series, merged before the
+  first event with time >= theirs (ties: side first), windowed like ``window_side_tokens`` (tokens inside the
+  window + per series the latest one before it, at most ``max_side_tokens``, the newest kept);
+- the history (prefix + events) is encoded ONCE, every layer's K/V cached (the prefix rows see the whole prefix,
+  the other rows are causal + prefix), the last history row's rab uses t_next = the query time qt;
+- every candidate is scored as if it were the only target: layout index = position = ``slot`` (the history's
+  token count), timestamp qt, time gap = its timestamp − the last history event's (production time embedding;
+  default timestamp qt), t_next qt; it sees the history and itself only. This is exactly the training model on
+  history + [c] with ``num_targets = 1``; with all candidates as targets in one sequence (the eval batch) it is
+  exact for the production variant, and for the research variant exact except that the op shifts the relative
+  POSITION bias of candidate c by c (its layout index is slot + c there; time bias exact when every candidate has
+  time qt).
+- outputs: per-task probabilities sigmoid(logits) [m, K] (+ the regression output [m] when the model has one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from hstu.serving.mfalcon import DEFAULT_MICRO_BATCH, DEFAULT_PREFILL_CHUNK, Tensorish, _ids, extend_cache, \
+    in_micro_batches, per_user_query_times
+from hstu.serving.retrieval import ItemTable
+
+KIND_CONTEXT, KIND_ITEM, KIND_ACTION, KIND_SIDE = 0, 1, 2, 3  # = hstu.modules.ranking.KIND_*
+STEP_INPUTS = ["e", "kinds", "pos", "gaps", "ts", "t_next", "contextual_len", "past_k", "past_v", "past_pos",
+               "past_ts"]
+
+
+@dataclass
+class RankingHistory:
+    """One user's request. item_ids / actions / timestamps [n]: the events (time order; action ids
+    1..num_actions); context [C]: contextual ids in the model's feature order (0 = unknown); side: series index
+    (or name) -> (values [s] >= 1, timestamps [s]) snapshots in time order (compressed here as in training)."""
+
+    item_ids: Tensorish
+    actions: Tensorish
+    timestamps: Tensorish
+    context: Tensorish = ()
+    side: Mapping[Union[int, str], Tuple[Tensorish, Tensorish]] = field(default_factory=dict)
+
+
+class RankScores(NamedTuple):
+    probabilities: torch.Tensor  # [m, K] sigmoid of the task logits
+    logits: torch.Tensor  # [m, K]
+    regression: Optional[torch.Tensor]  # [m] or None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Token columns of one user's history layout ([T] int64 each) + what candidates need."""
+
+    ids: torch.Tensor
+    kinds: torch.Tensor
+    features: torch.Tensor
+    paired: torch.Tensor
+    timestamps: torch.Tensor
+    positions: torch.Tensor
+    gaps: torch.Tensor
+    contextual_len: int
+    last_event_time: int  # the last history event's time (0 without events): candidate gaps start there
+
+
+@dataclass(frozen=True)
+class RankingState:
+    """Encoded history of one user: the layout, every layer's K [L, H, T, dqk] / V [L, H, T, dv], query time."""
+
+    layout: Layout
+    query_time: int
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.layout.ids.numel())
+
+
+def as_history(h: Any) -> RankingHistory:
+    """RankingHistory from itself, a dict of its fields, or a tuple (item_ids, actions, timestamps[, context,
+    side])."""
+    if isinstance(h, RankingHistory):
+        return h
+    if isinstance(h, Mapping):
+        return RankingHistory(**h)
+    return RankingHistory(*h)
+
+
+def side_columns(h: RankingHistory) -> Dict[str, torch.Tensor]:
+    """side_features / side_values / side_timestamps [S] of a history (the recorded-request format)."""
+    parts = [(torch.full_like(_ids(v, "side values"), int(f)), _ids(v, "side values"), _ids(t, "side timestamps"))
+             for f, (v, t) in h.side.items()]
+    z = torch.zeros(0, dtype=torch.int64)
+    return {name: torch.cat([p[i] for p in parts]) if parts else z
+            for i, name in enumerate(("side_features", "side_values", "side_timestamps"))}
+
+
+def history_from_record(r: Mapping[str, torch.Tensor]) -> RankingHistory:
+    """RankingHistory of a recorded request (records.pt; side series by index)."""
+    side = {}
+    for f in r["side_features"].unique().tolist():
+        sel = r["side_features"] == f
+        side[int(f)] = (r["side_values"][sel], r["side_timestamps"][sel])
+    return RankingHistory(r["item_ids"], r["actions"], r["timestamps"], r["context"], side)
+
+
+def build_layout(h: RankingHistory, *, max_seq_len: int, max_side_tokens: int, side_names: Sequence[str] = ()
+                 ) -> Layout:
+    """Token layout of one user's window (the last max_seq_len events), as the trainer's eval batch."""
+    ids, acts, ts = _ids(h.item_ids, "item_ids"), _ids(h.actions, "actions"), _ids(h.timestamps, "timestamps")
+    if not ids.shape == acts.shape == ts.shape:
+        raise ValueError(f"item_ids, actions and timestamps differ in length: {ids.numel()}, {acts.numel()}, "
+                         f"{ts.numel()}")
+    if ts.numel() > 1 and bool((ts[1:] < ts[:-1]).any()):
+        raise ValueError("timestamps must be non-decreasing (events in time order)")
+    ctx = _ids(h.context, "context")
+    C, n_all = int(ctx.numel()), int(ids.numel())
+    s = max(0, n_all - int(max_seq_len))
+    n = n_all - s
+    feat, val, sts = _side_tokens(h.side, side_names)
+    S = int(feat.numel())
+    # insert_at: events strictly earlier than the token (ties: side first), over the whole given history
+    ins = torch.searchsorted(ts, sts, right=False)
+    keep = _window(feat, ins, s, n_all, max_side_tokens)
+    feat, val, sts, ins = feat[keep], val[keep], sts[keep], ins[keep]
+    rel = torch.where(ins <= s, torch.zeros_like(ins), ins - s)
+    order = torch.argsort(rel * (S + 1) + keep, stable=True)  # carried ones first, then time order
+    feat, val, sts, rel = feat[order], val[order], sts[order], rel[order]
+    m = int(val.numel())
+    T = C + 2 * n + m
+    cols = {name: torch.zeros(T, dtype=torch.int64) for name in ("ids", "kinds", "feats", "paired", "ts", "gaps")}
+    ev_ids, ev_acts, ev_ts = ids[s:], acts[s:], ts[s:]
+    k = torch.arange(n, dtype=torch.int64)
+    before = torch.searchsorted(rel, k, right=True)  # side tokens with rel <= k precede event k
+    item_p = C + 2 * k + before
+    prev = torch.cat([ev_ts[:1], ev_ts[:-1]])
+    _put(cols, item_p, ids=ev_ids, kinds=KIND_ITEM, ts=ev_ts, gaps=ev_ts - prev)
+    _put(cols, item_p + 1, ids=ev_acts, kinds=KIND_ACTION, paired=ev_ids, ts=ev_ts)
+    if m:
+        sp = C + 2 * rel + torch.arange(m, dtype=torch.int64)
+        prev_main = torch.where(rel > 0, ev_ts[(rel - 1).clamp(min=0, max=max(n - 1, 0))] if n else sts, sts)
+        _put(cols, sp, ids=val, kinds=KIND_SIDE, feats=feat, ts=sts, gaps=(sts - prev_main).clamp(min=0))
+    if C:
+        cidx = torch.arange(C, dtype=torch.int64)
+        _put(cols, cidx, ids=ctx, kinds=KIND_CONTEXT, feats=cidx, ts=int(ev_ts[0]) if n else 0)
+    return Layout(cols["ids"], cols["kinds"], cols["feats"], cols["paired"], cols["ts"],
+                  torch.arange(T, dtype=torch.int64), cols["gaps"].clamp(min=0), C, int(ev_ts[-1]) if n else 0)
+
+
+def _put(cols: Dict[str, torch.Tensor], rows: torch.Tensor, **vals) -> None:
+    for name, v in vals.items():
+        cols[name][rows] = v if isinstance(v, torch.Tensor) else torch.full_like(rows, int(v))
+
+
+def _side_tokens(side: Mapping, names: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run-compressed side tokens (feature, value, timestamp) of all series, sorted by (timestamp, feature).
+    side: series name or index -> (values, timestamps); names: the model's series (index = feature)."""
+    parts = []
+    for key, (values, times) in side.items():
+        f = names.index(key) if isinstance(key, str) and key in names else key
+        if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < len(names):
+            raise ValueError(f"side series {key!r}: unknown (this model has {list(names) or 'none'})")
+        v, t = _ids(values, f"side[{key!r}] values"), _ids(times, f"side[{key!r}] timestamps")
+        if v.shape != t.shape:
+            raise ValueError(f"side[{key!r}]: values and timestamps differ in length")
+        first = torch.ones_like(v, dtype=torch.bool)
+        first[1:] = v[1:] != v[:-1]  # only the earliest entry of each run of equal consecutive values
+        parts.append((torch.full_like(v[first], f), v[first], t[first]))
+    if not parts:
+        z = torch.zeros(0, dtype=torch.int64)
+        return z, z, z
+    feat, val, ts = (torch.cat([p[i] for p in parts]) for i in range(3))
+    order = torch.argsort(ts * (len(names) + 1) + feat, stable=True)
+    return feat[order], val[order], ts[order]
+
+
+def _window(feat: torch.Tensor, ins: torch.Tensor, s: int, e: int, max_tokens: int) -> torch.Tensor:
+    """Indices of the kept side tokens (window_side_tokens of ONE user, window [s, e)), in token order."""
+    inside = (ins > s) & (ins < e)
+    carried = torch.zeros_like(inside)
+    for f in feat.unique().tolist():
+        before = ((feat == f) & (ins <= s)).nonzero().flatten()
+        if before.numel():
+            carried[before[-1]] = True  # tokens are in time order: the latest in force at the window start
+    keep = (inside | carried).nonzero().flatten()
+    return keep[max(0, keep.numel() - max_tokens):] if max_tokens >= 0 else keep
+
+
+class TokenTables:
+    """Raw token rows of the ranking model's tables (each an ItemTable: fp32 | bf16 | int8 rowwise), looked up by
+    kind as ``RankingTables.token_embeddings``: item, action (+ its item's row when action_with_item), contextual
+    and side (one table per feature)."""
+
+    def __init__(self, items: ItemTable, actions: ItemTable, contextual: Sequence[ItemTable],
+                 side: Sequence[ItemTable], action_with_item: bool) -> None:
+        self.items, self.actions, self.action_with_item = items, actions, bool(action_with_item)
+        self.contextual, self.side = list(contextual), list(side)
+        self.dim = items.dim
+
+    def named(self) -> Dict[str, ItemTable]:
+        out = {"items": self.items, "actions": self.actions}
+        out.update({f"contextual.{i}": t for i, t in enumerate(self.contextual)})
+        out.update({f"side.{i}": t for i, t in enumerate(self.side)})
+        return out
+
+    def lookup(self, ids: torch.Tensor, kinds: torch.Tensor, features: torch.Tensor,
+               paired: torch.Tensor) -> torch.Tensor:
+        """Token columns [T] -> fp32 [T, D] raw rows."""
+        out = torch.zeros(ids.numel(), self.dim)
+        for kind in (KIND_ITEM, KIND_ACTION, KIND_CONTEXT, KIND_SIDE):
+            sel = (kinds == kind).nonzero().flatten()
+            if not sel.numel():
+                continue
+            if kind == KIND_ITEM:
+                e = self.items.lookup(ids[sel])
+            elif kind == KIND_ACTION:
+                e = self.actions.lookup(ids[sel])
+                if self.action_with_item:
+                    e = e + self.items.lookup(paired[sel])
+            else:
+                tables, e = (self.contextual if kind == KIND_CONTEXT else self.side), torch.zeros(sel.numel(),
+                                                                                                 self.dim)
+                for f, table in enumerate(tables):
+                    fs = (features[sel] == f).nonzero().flatten()
+                    if fs.numel():
+                        e[fs] = table.lookup(ids[sel][fs])
+            out[sel] = e
+        return out
+
+
+class RankingStep(nn.Module):
+    """``HSTURankingModel.forward_cached`` (+ the task heads on candidate rows): the exported unit.
+
+    candidates=False -> (h [M, D], k, v); True -> y [M, K (+1 regression)] head outputs (logits [, regression])."""
+
+    def __init__(self, model: nn.Module, candidates: bool) -> None:
+        super().__init__()
+        self.model, self.candidates = model, bool(candidates)
+
+    def forward(self, e, kinds, pos, gaps, ts, t_next, contextual_len, past_k, past_v, past_pos, past_ts):
+        h, k, v = self.model.forward_cached(e, kinds, pos, gaps, ts, t_next, contextual_len, past_k, past_v,
+                                            past_pos, past_ts, candidates=self.candidates)
+        if not self.candidates:
+            return h, k, v
+        logits, reg = self.model.head(h)
+        return logits if reg is None else torch.cat([logits, reg.unsqueeze(1)], 1)
+
+
+def _check_range(x: torch.Tensor, lo: int, hi: int, name: str) -> None:
+    if x.numel() and (int(x.min()) < lo or int(x.max()) > hi):
+        raise ValueError(f"{name}: ids must lie in {lo}..{hi}, got {int(x.min())}..{int(x.max())}")
+
+
+class RankingMFalcon:
+    """Encode a user's ranking layout once (KV cache), score candidates in micro-batches -> RankScores."""
+
+    def __init__(self, extend: Callable, score: Callable, tables: TokenTables, *, variant: str, max_seq_len: int,
+                 max_side_tokens: int, num_layers: int, num_heads: int, attention_dim: int, linear_dim: int,
+                 task_names: Sequence[str], regression: bool, side_names: Sequence[str] = (),
+                 micro_batch: int = DEFAULT_MICRO_BATCH, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+        if variant not in ("research", "production"):
+            raise ValueError(f"variant must be research | production, got {variant!r}")
+        self.extend, self.score, self.tables = extend, score, tables
+        self.variant, self.max_seq_len, self.max_side_tokens = variant, int(max_seq_len), int(max_side_tokens)
+        self.shape = (int(num_layers), int(num_heads), int(attention_dim), int(linear_dim))
+        self.task_names, self.regression = tuple(task_names), bool(regression)
+        self.side_names = tuple(side_names) or tuple(f"side{i}" for i in range(len(tables.side)))
+        self.micro_batch, self.prefill_chunk = int(micro_batch), int(prefill_chunk)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, *, max_seq_len: int, max_side_tokens: int,
+                   side_names: Sequence[str] = (), **kw) -> "RankingMFalcon":
+        """In-process engine on a trained HSTURankingModel (eval mode is the caller's business)."""
+        if not hasattr(model, "forward_cached"):
+            raise ValueError(f"ranking M-FALCON needs an HSTURankingModel, got {type(model).__name__} "
+                             "(model.arch dlrm has no sequence to cache)")
+        t = model.tables
+        wrap = lambda emb: ItemTable(emb.weight.detach(), l2_norm=False)  # noqa: E731  (no copy)
+        tables = TokenTables(wrap(t.items.table), wrap(t.actions), [wrap(x) for x in t.contextual],
+                             [wrap(x) for x in t.side], model.spec.action_with_item)
+        layer = model.layers[0]
+        return cls(RankingStep(model, False), RankingStep(model, True), tables,
+                   variant="research" if model.research else "production", max_seq_len=max_seq_len,
+                   max_side_tokens=max_side_tokens, num_layers=len(model.layers), num_heads=layer.num_heads,
+                   attention_dim=layer.attention_dim, linear_dim=layer.linear_dim,
+                   task_names=model.spec.task_names, regression=model.spec.regression, side_names=side_names, **kw)
+
+    def layout(self, history: Any) -> Layout:
+        h = as_history(history)
+        lay = build_layout(h, max_seq_len=self.max_seq_len, max_side_tokens=self.max_side_tokens,
+                           side_names=self.side_names)
+        t = self.tables
+        if lay.contextual_len != len(t.contextual):
+            raise ValueError(f"context: this model has {len(t.contextual)} contextual features, got "
+                             f"{lay.contextual_len}")
+        for kind, tabs, name in ((KIND_ITEM, [t.items], "item_ids"), (KIND_ACTION, [t.actions], "actions"),
+                                 (KIND_CONTEXT, t.contextual, "context"), (KIND_SIDE, t.side, "side values")):
+            sel = lay.kinds == kind
+            for f, tab in enumerate(tabs):
+                fsel = sel & (lay.features == f) if kind in (KIND_CONTEXT, KIND_SIDE) else sel
+                lo = 0 if kind == KIND_CONTEXT else 1
+                _check_range(lay.ids[fsel], lo, tab.num_rows - 1, name if len(tabs) == 1 else f"{name} [{f}]")
+        return lay
+
+    @torch.inference_mode()
+    def encode(self, history: Any, query_time: Optional[int] = None) -> RankingState:
+        """Encode the history layout once -> RankingState; qt defaults to the last event's timestamp."""
+        lay = self.layout(history)
+        qt = int(query_time) if query_time is not None else lay.last_event_time
+        L, H, dqk, dv = self.shape
+        k, v = torch.zeros(L, H, 0, dqk), torch.zeros(L, H, 0, dv)
+        if lay.ids.numel() == 0:
+            return RankingState(lay, qt, k, v)
+        e = self.tables.lookup(lay.ids, lay.kinds, lay.features, lay.paired)
+        t_next = torch.cat([lay.timestamps[1:], torch.tensor([qt], dtype=torch.int64)])
+        ctx = torch.tensor([lay.contextual_len], dtype=torch.int64)
+        z = torch.zeros(0, dtype=torch.int64)
+
+        def step(s: int, end: int, k, v, past_pos, past_ts):
+            return self.extend(e[s:end], lay.kinds[s:end], lay.positions[s:end], lay.gaps[s:end],
+                               lay.timestamps[s:end], t_next[s:end], ctx, k, v, past_pos, past_ts)
+
+        chunk = max(self.prefill_chunk, lay.contextual_len)  # the prefix must be one block (it sees itself)
+        _, k, v, _, _ = extend_cache(step, k, v, z, z, lay.positions, lay.timestamps, chunk)
+        return RankingState(lay, qt, k, v)
+
+    @torch.inference_mode()
+    def rank(self, state: RankingState, candidates: Tensorish, candidate_timestamps: Optional[Tensorish] = None,
+             micro_batch: Optional[int] = None) -> RankScores:
+        """Per-task probabilities [m, K] (+ regression [m]) of the candidates, each scored after the cached
+        history as if alone (see the module docstring), in micro-batches of b_m: cost linear in m.
+        candidate_timestamps [m] (production variant only; default: the query time) set the time gaps."""
+        cand = _ids(candidates, "candidates")
+        _check_range(cand, 1, self.tables.items.num_rows - 1, "candidates")
+        lay, qt = state.layout, torch.tensor([state.query_time], dtype=torch.int64)
+        cts = qt.expand(cand.numel()) if candidate_timestamps is None else _ids(candidate_timestamps,
+                                                                                 "candidate_timestamps")
+        if cts.shape != cand.shape:
+            raise ValueError(f"candidate_timestamps has {cts.numel()} values for {cand.numel()} candidates")
+        if self.variant == "research" and bool((cts != state.query_time).any()):
+            raise ValueError("research variant: every candidate takes the query time (the last history row's rab "
+                             "reads the candidate time, so it must be shared); pass query_time= instead")
+        gaps = (cts - lay.last_event_time).clamp(min=0)
+        kind, pos = torch.tensor([KIND_ITEM]), torch.tensor([state.length], dtype=torch.int64)
+        ctx = torch.tensor([lay.contextual_len], dtype=torch.int64)
+
+        def score(s: int, e: int) -> torch.Tensor:
+            x = self.tables.items.lookup(cand[s:e])
+            return self.score(x, kind, pos, gaps[s:e], qt, qt, ctx, state.k, state.v, lay.positions,
+                              lay.timestamps)
+
+        K = len(self.task_names)
+        y = in_micro_batches(cand.numel(), int(micro_batch or self.micro_batch), score,
+                             torch.zeros(0, K + int(self.regression)))
+        logits = y[:, :K]
+        return RankScores(torch.sigmoid(logits), logits, y[:, K] if self.regression else None)
+
+    def rank_batch(self, histories: Sequence[Any], candidates: Sequence[Tensorish], *,
+                   query_times: Optional[Sequence[Optional[int]]] = None,
+                   micro_batch: Optional[int] = None) -> List[RankScores]:
+        """Several users in one call: histories[b] with candidates[b] (jagged: any m_b) -> [RankScores]; equal to
+        per-user ``rank(encode(...))`` (each user's history is its own KV cache)."""
+        qts = per_user_query_times(histories, candidates, query_times)
+        return [self.rank(self.encode(h, qt), c, micro_batch=micro_batch)
+                for h, c, qt in zip(histories, candidates, qts)]

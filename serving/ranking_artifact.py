@@ -1,0 +1,146 @@
+"""Standalone loader of a RANKING artifact (``hstu export`` of a task=ranking run; docs/serving.md).
+
+    ranker = hstu.serving.load("artifacts/ranking", task="ranking")
+    out = ranker.rank(history, candidates)       # RankScores(probabilities [m, K], logits [m, K], regression)
+    outs = ranker.rank_batch([h1, h2], [c1, c2])  # several users, jagged candidates
+
+``history``: a :class:`hstu.serving.ranking.RankingHistory` (or a dict of its fields: item_ids, actions,
+timestamps, context, side). Torch only, like serving/artifact.py (which dispatches here on manifest.task).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from hstu.serving.artifact import MANIFEST, TOLERANCE, ArtifactError, _check_config, _field, \
+    load_programs, load_records
+from hstu.serving.mfalcon import Tensorish
+from hstu.serving.ranking import RankingMFalcon, RankingState, RankScores, TokenTables, history_from_record
+from hstu.serving.retrieval import ItemTable
+
+RANKING_FIELDS = ("arch", "variant", "embedding_dim", "num_layers", "num_heads", "attention_dim", "linear_dim",
+                  "num_items", "max_seq_len", "max_tokens", "max_side_tokens")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
+class RankingServingModel:
+    """A loaded ranking artifact: M-FALCON multi-task scoring of candidates for one or several users."""
+
+    task = "ranking"
+
+    def __init__(self, path: str, manifest: Dict[str, Any], config: Dict[str, Any], engine: RankingMFalcon,
+                 records: List[Dict[str, torch.Tensor]]) -> None:
+        self.path, self.manifest, self.config, self.engine, self.records = path, manifest, config, engine, records
+        m, r = manifest["model"], manifest["ranking"]
+        self.num_items, self.max_seq_len, self.variant = int(m["num_items"]), int(m["max_seq_len"]), m["variant"]
+        self.task_names = tuple(r["task_names"])
+        self.context_names = tuple(c["name"] for c in r["contextual"])
+        self.side_names = tuple(c["name"] for c in r["side"])
+        self.embedding_dtype = manifest["embedding"]["dtype"]
+
+    def encode(self, history: Any, query_time: Optional[int] = None) -> RankingState:
+        """Encode a history layout once (KV cache); qt defaults to the last event's timestamp."""
+        return self.engine.encode(history, query_time)
+
+    def rank_state(self, state: RankingState, candidates: Tensorish, *,
+                   candidate_timestamps: Optional[Tensorish] = None, micro_batch: Optional[int] = None) -> RankScores:
+        return self.engine.rank(state, candidates, candidate_timestamps, micro_batch)
+
+    def rank(self, history: Any, candidates: Tensorish, *, query_time: Optional[int] = None,
+             candidate_timestamps: Optional[Tensorish] = None, micro_batch: Optional[int] = None) -> RankScores:
+        """Per-task probabilities [m, K] (+ logits, regression) of the candidates, each scored after the history
+        as if it were the only target (M-FALCON). Equal to the training model (tests/test_serving_ranking*.py)."""
+        return self.rank_state(self.encode(history, query_time), candidates,
+                               candidate_timestamps=candidate_timestamps, micro_batch=micro_batch)
+
+    def rank_batch(self, histories: Sequence[Any], candidates: Sequence[Tensorish], *,
+                   query_times: Optional[Sequence[Optional[int]]] = None,
+                   micro_batch: Optional[int] = None) -> List[RankScores]:
+        """Several users in one call (jagged candidates) -> [RankScores]; equal to per-user ``rank`` calls."""
+        return self.engine.rank_batch(histories, candidates, query_times=query_times, micro_batch=micro_batch)
+
+    def retrieve(self, *args, **kwargs):
+        raise ArtifactError(f"{os.path.join(self.path, MANIFEST)}: field task = 'ranking': a ranking artifact has no "
+                            "catalog retrieval (export a retrieval run for retrieve)")
+
+    def verify(self, atol: float = TOLERANCE["atol"], rtol: float = TOLERANCE["rtol"]) -> Dict[str, float]:
+        """Replay the recorded requests; raises ArtifactError on a mismatch, returns the max abs errors."""
+        worst = {"logits": 0.0, "regression": 0.0}
+        where = os.path.join(self.path, self.manifest["records"]["file"])
+        for i, r in enumerate(self.records):
+            out = self.rank(history_from_record(r), r["candidates"], query_time=int(r["query_time"]))
+            got = {"logits": out.logits, "regression": out.regression if out.regression is not None else
+                   torch.zeros(0)}
+            for name, value in got.items():
+                ref = r[name]
+                if value.shape != ref.shape:
+                    raise ArtifactError(f"{where}: record {i} field {name!r} has shape {tuple(ref.shape)}, the loaded "
+                                        f"model gives {tuple(value.shape)}")
+                err = float((value - ref).abs().max()) if ref.numel() else 0.0
+                worst[name] = max(worst[name], err)
+                if not torch.allclose(value, ref, atol=atol, rtol=rtol):
+                    raise ArtifactError(f"{where}: record {i} field {name!r} differs from the loaded model by "
+                                        f"{err:.3g} (atol {atol}, rtol {rtol})")
+        return worst
+
+
+def _load_tables(path: str, manifest: Dict[str, Any]) -> TokenTables:
+    mpath = os.path.join(path, MANIFEST)
+    file = os.path.join(path, _field(manifest, "embedding.file", mpath))
+    dtype_name = _field(manifest, "embedding.dtype", mpath)
+    shapes = _field(manifest, "embedding.tables", mpath)
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    dtype = DTYPES.get(dtype_name)
+    if dtype is None:
+        raise ArtifactError(f"{mpath}: field embedding.dtype = {dtype_name!r}, expected one of {list(DTYPES)}")
+    tables = {}
+    for name, shape in shapes.items():
+        t = state.get(name) if isinstance(state, dict) else None
+        w = t.get("weight") if isinstance(t, dict) else None
+        if w is None:
+            raise ArtifactError(f"{file}: missing field '{name}.weight'")
+        if list(w.shape) != list(shape) or w.dtype != dtype:
+            raise ArtifactError(f"{file}: field {name}.weight is {w.dtype} {tuple(w.shape)}, {mpath} says "
+                                f"{dtype_name} {tuple(shape)}")
+        scale = t.get("scale")
+        if (scale is None) != (dtype != torch.int8) or (scale is not None and tuple(scale.shape) != (shape[0],)):
+            raise ArtifactError(f"{file}: field '{name}.scale' must be [{shape[0]}] fp32 exactly for int8 tables")
+        tables[name] = ItemTable(w, scale, l2_norm=False)
+    m, r = manifest["model"], _field(manifest, "ranking", mpath)
+    if tables["items"].num_rows != m["num_items"] + 1 or tables["items"].dim != m["embedding_dim"]:
+        raise ArtifactError(f"{file}: field items.weight has shape {tuple(tables['items'].weight.shape)}, {mpath} "
+                            f"says ({m['num_items'] + 1}, {m['embedding_dim']}) (model.num_items + 1, embedding_dim)")
+    n_ctx, n_side = len(_field(manifest, "ranking.contextual", mpath)), len(_field(manifest, "ranking.side", mpath))
+    try:
+        return TokenTables(tables["items"], tables["actions"], [tables[f"contextual.{i}"] for i in range(n_ctx)],
+                           [tables[f"side.{i}"] for i in range(n_side)], bool(r["action_with_item"]))
+    except KeyError as e:
+        raise ArtifactError(f"{mpath}: field embedding.tables has no {e} (ranking.contextual / side list it)") from None
+
+
+def load_ranking(path: str, manifest: Dict[str, Any], config: Dict[str, Any], *, verify: bool,
+                 micro_batch: int) -> RankingServingModel:
+    """The ranking half of :func:`hstu.serving.load` (format, version and checksums already checked)."""
+    mpath = os.path.join(path, MANIFEST)
+    _check_config(manifest, config, path, RANKING_FIELDS)
+    r = _field(manifest, "ranking", mpath)
+    for name in ("task_names", "regression", "action_with_item", "contextual", "side", "actions"):
+        _field(manifest, f"ranking.{name}", mpath)
+    tables = _load_tables(path, manifest)
+    programs = load_programs(path, manifest)
+    m = manifest["model"]
+    engine = RankingMFalcon(programs["extend"], programs["score"], tables, variant=m["variant"],
+                            max_seq_len=m["max_seq_len"], max_side_tokens=m["max_side_tokens"],
+                            num_layers=m["num_layers"], num_heads=m["num_heads"], attention_dim=m["attention_dim"],
+                            linear_dim=m["linear_dim"], task_names=r["task_names"], regression=r["regression"],
+                            side_names=[s["name"] for s in r["side"]], micro_batch=micro_batch)
+    model = RankingServingModel(path, manifest, config, engine, load_records(path, manifest))
+    if verify:
+        model.verify()
+    return model
+
+
+__all__ = ["RankingServingModel", "load_ranking"]
