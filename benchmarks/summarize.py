@@ -90,10 +90,11 @@ def _generic_section(name: str, payload) -> List[str]:
             table_keys.add(key)
             for k, v in val.items():  # row lists as tables, a single row dict as a one-row table
                 tables.append((f"{key}.{k}", v if _is_row_list(v) else [v if isinstance(v, dict) else {k: v}]))
-    if not tables:
+    suites = [key for key, val in meta.items() if _is_suite(val)]
+    if not tables and not suites:
         return out + ["", "```json", json.dumps(payload, indent=1)[:4000], "```", ""]
     for key, val in meta.items():  # small scalar / dict settings, then notes
-        if key in table_keys or key in ("machine", "date", "commit", "command", "device", "dtype"):
+        if key in table_keys or key in suites or key in ("machine", "date", "commit", "command", "device", "dtype"):
             continue
         if isinstance(val, list) and all(isinstance(x, str) for x in val):
             out += [f"- {key}:"] + [f"  - {x}" for x in val]
@@ -104,6 +105,8 @@ def _generic_section(name: str, payload) -> List[str]:
         if title:
             out += [f"**{title}**", ""]
         out += _row_table(rows)
+    for key in suites:
+        out += _suite_lines(key, meta[key])
     return out
 
 
@@ -111,27 +114,41 @@ _RUN_COLS = ("processes", "steps", "train_seconds", "ms_per_step_median", "rank0
              "tokens_per_second_median", "tokens_per_second_overall", "best_epoch")
 
 
+_SUITE_METRICS = ("hr@10", "ndcg@10", "ne_mean", "auc_mean", "gauc_mean")
+
+
+def _is_suite(x) -> bool:
+    """A process-comparison suite: {"results": {variant: {"processes": ..., ...}, scalars...}, provenance...}."""
+    return isinstance(x, dict) and isinstance(x.get("results"), dict) and any(
+        isinstance(v, dict) and "processes" in v for v in x["results"].values())
+
+
+def _suite_lines(name: str, suite: dict) -> List[str]:
+    """One suite: provenance bullets, scalar results as bullets, a row per variant (timing + key metrics)."""
+    out = [f"### {name}", ""] + [f"- {k}: `{suite[k]}`" for k in ("machine", "date", "commit", "command")
+                                  if k in suite]
+    out += [f"- {k}: {_cell(v)}" for k, v in suite.items()
+            if k not in ("machine", "date", "commit", "command", "results")]
+    res = suite["results"]
+    variants = {k: v for k, v in res.items() if isinstance(v, dict) and "processes" in v}
+    out += [f"- {k}: {_cell(v)}" for k, v in res.items() if k not in variants] + [""]
+    rows = []
+    for vname, v in variants.items():
+        row = {"variant": vname, **{c: v.get(c) for c in _RUN_COLS if c in v}}
+        for which in ("final", "best"):
+            m = v.get(f"{which}_metrics") or {}
+            row.update({f"{which} {k}": m[k] for k in _SUITE_METRICS if k in m})
+        rows.append(row)
+    return out + (_row_table(rows) if rows else [])
+
+
 def _distributed_section(payload: dict) -> List[str]:
     """distributed.json: one table per suite (a row per variant: timing + HR@10/NDCG@10), scalars as bullets."""
     out = ["## distributed.json — `benchmarks/distributed.py`", ""]
-    suites = {k: v for k, v in payload.items() if isinstance(v, dict) and "results" in v}
+    suites = {k: v for k, v in payload.items() if isinstance(v, dict) and isinstance(v.get("results"), dict)}
     out += [f"- {k}: {_cell(v)}" for k, v in payload.items() if k not in suites] + [""]
     for name, suite in suites.items():
-        out += [f"### {name}", ""] + [f"- {k}: `{suite[k]}`" for k in ("machine", "date", "commit", "command")
-                                       if k in suite]
-        res = suite["results"]
-        variants = {k: v for k, v in res.items() if isinstance(v, dict) and "processes" in v}
-        scalars = {k: v for k, v in res.items() if k not in variants}
-        out += [f"- {k}: {_cell(v)}" for k, v in scalars.items()] + [""]
-        rows = []
-        for vname, v in variants.items():
-            row = {"variant": vname, **{c: v.get(c) for c in _RUN_COLS if c in v}}
-            for which in ("final", "best"):
-                m = v.get(f"{which}_metrics") or {}
-                row.update({f"{which} {k}": m[k] for k in ("hr@10", "ndcg@10") if k in m})
-            rows.append(row)
-        if rows:
-            out += _row_table(rows)
+        out += _suite_lines(name, suite)
     return out
 
 

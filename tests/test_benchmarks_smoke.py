@@ -201,3 +201,22 @@ def test_serving_ranking_model_section_quick():
     assert out["summary"]["max_abs_logit_error_vs_alone"] < 1e-4
     for r in out["rows"]:
         assert _positive(r["mfalcon_total_ms"]) and _positive(r["candidates_per_s"]), r
+
+
+def test_results_files_are_strict_json_and_suites_render_as_tables(tmp_path, monkeypatch):
+    """write_json turns NaN/inf into null (strict JSON); RESULTS.md renders a process-comparison suite as one row
+    per variant with its timing and final metrics."""
+    common, summarize = _load("common"), _load("summarize")
+    monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path))
+    path = common.write_json("x.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2.5}})
+    assert json.loads(open(path).read(), parse_constant=lambda c: pytest.fail(f"bare {c}")) == \
+        {"a": None, "b": [1.0, None], "c": {"d": 2.5}}
+    suite = {"date": "D", "commit": "C", "results": {
+        "plain-1": {"processes": 1, "steps": 10, "final_metrics": {"hr@10": 0.25, "ne_mean": 0.8}},
+        "dmp-2": {"processes": 2, "steps": 10, "final_metrics": {"hr@10": 0.5, "ne_mean": 0.75}},
+        "delta_final_hr@10": 0.25}}
+    lines = summarize._distributed_section({"note": "n", "full": suite})
+    assert "- delta_final_hr@10: 0.2500" in lines and "- note: n" in lines
+    assert "| 1 | plain-1 | 1 | 10 | 0.2500 | 0.8000 |" in lines and "| 2 | dmp-2 | 2 | 10 | 0.5000 | 0.7500 |" in lines
+    generic = summarize._generic_section("r.json", {"rows": [{"m": 1}], "cmp": suite})
+    assert "### cmp" in generic and "| 2 | dmp-2 | 2 | 10 | 0.5000 | 0.7500 |" in generic
