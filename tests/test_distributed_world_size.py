@@ -14,7 +14,7 @@ negatives are drawn per rank and so differ between world sizes.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
@@ -72,14 +72,24 @@ def _outputs_after_load(cfg: Any, path: str) -> Dict[str, Any]:
                 "lr": sparse.param_groups[0]["lr"]}
 
 
-def _worker(rank: int, world: int, runs: List[List[str]], cache: str, load: str = "") -> Dict[str, Any]:
+def _worker(rank: int, world: int, runs: List[List[str]], cache: str, load: str = "",
+            load_extra: Tuple[str, ...] = ()) -> Dict[str, Any]:
     import hstu.trainer.pipeline as pipeline
     from hstu.trainer.train import train
 
     pipeline.prepare_batch = _label_negatives(pipeline.prepare_batch)
     for run in runs:
         train(_cfg(run[0], cache, *run[1:]))
-    return _outputs_after_load(_cfg(runs[0][0] + "-load", cache), load) if load else {}
+    return _outputs_after_load(_cfg(runs[0][0] + "-load", cache, *load_extra), load) if load else {}
+
+
+def _load_error(rank: int, world: int, run_dir: str, cache: str, load: str, extra: Tuple[str, ...]) -> str:
+    """The message of the error loading checkpoint ``load`` into a run with overrides ``extra`` ('' if none)."""
+    try:
+        _outputs_after_load(_cfg(run_dir, cache, *extra), load)
+    except RuntimeError as e:
+        return str(e)
+    return ""
 
 
 def _losses(run_dir: str) -> List[float]:
@@ -175,3 +185,25 @@ def test_loader_slices_partition_every_global_batch(users, batch):
             if step < len(plans[0]) - 1:  # global batch `step` = the single-process batch
                 assert np.array_equal(np.concatenate(parts), single[step])
         assert np.array_equal(np.sort(np.concatenate([np.concatenate(p) for p in plans])), np.arange(users))
+
+
+def test_column_wise_checkpoint_loads_into_the_same_split_and_refuses_another(tmp_path):
+    """A 2-rank column_wise checkpoint reloads into 2 column_wise ranks (outputs = the saving run's best.pt);
+    into 1 row_wise rank it is refused with an error naming the rowwise state and column_wise (its second
+    moment is per row per column shard, docs/rowwise_adamw.md), before any tensor is overwritten."""
+    run, cache = str(tmp_path / "col"), str(tmp_path / "cache")
+    col = ("sharding.sharding_type=column_wise",)
+    ckpt = os.path.join(run, "checkpoints", "step_00000004")
+    parts = run_distributed(_worker, 2, ([[run, *col]], cache, ckpt, col), timeout_s=240)
+    ids = torch.cat([p["user_ids"] for p in parts])
+    users = torch.cat([p["users"] for p in parts])
+    want = _plain_outputs(run, cache, ids)
+    order = torch.argsort(ids)
+    assert torch.equal(ids[order], want["user_ids"])
+    torch.testing.assert_close(users[order], want["users"], rtol=0, atol=1e-6)
+    for p in parts:
+        torch.testing.assert_close(p["items"], want["items"], rtol=0, atol=1e-6)
+    (msg,) = run_distributed(_load_error, 1, (run + "-w1", cache, ckpt, ("sharding.sharding_type=row_wise",)),
+                             timeout_s=120)
+    assert "global sizes differ" in msg and "exp_avg_sq" in msg and "column_wise" in msg, msg
+

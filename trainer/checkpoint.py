@@ -216,11 +216,23 @@ def _prune(ckpt_dir: str, keep_last: int, current: str) -> None:
 
 
 def _check_compatible(path: str, expected: Dict[str, Any]) -> None:
-    keys = set(dcp.FileSystemReader(_local(path)).read_metadata().state_dict_metadata)
-    missing = sorted(k for k in expected if k not in keys)
+    """Every tensor this run loads exists in the checkpoint with the same GLOBAL size (else a clear error)."""
+    stored = dcp.FileSystemReader(_local(path)).read_metadata().state_dict_metadata
+    missing = sorted(k for k in expected if k not in stored)
     if missing:
         raise RuntimeError(f"checkpoint {path} does not match this run (sharding.enabled or the model config "
                            f"differ): missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    wrong = [(k, tuple(stored[k].size), tuple(v.size())) for k, v in expected.items()
+             if isinstance(v, torch.Tensor) and hasattr(stored[k], "size") and tuple(stored[k].size) != tuple(v.size())]
+    if wrong:
+        hint = ""
+        if any("exp_avg_sq" in k for k, _, _ in wrong):
+            hint = (" — the rowwise AdamW second moment has one value per row per column shard under "
+                    "sharding.sharding_type=column_wise (docs/rowwise_adamw.md), so a column_wise checkpoint only "
+                    "loads into the same column split (same sharding type and number of column shards), and vice "
+                    "versa; resume with the saving run's sharding settings, or start fresh (train.resume=false)")
+        raise RuntimeError(f"checkpoint {path} does not match this run: global sizes differ (name: checkpoint vs "
+                           f"this run) " + "; ".join(f"{k}: {a} vs {b}" for k, a, b in wrong[:5]) + hint)
 
 
 def load(path: str, state: Any, env: Any) -> Dict[str, Any]:
