@@ -30,73 +30,23 @@ import torch
 
 from hstu.serving.mfalcon import DenseStep
 from hstu.serving.retrieval import EMBEDDING_DTYPES, ItemTable, brute_force_topk
+from hstu.trainer.plain_weights import ITEM_KEY, iter_plain_tensors
 
 FORMAT, FORMAT_VERSION = "hstu-serving", 2  # 2: manifest.task (retrieval | ranking); 1 = retrieval
 MANIFEST, CONFIG_YAML, CONFIG_JSON = "manifest.json", "config.yaml", "config.json"
 EXTEND_FILE, SCORE_FILE = "dense_extend.pt2", "dense_score.pt2"
 EMBEDDINGS_FILE, RECORDS_FILE = "embeddings.pt", "records.pt"
 STEP_INPUTS = ["x", "pos", "ts", "t_next", "q_time", "past_k", "past_v", "past_pos", "past_ts"]
-ITEM_KEY = "item_embeddings.table.weight"
 MODEL_FIELDS = ("arch", "variant", "embedding_dim", "num_layers", "num_heads", "attention_dim", "linear_dim",
                 "l2_norm_output")
 RECORD_TOPK = 10
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def _collection_key() -> str:
-    try:
-        from hstu.trainer.parallel.item_embeddings import COLLECTION_KEY
-
-        return COLLECTION_KEY
-    except ImportError:  # pragma: no cover - torchrec missing
-        return "item_embeddings.collection.embeddings.item_id.weight"
-
-
-WRAPPER_PREFIXES = ("_dmp_wrapped_module.", "module.")  # DMP / DDP wrappers, if a state dict kept them
-
-
-def _plain_name(name: str, coll: str) -> str:
-    """A (possibly sharded, wrapped) model's state_dict name -> the plain model's: the retrieval item collection
-    -> ITEM_KEY; a ranking collection table -> its ``tables.*`` name (trainer/parallel/ranking_embeddings.py)."""
-    while name.startswith(WRAPPER_PREFIXES):
-        name = name.split(".", 1)[1]
-    if name == coll:
-        return ITEM_KEY
-    if ".collection.embeddings." in name:
-        from hstu.trainer.parallel.ranking_embeddings import plain_name
-
-        return plain_name(name)
-    return name
-
-
 def iter_full_tensors(source: str) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(name, full tensor) of every model parameter/buffer in ``source``, one at a time, names as the plain
-    model's ``state_dict()`` (a TorchRec-sharded retrieval table is renamed to item_embeddings.table.weight,
-    sharded ranking tables to their ``tables.*`` names, DMP/DDP wrapper prefixes are dropped).
-
-    source: a ``torch.save`` state_dict file (best.pt), or a DCP checkpoint directory (trainer/checkpoint.py,
-    keys ``model.*``; ShardedTensors are read back unsharded without a process group, any world size)."""
-    if os.path.isfile(source):
-        for name, t in torch.load(source, map_location="cpu", weights_only=True, mmap=True).items():
-            yield _plain_name(name, ""), t
-        return
-    if not os.path.exists(os.path.join(source, ".metadata")):
-        raise FileNotFoundError(f"checkpoint not found: {source} (expected a state_dict file or a DCP directory)")
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    coll = _collection_key()
-    meta = dcp.FileSystemReader(source).read_metadata().state_dict_metadata
-    for key, md in meta.items():
-        if not (key.startswith("model.") and isinstance(md, TensorStorageMetadata)):
-            continue
-        target = {key: torch.empty(tuple(md.size), dtype=md.properties.dtype)}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process": intended
-            dcp.load(target, storage_reader=dcp.FileSystemReader(source), no_dist=True)
-        yield _plain_name(key[len("model."):], coll), target[key]
+    """(name, full tensor) of every model tensor in ``source`` (best.pt or a DCP checkpoint directory of any
+    world size/sharding), named as the plain model's state_dict: trainer/plain_weights.py."""
+    return iter_plain_tensors(source)
 
 
 def resolve_checkpoint(run_dir: str, checkpoint: Optional[str] = None) -> str:

@@ -132,6 +132,9 @@ class TrainConfig:
     progress: bool = True  # tqdm bars
     tensorboard: bool = True  # TensorBoard event files in run_dir/tensorboard
     resume: bool = True  # continue from the latest checkpoint in checkpoint.dir when there is one
+    # weights to start from (best.pt / state_dict file or DCP checkpoint dir of any run, plain or sharded, any
+    # world size); optimizers and step start fresh; ignored when this run resumes from its own checkpoint
+    init_from: str = ""
 
 
 @dataclass

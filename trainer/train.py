@@ -402,6 +402,14 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
     task = make_task(cfg)
     data = task.build_data(env)
     model = task.build_model(device)
+    if cfg.train.init_from and not resume_from:  # before sharding: the sharded tables copy the plain ones
+        from hstu.trainer.plain_weights import load_plain_weights
+
+        loaded = load_plain_weights(model, cfg.train.init_from)
+        log.info("initialised %d tensors (%d elements) from %s", loaded["tensors"], loaded["elements"],
+                 cfg.train.init_from)
+    elif cfg.train.init_from:
+        log.info("train.init_from ignored: resuming from %s", resume_from)
     sparse_optimizer = sparse_scheduler = None
     if env.sharded:
         model, sparse_optimizer = hd.shard_model(model, cfg, env)
