@@ -177,6 +177,9 @@ def main() -> None:
             "ne_like_delta": round(h["ne_like"] - d["ne_like"], 4), "ne_love_delta": round(h["ne_love"] - d["ne_love"], 4),
             "hstu_better": bool(h["ne_mean"] < d["ne_mean"] and h["auc_mean"] > d["auc_mean"]),
         }
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", RESULT_FILE)
+    if os.path.exists(path) and COMPARE_KEY in json.load(open(path)):  # keep the --compare-processes results
+        payload[COMPARE_KEY] = json.load(open(path))[COMPARE_KEY]
     print("wrote", write_json(RESULT_FILE, payload))
     from summarize import write_results_md
 
