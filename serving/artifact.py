@@ -134,13 +134,22 @@ class ServingModel:
             got = {"rank_scores": self.rank_state(state, r["candidates"]), "user_vector": state.last,
                    "topk_scores": self.retrieve_state(state, len(r["topk_ids"])).scores}
             for name, value in got.items():
-                ref = r[name]
-                err = float((value - ref).abs().max()) if ref.numel() else 0.0
-                worst[name] = max(worst[name], err)
-                if not torch.allclose(value, ref, atol=atol, rtol=rtol):
-                    raise ArtifactError(f"{where}: record {i} field {name!r} differs from the loaded model by "
-                                        f"{err:.3g} (atol {atol}, rtol {rtol})")
+                check_record_field(where, i, name, value, r[name], atol, rtol, worst)
         return worst
+
+
+def check_record_field(where: str, i: int, name: str, value: torch.Tensor, ref: torch.Tensor, atol: float,
+                       rtol: float, worst: Dict[str, float]) -> None:
+    """Recorded output ``ref`` of record ``i`` vs the loaded model's ``value``: same shape and allclose, else an
+    ArtifactError naming the file, record and field; ``worst[name]`` keeps the largest abs error seen."""
+    if value.shape != ref.shape:
+        raise ArtifactError(f"{where}: record {i} field {name!r} has shape {tuple(ref.shape)}, the loaded model "
+                            f"gives {tuple(value.shape)}")
+    err = float((value - ref).abs().max()) if ref.numel() else 0.0
+    worst[name] = max(worst[name], err)
+    if not torch.allclose(value, ref, atol=atol, rtol=rtol):
+        raise ArtifactError(f"{where}: record {i} field {name!r} differs from the loaded model by {err:.3g} "
+                            f"(atol {atol}, rtol {rtol})")
 
 
 def _check_config(manifest: Dict[str, Any], config: Dict[str, Any], path: str,

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from hstu.serving.artifact import MANIFEST, TOLERANCE, ArtifactError, _check_config, _field, \
-    load_programs, load_records
+    check_record_field, load_programs, load_records
 from hstu.serving.mfalcon import Tensorish
 from hstu.serving.ranking import RankingMFalcon, RankingState, RankScores, TokenTables, history_from_record
 from hstu.serving.retrieval import ItemTable
@@ -75,15 +75,7 @@ class RankingServingModel:
             got = {"logits": out.logits, "regression": out.regression if out.regression is not None else
                    torch.zeros(0)}
             for name, value in got.items():
-                ref = r[name]
-                if value.shape != ref.shape:
-                    raise ArtifactError(f"{where}: record {i} field {name!r} has shape {tuple(ref.shape)}, the loaded "
-                                        f"model gives {tuple(value.shape)}")
-                err = float((value - ref).abs().max()) if ref.numel() else 0.0
-                worst[name] = max(worst[name], err)
-                if not torch.allclose(value, ref, atol=atol, rtol=rtol):
-                    raise ArtifactError(f"{where}: record {i} field {name!r} differs from the loaded model by "
-                                        f"{err:.3g} (atol {atol}, rtol {rtol})")
+                check_record_field(where, i, name, value, r[name], atol, rtol, worst)
         return worst
 
 

@@ -245,3 +245,22 @@ def test_errors_name_the_file_and_field(research, tmp_path):
         f.write(b"\x00" * 8)
     with pytest.raises(ArtifactError, match=r"embeddings\.pt: size or sha256 differs"):
         hstu.serving.load(art)
+
+
+def test_a_recorded_output_the_model_does_not_reproduce_is_named(research, tmp_path):
+    """verify(): a record whose stored output the loaded model no longer gives -> ArtifactError naming the file,
+    the record and the field (values differ, or shapes differ)."""
+    _, out = research
+    art = _copy(out, tmp_path)
+    path = os.path.join(art, "records.pt")
+    records = torch.load(path, weights_only=True)
+    records[1]["user_vector"] = records[1]["user_vector"] + 0.5
+    torch.save(records, path)
+    sm = hstu.serving.load(art, verify=False, verify_checksums=False)
+    with pytest.raises(ArtifactError, match=r"records\.pt: record 1 field 'user_vector' differs .* by 0\.5"):
+        sm.verify()
+    records[1]["user_vector"] = records[1]["user_vector"][:-1]
+    torch.save(records, path)
+    sm = hstu.serving.load(art, verify=False, verify_checksums=False)
+    with pytest.raises(ArtifactError, match=r"record 1 field 'user_vector' has shape"):
+        sm.verify()
