@@ -164,8 +164,8 @@ def main() -> None:
         "setup": ("ML-1M ranking: per user the last 10 ratings are eval candidates (60,400 impressions), history "
                   "= up to 100 ratings before them; tasks like (rating >= 4), love (rating = 5); contextual tokens "
                   "gender, age, occupation, zip[:2]; configs/ml-1m/ranking-{hstu,dlrm}.yaml"),
-        "time_budget": (f"train.max_train_minutes: hstu {args.hstu_minutes}, dlrm {args.dlrm_minutes} (training time "
-                        f"only; evaluation extra); whole script {round((time.perf_counter() - t0) / 60, 1)} min "
+        "time_budget": (f"train.max_train_minutes: hstu {args.hstu_minutes}, dlrm {args.dlrm_minutes} (0 = no cap: all "
+                        f"configured epochs; training time only, evaluation extra); whole script {round((time.perf_counter() - t0) / 60, 1)} min "
                         f"wall on a shared 2-core CPU machine, 1 torch thread"),
         "selection": "best evaluation by ne_mean (lower is better); final_* = last evaluation",
         "rows": rows,
