@@ -220,3 +220,42 @@ def test_results_files_are_strict_json_and_suites_render_as_tables(tmp_path, mon
     assert "| 1 | plain-1 | 1 | 10 | 0.2500 | 0.8000 |" in lines and "| 2 | dmp-2 | 2 | 10 | 0.5000 | 0.7500 |" in lines
     generic = summarize._generic_section("r.json", {"rows": [{"m": 1}], "cmp": suite})
     assert "### cmp" in generic and "| 2 | dmp-2 | 2 | 10 | 0.5000 | 0.7500 |" in generic
+
+
+# ------------------------------------------------------------------------------------------ ranking_synthetic_scale.py
+
+def test_ranking_synthetic_scale_smoke_writes_complete_json_elsewhere(tmp_path):
+    """--smoke: a tiny 2-process streaming run through the real CLI (~10 s); the JSON goes to --out, never to
+    benchmarks/results (whose file, if any, is left untouched) and RESULTS.md is not rewritten."""
+    scale = _load("ranking_synthetic_scale")
+    real = os.path.join(BENCH, "results", scale.RESULT_FILE)
+    before = os.stat(real).st_mtime_ns if os.path.exists(real) else None
+    md_before = os.stat(os.path.join(BENCH, "RESULTS.md")).st_mtime_ns
+    payload = scale.main(["--smoke", "--ab-steps", "0", "--out", str(tmp_path), "--run-root", str(tmp_path / "runs")])
+    assert payload["path"] == str(tmp_path / scale.RESULT_FILE)
+    with open(payload["path"]) as f:
+        saved = json.load(f)
+    for key in PROVENANCE_KEYS + ("setup", "summary", "results"):
+        assert saved.get(key), key
+    assert saved["smoke"] and saved["processes"] == 2 and saved["steps"] == 6
+    res = saved["results"]
+    run = res["run"]
+    assert run["steps"] == 6 and run["processes"] == 2
+    assert set(run["peak_rss_mib"]) >= {"rank0", "rank1"} and all(_positive(v) for v in run["peak_rss_mib"].values())
+    assert _positive(run["ms_per_step_median"]) and _positive(run["tokens_per_second_median"])
+    for which in ("first", "last"):  # VmRSS at the first / last logged train step
+        assert set(run[f"rss_mib_at_{which}_train_log"]) == {"rank0", "rank1"}
+    assert [m["model"] for m in res["metrics"]] == ["hstu after 6 steps", "item_rate baseline"]
+    for m in res["metrics"]:
+        assert m["num_users"] == 64 and 0 < m["ne_mean"] < 2, m
+        assert {"ne_click", "auc_like", "gauc_share", "auc_mean"} <= set(m), m
+    assert saved["summary"]["model_minus_baseline_ne_mean"] == pytest.approx(
+        res["metrics"][0]["ne_mean"] - res["metrics"][1]["ne_mean"], abs=1e-4)
+    gen = res["generator"]
+    assert _positive(gen["users_per_s"]) and _positive(gen["loader_users_per_s"])
+    assert 20 <= gen["events_per_user"] <= 100 and gen["materialised_bytes_per_user"] > 40 * 20
+    assert res["tables"]["item_table_bytes"] == 2001 * 16 * 4 and res["prefetch_ab"] == []
+    lines = _load("summarize")._generic_section(scale.RESULT_FILE, saved)  # renders as tables, not a JSON dump
+    assert "**results.metrics**" in lines and "```json" not in lines
+    assert (os.stat(real).st_mtime_ns if os.path.exists(real) else None) == before
+    assert os.stat(os.path.join(BENCH, "RESULTS.md")).st_mtime_ns == md_before

@@ -372,6 +372,32 @@ def validate(cfg: RunConfig) -> None:
     if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"keys 'checkpoint.every_steps' must be >= 0 and 'checkpoint.keep_last' >= 1, got "
                           f"{cfg.checkpoint.every_steps}, {cfg.checkpoint.keep_last}")
+    validate_ranking_stream(cfg)
+
+
+def validate_ranking_stream(cfg: RunConfig) -> None:
+    """``ranking.synthetic.stream`` / ``eval_users`` / ``prefetch_batches`` (docs/ranking.md, streaming synthetic
+    data): stream=true needs task=ranking, data.name=synthetic and 1 <= eval_users <= num_users; eval_users > 0
+    and prefetch_batches > 0 need stream=true (the materialised path evaluates every user)."""
+    s = cfg.ranking.synthetic
+    for key in ("eval_users", "prefetch_batches"):
+        if getattr(s, key) < 0:
+            raise ConfigError(f"key 'ranking.synthetic.{key}' must be >= 0, got {getattr(s, key)}")
+    if not s.stream:
+        for key in ("eval_users", "prefetch_batches"):
+            if getattr(s, key) > 0:
+                raise ConfigError(f"key 'ranking.synthetic.{key}' = {getattr(s, key)} needs "
+                                  "ranking.synthetic.stream=true (the materialised path evaluates every user)")
+        return
+    if cfg.task != "ranking" or cfg.data.name != "synthetic":
+        raise ConfigError(f"key 'ranking.synthetic.stream' = True needs task=ranking and data.name=synthetic, got "
+                          f"task={cfg.task!r}, data.name={cfg.data.name!r}")
+    if not 1 <= s.eval_users <= s.num_users:
+        raise ConfigError(f"key 'ranking.synthetic.eval_users' = {s.eval_users} must be in 1..{s.num_users} "
+                          "(ranking.synthetic.num_users) with ranking.synthetic.stream=true")
+    if s.min_seq_len < 2:
+        raise ConfigError(f"key 'ranking.synthetic.min_seq_len' = {s.min_seq_len} must be >= 2 (every user needs "
+                          "a history event and an eval event)")
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

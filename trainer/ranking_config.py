@@ -27,6 +27,12 @@ class SyntheticRankingConfig:
     interest_switch: float = 0.1  # per-event probability that the current interest cluster is re-drawn
     move_prob: float = 0.005  # per-event probability of moving to another region (an uninformative slow series)
     seed: int = 1234
+    # streaming training (trainer/data/ranking_stream.py; docs/ranking.md "Streaming synthetic data"): each train
+    # batch generates only its users, nothing is materialised but the first eval_users users (evaluation and the
+    # item-rate baseline); stream=true needs 1 <= eval_users <= num_users, eval_users > 0 needs stream=true
+    stream: bool = False
+    eval_users: int = 0
+    prefetch_batches: int = 0  # stream: train batches generated ahead by a background thread (0 = inline)
 
 
 @dataclass

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hstu.trainer.config import ConfigError, RunConfig
+from hstu.trainer.config import ConfigError, RunConfig, validate_ranking_stream
 
 log = logging.getLogger("hstu")
 TASKS = ("retrieval", "ranking")
@@ -161,6 +161,7 @@ class RankingTask:
             raise ConfigError(f"key 'ranking.regression_weight' > 0 but {cfg.data.name} has no regression target")
         if rc.num_eval_targets < 1:
             raise ConfigError(f"key 'ranking.num_eval_targets' must be >= 1, got {rc.num_eval_targets}")
+        validate_ranking_stream(cfg)
         sharding = getattr(cfg, "sharding", None)
         if sharding is not None and sharding.enabled and sharding.pipeline != "none":
             raise ConfigError(f"key 'sharding.pipeline' = {sharding.pipeline!r}: task=ranking supports 'none' (the "
@@ -181,17 +182,31 @@ class RankingTask:
         return v if higher_is_better(name) else -v
 
     # -- data / model
+    def streaming(self) -> bool:
+        """``ranking.synthetic.stream=true`` (synthetic data): train batches are generated per batch."""
+        return self.cfg.data.name == "synthetic" and bool(getattr(self.cfg.ranking.synthetic, "stream", False))
+
     def build_data(self, env=None) -> TaskData:
         """Data of this rank: every rank holds the whole dataset; its loaders read its slice of every global
-        batch (``data.batch_size`` / ``data.eval_batch_size`` users, split over ``env.world_size`` ranks)."""
+        batch (``data.batch_size`` / ``data.eval_batch_size`` users, split over ``env.world_size`` ranks).
+        Streaming (``ranking.synthetic.stream``): the train loader generates its users per batch
+        (trainer/data/ranking_stream.py) and only the first ``ranking.synthetic.eval_users`` users are held —
+        the eval set, and ``self.data`` / ``self.split`` (what the item-rate baseline is fitted on)."""
         from hstu.trainer.data.ranking import build_ranking_loaders, chronological_split, load_ranking_data
 
         cfg, rc = self.cfg, self.cfg.ranking
         rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
-        self.data = data = load_ranking_data(cfg, progress=cfg.train.progress and rank == 0)
-        self.split = chronological_split(data, cfg.data.max_seq_len, rc.num_eval_targets)
-        train, evaluation = build_ranking_loaders(data, self.split, cfg.data.batch_size, cfg.data.eval_batch_size,
-                                                  cfg.data.seed, rc.max_side_tokens, rank, world)
+        if self.streaming():
+            from hstu.trainer.data.ranking_stream import build_streaming_ranking_data
+
+            train, evaluation, data, self.split = build_streaming_ranking_data(cfg, rank, world)
+            self.data = data
+        else:
+            self.data = data = load_ranking_data(cfg, progress=cfg.train.progress and rank == 0)
+            self.split = chronological_split(data, cfg.data.max_seq_len, rc.num_eval_targets)
+            train, evaluation = build_ranking_loaders(data, self.split, cfg.data.batch_size,
+                                                      cfg.data.eval_batch_size, cfg.data.seed, rc.max_side_tokens,
+                                                      rank, world)
         from hstu.modules.ranking import RankingSpec
 
         C = len(data.context_names)
@@ -201,11 +216,17 @@ class RankingTask:
             side_vocab=tuple(data.side_vocab), task_names=tuple(data.task_names),
             regression=rc.regression_weight > 0, max_tokens=C + 2 * cfg.data.max_seq_len + max_side + 1,
             action_with_item=rc.action_with_item, head_hidden_dim=rc.head_hidden_dim)
-        log.info("ranking data %s: %d users, %d events, tasks %s, contextual %s, side series %s",
-                 cfg.data.name, data.num_users, data.num_events, list(data.task_names), list(data.context_names),
-                 list(data.side.names) if data.side is not None else [])
+        if self.streaming():
+            log.info("ranking data %s (streaming): %d train users generated per batch, %d eval users (%d events) "
+                     "held, tasks %s, contextual %s, side series %s", cfg.data.name, train.num_sequences,
+                     data.num_users, data.num_events, list(data.task_names), list(data.context_names),
+                     list(data.side.names) if data.side is not None else [])
+        else:
+            log.info("ranking data %s: %d users, %d events, tasks %s, contextual %s, side series %s",
+                     cfg.data.name, data.num_users, data.num_events, list(data.task_names), list(data.context_names),
+                     list(data.side.names) if data.side is not None else [])
         self.eval_loader = evaluation
-        return TaskData(train, evaluation, data.num_items, int(self.split.rows.size), data)
+        return TaskData(train, evaluation, data.num_items, int(train.num_sequences), data)
 
     def build_model(self, device: torch.device) -> torch.nn.Module:
         cfg = self.cfg
@@ -299,7 +320,8 @@ class RankingTask:
     def baseline(self, metrics, env=None) -> Dict[str, float]:
         """Item-rate baseline (eval.popularity_baseline): each item's smoothed positive rate per task in the
         training windows, as the prediction for every eval impression of that item. Computed on rank 0 from the
-        whole dataset and broadcast (collective with N ranks)."""
+        whole dataset and broadcast (collective with N ranks). Streaming synthetic data: from the training
+        windows of the eval users only (``ranking.synthetic.eval_users``; the rest is never held)."""
         if not self.cfg.eval.popularity_baseline:
             return {}
         if env is not None and env.world_size > 1:

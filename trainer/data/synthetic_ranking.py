@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -199,8 +199,13 @@ def generate_user(cfg, world: RankingWorld, u: int) -> dict:
                 dense=dense, context=np.array([country + 1, age + 1], dtype=np.int64))
 
 
-def _chunk(cfg, world: RankingWorld, users: range) -> RankingData:
-    rows = [generate_user(cfg, world, u) for u in users]
+def _chunk(cfg, world: RankingWorld, users: Sequence[int]) -> RankingData:
+    """Users ``users`` (a range or any index sequence / int array [B], in that order, repeats allowed) -> one
+    RankingData of B users; user id = index + 1."""
+    users = np.asarray(users, dtype=np.int64).reshape(-1)
+    if users.size == 0:
+        raise DataError("ranking.synthetic: cannot generate an empty set of users")
+    rows = [generate_user(cfg, world, int(u)) for u in users]
     lengths = np.array([r["items"].size for r in rows], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     cat = lambda key: np.concatenate([r[key] for r in rows])  # noqa: E731
@@ -212,11 +217,18 @@ def _chunk(cfg, world: RankingWorld, users: range) -> RankingData:
     ts = cat("ts")
     side = sequentialize_series(offsets, ts, series)  # dense 'watch_seconds' is not passed: dropped
     return RankingData(
-        user_ids=np.arange(users.start, users.stop, dtype=np.int64) + 1, offsets=offsets, item_ids=cat("items"),
+        user_ids=users + 1, offsets=offsets, item_ids=cat("items"),
         timestamps=ts, actions=cat("actions"), labels=cat("labels"), task_names=TASKS,
         num_items=world.num_items, num_actions=16, context=np.stack([r["context"] for r in rows]),
         context_names=CONTEXT, context_vocab=(world.country_clusters.shape[0] + 1, len(AGE_BIAS) + 1),
         side=side, side_vocab=(world.num_clusters * world.creators_per_cluster + 1, NUM_REGIONS + 1))
+
+
+def generate_users(cfg, users: Sequence[int], world: Optional[RankingWorld] = None) -> RankingData:
+    """Users with indices ``users`` (any order; int array [B]) as one RankingData, row b = user users[b] (id
+    users[b] + 1); each user's data depends only on (cfg, index), so this equals the same rows of
+    :func:`generate_ranking`. Used by the streaming loader (trainer/data/ranking_stream.py)."""
+    return _chunk(cfg, world or build_world(cfg), users)
 
 
 def iter_ranking_users(cfg, start: int = 0, stop: Optional[int] = None, chunk_size: int = 4096,
