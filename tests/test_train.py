@@ -144,3 +144,42 @@ def test_time_budget_stops_after_the_epoch_that_crosses_it(tmp_path):
         "eval.popularity_baseline=false"])
     result = train(cfg)
     assert result.epochs_run == 1 and result.final_metrics  # stopped after epoch 1 and still evaluated
+
+
+def test_bad_data_fails_before_the_run_dir_is_touched(tmp_path, cache_dir):
+    """A data error is raised (naming file and line) before the run directory is created — and a previous run's
+    files in an existing run directory survive a failing rerun (they are only replaced once data and model are
+    built)."""
+    from hstu.trainer.data.errors import DataError
+
+    data = tmp_path / "ml-1m"
+    data.mkdir()
+    (data / "ratings.dat").write_text("1::10::5::978300760\n1::11::oops::978300761\n")
+    bad = ["data.name=ml-1m", f"data.data_dir={data}", f"data.cache_dir={tmp_path / 'c'}"]
+    fresh = tmp_path / "fresh"
+    with pytest.raises(DataError, match=r"ratings\.dat.*line 2"):
+        train(tiny_cfg(str(fresh), cache_dir, *bad))
+    assert not fresh.exists()
+    previous = tmp_path / "previous"
+    train(tiny_cfg(str(previous), cache_dir, "train.max_steps=2", "train.epochs=1", "train.tensorboard=false"))
+    before = {n: open(previous / n, "rb").read() for n in ("config.yaml", "results.json", "best.pt", "train.log")}
+    with pytest.raises(DataError):
+        train(tiny_cfg(str(previous), cache_dir, *bad, "train.resume=false"))
+    assert {n: open(previous / n, "rb").read() for n in before} == before
+
+
+def test_what_data_loading_logs_reaches_train_log(tmp_path):
+    """Records logged while data and model are built (before the run directory exists) are replayed into
+    train.log."""
+    run = tmp_path / "rank"
+    train(load_config(None, [
+        "task=ranking", "data.name=synthetic", "data.max_seq_len=12", "data.batch_size=8", "data.eval_batch_size=16",
+        "ranking.num_eval_targets=3", "ranking.synthetic.num_users=24", "ranking.synthetic.num_items=40",
+        "ranking.synthetic.num_clusters=3", "ranking.synthetic.creators_per_cluster=2",
+        "ranking.synthetic.min_seq_len=6", "ranking.synthetic.max_seq_len=14", "model.embedding_dim=8",
+        "model.num_layers=1", "model.num_heads=2", "model.attention_dim=4", "model.linear_dim=4",
+        "ranking.head_hidden_dim=8", "eval.selection_metric=ne_mean", "train.max_steps=1", "train.epochs=1",
+        "train.progress=false", "train.tensorboard=false", f"data.cache_dir={tmp_path / 'c'}", f"run_dir={run}"]))
+    lines = open(run / "train.log").read().splitlines()
+    data_line = next(i for i, line in enumerate(lines) if "ranking data synthetic: 24 users" in line)
+    assert data_line < next(i for i, line in enumerate(lines) if f"run_dir {run}" in line)

@@ -362,6 +362,29 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+class _EarlyLog:
+    """Console logging before the run directory exists; ``replay()`` writes the records it buffered into the
+    train.log that ``_start`` opened (the console already showed them)."""
+
+    class _Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records = []  # kept when setup_logging closes this handler
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    def __init__(self, env: hd.DistEnv) -> None:
+        setup_logging(None, level=logging.INFO if env.is_main else logging.WARNING)
+        self.collect = self._Collect()
+        log.addHandler(self.collect)
+
+    def replay(self) -> None:
+        for h in (h for h in log.handlers if isinstance(h, logging.FileHandler)):
+            for record in self.collect.records:
+                h.handle(record)
+
+
 def _start(cfg: RunConfig, env: hd.DistEnv):
     """Rank 0's run_dir for all ranks; resume decision (rank 0's); run_dir / checkpoint dir preparation.
     Returns (cfg, checkpoint path to resume from or None)."""
@@ -394,7 +417,9 @@ def train(cfg: RunConfig) -> TrainResult:
 
 
 def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
-    cfg, resume_from = _start(cfg, env)
+    # data and model first: bad data or config fails here, before the run directory is created or a previous
+    # run's files in it are replaced; what they log is kept and written to train.log once it exists
+    early = _EarlyLog(env)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
@@ -402,6 +427,9 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
     task = make_task(cfg)
     data = task.build_data(env)
     model = task.build_model(device)
+    cfg, resume_from = _start(cfg, env)
+    task.cfg = cfg
+    early.replay()
     if cfg.train.init_from and not resume_from:  # before sharding: the sharded tables copy the plain ones
         from hstu.trainer.plain_weights import load_plain_weights
 
