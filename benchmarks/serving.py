@@ -15,7 +15,9 @@ Model: ML-1M-sized HSTU (research variant: D = 50, 2 layers x 1 head, d_qk = d_v
 - ranking_model: the generative RANKING model (HSTURankingModel as configs/ml-1m/ranking-hstu.yaml: production,
   D = 64, 2 layers x 2 heads, d = 32; ML-1M layout: 4 contextual tokens + 100 (item, action) events = 204 tokens,
   2 tasks + regression): M-FALCON (serving/ranking.py) vs one training-model pass per candidate (each alone, as
-  the reference) vs the history-only encode, eager and through the exported ranking artifact.
+  the reference) vs the history-only encode, eager and through the exported ranking artifact; append: one new
+  event after the cached 100-event history (``append``, incremental) vs encoding the 101-event history (window
+  max_seq_len = events + 1, so nothing shifts), production in process and through the artifact, research in process.
 Times are medians of process CPU time over repeats, the compared paths interleaved (the machine is shared:
 CPU time and interleaving resist other processes; the wall time of M-FALCON is recorded too).
 """
@@ -159,16 +161,17 @@ def ranking(args) -> dict:
     }
 
 
-def _ranking_model(events: int):
+def _ranking_model(events: int, variant: str = "production"):
+    """Model + a history of `events` events; the window (max_seq_len) is events + 1: room for one appended event."""
     from hstu.modules.ranking import HSTURankingModel, RankingSpec
     from hstu.serving.ranking import RankingHistory
     from hstu.trainer.config import ModelConfig
 
     torch.manual_seed(0)
-    cfg = ModelConfig(variant="production", embedding_dim=64, num_layers=2, num_heads=2, attention_dim=32,
+    cfg = ModelConfig(variant=variant, embedding_dim=64, num_layers=2, num_heads=2, attention_dim=32,
                       linear_dim=32, dropout=0.2)
     spec = RankingSpec(num_items=3952, num_actions=5, contextual_vocab=(3, 8, 22, 100), side_vocab=(),
-                       task_names=("like", "love"), regression=True, max_tokens=4 + 2 * events + 1)
+                       task_names=("like", "love"), regression=True, max_tokens=4 + 2 * (events + 1) + 1)
     g = torch.Generator().manual_seed(1)
     hist = RankingHistory(torch.randint(1, 3953, (events,), generator=g), torch.randint(1, 6, (events,), generator=g),
                           1_000_000_000 + torch.randint(0, 86_400, (events,), generator=g).cumsum(0), [1, 3, 7, 42])
@@ -184,8 +187,9 @@ def ranking_model(args) -> dict:
     from hstu.trainer.config import RunConfig, to_dict
 
     events, sizes = args.ranking_events, args.sizes
+    window = events + 1  # room for the appended event (the history itself fits either way)
     model, mcfg, hist = _ranking_model(events)
-    eng = RankingMFalcon.from_model(model, max_seq_len=events, max_side_tokens=0)
+    eng = RankingMFalcon.from_model(model, max_seq_len=window, max_side_tokens=0)
     lay = eng.layout(hist)
     qt = lay.last_event_time + 3600
     cands = torch.randint(1, 3953, (max(sizes),), generator=torch.Generator().manual_seed(2))
@@ -203,7 +207,7 @@ def ranking_model(args) -> dict:
         check = model(alone_batch(lay, cands[:64], qt))[0]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig()
-        cfg.task, cfg.model, cfg.data.max_seq_len, cfg.data.name = "ranking", mcfg, events, "ml-1m"
+        cfg.task, cfg.model, cfg.data.max_seq_len, cfg.data.name = "ranking", mcfg, window, "ml-1m"
         t0 = time.perf_counter()
         export_ranking_model(model, to_dict(cfg), os.path.join(tmp, "art"),
                              context_names=("gender", "age", "occupation", "zip"))
@@ -237,17 +241,51 @@ def ranking_model(args) -> dict:
             "speedup_vs_per_candidate": round(seq_ms / total, 1),
             "candidates_per_s": round(m / (mf_ms / 1e3)), "artifact_candidates_per_s": round(m / (art_ms / 1e3)),
         })
+    appended = _ranking_append(eng, sm, hist, max(3, rep))
     return {
         "setup": {"model": "HSTURankingModel (configs/ml-1m/ranking-hstu.yaml dims)", "variant": "production",
                   "embedding_dim": 64, "num_layers": 2, "num_heads": 2, "d": 32, "events": events,
                   "history_tokens": T, "contextual": 4, "tasks": 2, "regression": True,
-                  "micro_batch": eng.micro_batch, "threads": torch.get_num_threads(),
+                  "max_seq_len": window, "micro_batch": eng.micro_batch, "threads": torch.get_num_threads(),
                   "per_candidate_subset": PER_CANDIDATE_SUBSET},
         "summary": {"single_candidate_full_pass_ms": round(one_ms / PER_CANDIDATE_SUBSET, 3),
                     "max_abs_logit_error_vs_alone": max_err, "export_s": round(export_s, 1),
                     "artifact_load_s": round(load_s, 2)},
         "rows": rows,
+        "append": appended,
     }
+
+
+def _ranking_append(eng, sm, hist, repeats: int) -> list:
+    """One event appended to the cached history (RankingMFalcon.append) vs encoding the whole new history: CPU
+    medians, rows recomputed, max |difference| of the K/V caches and of the scores of 64 candidates."""
+    from hstu.serving.ranking import RankingHistory, RankingMFalcon
+
+    events = int(hist.item_ids.numel())
+    new = {"item_ids": torch.tensor([17]), "actions": torch.tensor([3]),
+           "timestamps": hist.timestamps[-1:] + 600}
+    full = RankingHistory(torch.cat([hist.item_ids, new["item_ids"]]), torch.cat([hist.actions, new["actions"]]),
+                          torch.cat([hist.timestamps, new["timestamps"]]), hist.context)
+    cands = torch.arange(1, 65)
+    research, _, _ = _ranking_model(events, "research")
+    paths = [("production", "model", eng), ("production", "artifact", sm),
+             ("research", "model", RankingMFalcon.from_model(research, max_seq_len=eng.max_seq_len,
+                                                             max_side_tokens=0))]
+    rows = []
+    for variant, where, e in paths:
+        with torch.inference_mode():
+            base = e.encode(hist)
+            got, ref = e.append(base, new), e.encode(full)
+            t = _paired({"append": lambda: e.append(base, new), "encode": lambda: e.encode(full)}, repeats)
+            rank = e.rank_state if where == "artifact" else e.rank
+            err = max(float((got.k - ref.k).abs().max()), float((got.v - ref.v).abs().max()),
+                      float((rank(got, cands).logits - rank(ref, cands).logits).abs().max()))
+        rows.append({"variant": variant, "path": where, "history_events": events, "appended_events": 1,
+                     "history_tokens": base.length, "rows_recomputed": got.recomputed, "rows_total": got.length,
+                     "append_ms": round(t["append"]["cpu_ms"], 3), "full_encode_ms": round(t["encode"]["cpu_ms"], 3),
+                     "append_over_full_encode": round(t["append"]["cpu_ms"] / t["encode"]["cpu_ms"], 3),
+                     "max_abs_diff_vs_full_encode": err})
+    return rows
 
 
 def retrieval(args) -> dict:

@@ -18,7 +18,10 @@ on a trained ``HSTURankingModel``). One user = one token layout, built here exac
   exact for the production variant, and for the research variant exact except that the op shifts the relative
   POSITION bias of candidate c by c (its layout index is slot + c there; time bias exact when every candidate has
   time qt).
-- outputs: per-task probabilities sigmoid(logits) [m, K] (+ the regression output [m] when the model has one).
+- outputs: per-task probabilities sigmoid(logits) [m, K] (+ the regression output [m] when the model has one);
+- ``append`` (incremental user state): the new full layout is built by the same ``layout`` path, compared row by
+  row with the cached one on every input the dense step reads; the cache is kept up to the first changed row (the
+  whole prefix when that row is a contextual one, which see each other) and only the rows from there on are run.
 """
 
 from __future__ import annotations
@@ -74,12 +77,18 @@ class Layout:
 
 @dataclass(frozen=True)
 class RankingState:
-    """Encoded history of one user: the layout, every layer's K [L, H, T, dqk] / V [L, H, T, dv], query time."""
+    """Encoded history of one user: the layout, every layer's K [L, H, T, dqk] / V [L, H, T, dv], query time.
+
+    history: what ``append`` rebuilds the layout from (int64 tensors; the window's events, the context, the side
+    series by index, run-compressed, without the snapshots no later window can use); recomputed: rows run through
+    the dense step to build this state (``encode``: all T; ``append``: from the first changed row on)."""
 
     layout: Layout
     query_time: int
     k: torch.Tensor
     v: torch.Tensor
+    history: Optional[RankingHistory] = None
+    recomputed: int = 0
 
     @property
     def length(self) -> int:
@@ -167,21 +176,56 @@ def _side_tokens(side: Mapping, names: Sequence[str]) -> Tuple[torch.Tensor, tor
     side: series name or index -> (values, timestamps); names: the model's series (index = feature)."""
     parts = []
     for key, (values, times) in side.items():
-        f = names.index(key) if isinstance(key, str) and key in names else key
-        if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < len(names):
-            raise ValueError(f"side series {key!r}: unknown (this model has {list(names) or 'none'})")
-        v, t = _ids(values, f"side[{key!r}] values"), _ids(times, f"side[{key!r}] timestamps")
-        if v.shape != t.shape:
-            raise ValueError(f"side[{key!r}]: values and timestamps differ in length")
-        first = torch.ones_like(v, dtype=torch.bool)
-        first[1:] = v[1:] != v[:-1]  # only the earliest entry of each run of equal consecutive values
-        parts.append((torch.full_like(v[first], f), v[first], t[first]))
+        f, v, t = _side_series(key, values, times, names)
+        v, t = _compress(v, t)
+        parts.append((torch.full_like(v, f), v, t))
     if not parts:
         z = torch.zeros(0, dtype=torch.int64)
         return z, z, z
     feat, val, ts = (torch.cat([p[i] for p in parts]) for i in range(3))
     order = torch.argsort(ts * (len(names) + 1) + feat, stable=True)
     return feat[order], val[order], ts[order]
+
+
+def _side_series(key: Any, values: Tensorish, times: Tensorish, names: Sequence[str]
+                 ) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """(feature index, values, timestamps) of one side series given by name or index (checked)."""
+    f = names.index(key) if isinstance(key, str) and key in names else key
+    if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < len(names):
+        raise ValueError(f"side series {key!r}: unknown (this model has {list(names) or 'none'})")
+    v, t = _ids(values, f"side[{key!r}] values"), _ids(times, f"side[{key!r}] timestamps")
+    if v.shape != t.shape:
+        raise ValueError(f"side[{key!r}]: values and timestamps differ in length")
+    return f, v, t
+
+
+def _compress(v: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Only the earliest entry of each run of equal consecutive values (idempotent)."""
+    first = torch.ones_like(v, dtype=torch.bool)
+    first[1:] = v[1:] != v[:-1]
+    return v[first], t[first]
+
+
+def stored_history(h: RankingHistory, *, max_seq_len: int, side_names: Sequence[str]) -> RankingHistory:
+    """What a state keeps of its history for ``append``: builds the SAME layout as ``h`` now and after any later
+    events / snapshots. Events before the window are dropped (the window only moves forward; a side token's
+    insertion index then becomes max(0, index − s), which windows, carries and orders it exactly as before);
+    side series are stored run-compressed (compression is idempotent and a new snapshot is compared with the
+    series' last value, which is kept) by feature index, without the snapshots before the window that a later
+    one of the same series supersedes — only those before an existing event: one at or after the last event
+    may still move inside a later window (kept whole when a series is not in time order)."""
+    ids, acts, ts = _ids(h.item_ids, "item_ids"), _ids(h.actions, "actions"), _ids(h.timestamps, "timestamps")
+    s = max(0, int(ts.numel()) - int(max_seq_len))
+    side = {}
+    for key, (values, times) in h.side.items():
+        f, v, t = _side_series(key, values, times, side_names)
+        v, t = _compress(v, t)
+        if t.numel() > 1 and bool((t[1:] >= t[:-1]).all()):
+            ins = torch.searchsorted(ts, t, right=False)  # non-decreasing: t is sorted
+            before = int(((ins <= s) & (ins < ts.numel())).sum())  # ins < n: no later event moves it
+            v, t = v[max(0, before - 1):], t[max(0, before - 1):]
+        side[f] = (v, t)
+    return RankingHistory(ids[s:], acts[s:], ts[s:], _ids(h.context, "context"), side)
 
 
 def _window(feat: torch.Tensor, ins: torch.Tensor, s: int, e: int, max_tokens: int) -> torch.Tensor:
@@ -261,6 +305,11 @@ def _check_range(x: torch.Tensor, lo: int, hi: int, name: str) -> None:
         raise ValueError(f"{name}: ids must lie in {lo}..{hi}, got {int(x.min())}..{int(x.max())}")
 
 
+def _t_next(lay: Layout, qt: int) -> torch.Tensor:
+    """[T] the time each layout row's research rab uses: the next row's timestamp, qt on the last row."""
+    return torch.cat([lay.timestamps[1:], torch.tensor([int(qt)], dtype=torch.int64)])
+
+
 class RankingMFalcon:
     """Encode a user's ranking layout once (KV cache), score candidates in micro-batches -> RankScores."""
 
@@ -315,24 +364,95 @@ class RankingMFalcon:
     @torch.inference_mode()
     def encode(self, history: Any, query_time: Optional[int] = None) -> RankingState:
         """Encode the history layout once -> RankingState; qt defaults to the last event's timestamp."""
-        lay = self.layout(history)
+        h = as_history(history)
+        lay = self.layout(h)
         qt = int(query_time) if query_time is not None else lay.last_event_time
+        kept = stored_history(h, max_seq_len=self.max_seq_len, side_names=self.side_names)
+        return self._extend_from(lay, qt, None, 0, kept)
+
+    @torch.inference_mode()
+    def append(self, state: RankingState, events: Any, query_time: Optional[int] = None) -> RankingState:
+        """New events (and/or side snapshots, a new query time) after a cached history -> the state ``encode`` of
+        the whole history gives, without re-encoding what does not change.
+
+        events: a RankingHistory / dict / tuple of the new item_ids, actions, timestamps (at or after the cached
+        history's last event), optional ``side`` snapshots (at or after each series' last one) and ``context``
+        (empty: keep the state's). qt defaults to the last new event's time (the state's qt without events).
+        The new layout is built as ``encode`` builds it and compared row by row with the cached one on every
+        input of the dense step (token ids, kinds, features, paired items, positions, time gaps, timestamps,
+        research: t_next — production has no rab, no layer reads it); the cache is kept before the first
+        changed row (rows before it are final: causal) and the rows from it on are run — e.g. 2 per new event,
+        + the research old last row (its t_next was qt), + side tokens merged in. A change inside the contextual
+        prefix (whose rows see each other), or a window shift past max_seq_len (the first event changes),
+        re-encodes everything. ``recomputed`` on the result counts the rows run."""
+        if state.history is None:
+            raise ValueError("append: this state has no stored history (build it with encode)")
+        old, new = state.history, as_history(events)
+        ids, acts, ts = _ids(new.item_ids, "item_ids"), _ids(new.actions, "actions"), _ids(new.timestamps,
+                                                                                          "timestamps")
+        if not ids.shape == acts.shape == ts.shape:
+            raise ValueError(f"item_ids, actions and timestamps differ in length: {ids.numel()}, {acts.numel()}, "
+                             f"{ts.numel()}")
+        if ts.numel() and old.timestamps.numel() and int(ts.min()) < int(old.timestamps[-1]):
+            raise ValueError(f"timestamps: new event at {int(ts.min())} before the cached history's last event "
+                             f"({int(old.timestamps[-1])}); events must be appended in time order")
+        side = dict(old.side)
+        for key, (values, times) in new.side.items():
+            f, v, t = _side_series(key, values, times, self.side_names)
+            pv, pt = side.get(f, (v[:0], t[:0]))
+            if t.numel() and pt.numel() and int(t.min()) < int(pt.max()):
+                raise ValueError(f"side[{key!r}] timestamps: new snapshot at {int(t.min())} before the series' last "
+                                 f"cached one ({int(pt.max())}); snapshots must be appended in time order")
+            side[f] = (torch.cat([pv, v]), torch.cat([pt, t]))
+        ctx = _ids(new.context, "context")
+        h = RankingHistory(torch.cat([old.item_ids, ids]), torch.cat([old.actions, acts]),
+                           torch.cat([old.timestamps, ts]), ctx if ctx.numel() else old.context, side)
+        lay = self.layout(h)
+        qt = int(query_time) if query_time is not None else (int(ts[-1]) if ts.numel() else state.query_time)
+        kept = stored_history(h, max_seq_len=self.max_seq_len, side_names=self.side_names)
+        return self._extend_from(lay, qt, state, self._first_change(state, lay, qt), kept)
+
+    def _first_change(self, state: RankingState, lay: Layout, qt: int) -> int:
+        """Rows of state's cache that stay valid for layout ``lay`` at query time qt: the first row whose dense
+        step inputs differ (the old length when the old layout is a prefix of the new one); 0 when that row is
+        inside the contextual prefix or the prefix length changed."""
+        old = state.layout
+        if old.contextual_len != lay.contextual_len:
+            return 0
+        n = min(state.length, int(lay.ids.numel()))
+        diff = torch.zeros(n, dtype=torch.bool)
+        for name in ("ids", "kinds", "features", "paired", "positions", "gaps", "timestamps"):
+            diff |= getattr(old, name)[:n] != getattr(lay, name)[:n]
+        if self.variant == "research":  # the time rab reads t_next (the next row's time; qt on the last row)
+            diff |= _t_next(old, state.query_time)[:n] != _t_next(lay, qt)[:n]
+        changed = diff.nonzero().flatten()
+        first = int(changed[0]) if changed.numel() else n
+        return 0 if first < lay.contextual_len else first
+
+    def _extend_from(self, lay: Layout, qt: int, state: Optional[RankingState], first: int,
+                     history: RankingHistory) -> RankingState:
+        """State of layout ``lay``: state's cache rows < first (final) + rows first.. run through the step."""
         L, H, dqk, dv = self.shape
-        k, v = torch.zeros(L, H, 0, dqk), torch.zeros(L, H, 0, dv)
-        if lay.ids.numel() == 0:
-            return RankingState(lay, qt, k, v)
-        e = self.tables.lookup(lay.ids, lay.kinds, lay.features, lay.paired)
-        t_next = torch.cat([lay.timestamps[1:], torch.tensor([qt], dtype=torch.int64)])
+        if state is None or first == 0:
+            k, v = torch.zeros(L, H, 0, dqk), torch.zeros(L, H, 0, dv)
+        else:
+            k, v = state.k[:, :, :first], state.v[:, :, :first]
+        T = int(lay.ids.numel())
+        if T == first:
+            return RankingState(lay, qt, k, v, history, 0)
+        sl = slice(first, T)
+        e = self.tables.lookup(lay.ids[sl], lay.kinds[sl], lay.features[sl], lay.paired[sl])
+        kinds, pos, gaps, ts, t_next = lay.kinds[sl], lay.positions[sl], lay.gaps[sl], lay.timestamps[sl], \
+            _t_next(lay, qt)[sl]
         ctx = torch.tensor([lay.contextual_len], dtype=torch.int64)
-        z = torch.zeros(0, dtype=torch.int64)
 
         def step(s: int, end: int, k, v, past_pos, past_ts):
-            return self.extend(e[s:end], lay.kinds[s:end], lay.positions[s:end], lay.gaps[s:end],
-                               lay.timestamps[s:end], t_next[s:end], ctx, k, v, past_pos, past_ts)
+            return self.extend(e[s:end], kinds[s:end], pos[s:end], gaps[s:end], ts[s:end], t_next[s:end], ctx, k,
+                               v, past_pos, past_ts)
 
         chunk = max(self.prefill_chunk, lay.contextual_len)  # the prefix must be one block (it sees itself)
-        _, k, v, _, _ = extend_cache(step, k, v, z, z, lay.positions, lay.timestamps, chunk)
-        return RankingState(lay, qt, k, v)
+        _, k, v, _, _ = extend_cache(step, k, v, lay.positions[:first], lay.timestamps[:first], pos, ts, chunk)
+        return RankingState(lay, qt, k, v, history, T - first)
 
     @torch.inference_mode()
     def rank(self, state: RankingState, candidates: Tensorish, candidate_timestamps: Optional[Tensorish] = None,

@@ -2,6 +2,7 @@
 
     ranker = hstu.serving.load("artifacts/ranking", task="ranking")
     out = ranker.rank(history, candidates)       # RankScores(probabilities [m, K], logits [m, K], regression)
+    state = ranker.append(ranker.encode(history), new_events)   # incremental: == encode(history + new_events)
     outs = ranker.rank_batch([h1, h2], [c1, c2])  # several users, jagged candidates
 
 ``history``: a :class:`hstu.serving.ranking.RankingHistory` (or a dict of its fields: item_ids, actions,
@@ -44,6 +45,12 @@ class RankingServingModel:
     def encode(self, history: Any, query_time: Optional[int] = None) -> RankingState:
         """Encode a history layout once (KV cache); qt defaults to the last event's timestamp."""
         return self.engine.encode(history, query_time)
+
+    def append(self, state: RankingState, events: Any, query_time: Optional[int] = None) -> RankingState:
+        """New events (item_ids, actions, timestamps; optional side snapshots) after the cached history -> the
+        state ``encode`` of the whole history gives, recomputing only the rows from the first changed one
+        (``RankingMFalcon.append``; ``state.recomputed`` counts them)."""
+        return self.engine.append(state, events, query_time)
 
     def rank_state(self, state: RankingState, candidates: Tensorish, *,
                    candidate_timestamps: Optional[Tensorish] = None, micro_batch: Optional[int] = None) -> RankScores:

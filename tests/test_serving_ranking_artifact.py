@@ -2,6 +2,7 @@
 serving/ranking_artifact.py): parity with the training model on recorded pairs and on fresh requests (the trainer's
 batch format), batch calls, torch-only imports, precise errors."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -142,6 +143,50 @@ def test_int8_dcp_artifact_matches_training_model(ml1m):
         torch.testing.assert_close(sm.rank(h, cand, query_time=qt).logits, logits, atol=0.05, rtol=0)
 
 
+def _same_state(a, b, tol):
+    for name in ("ids", "kinds", "features", "paired", "timestamps", "positions", "gaps"):
+        assert torch.equal(getattr(a.layout, name), getattr(b.layout, name)), name
+    assert a.query_time == b.query_time and a.recomputed == b.recomputed
+    torch.testing.assert_close(a.k, b.k, **tol)
+    torch.testing.assert_close(a.v, b.v, **tol)
+
+
+def test_artifact_append(synthetic, ml1m, data):
+    """The artifact's ``append`` (exported programs) equals the in-process one and its own full encode."""
+    model, out = synthetic
+    sm = hstu.serving.load(out, task="ranking", verify=False)
+    eng = RankingMFalcon.from_model(model, max_seq_len=MAX_LEN, max_side_tokens=MAX_SIDE, side_names=data.side.names)
+    h = history_of(data, 2, 16)
+    cand = np.arange(1, 20)
+    for n, k in [(3, 1), (4, 3), (7, 4)]:  # no side token in the gap / side tokens merged in / window shift
+        new = {"item_ids": h.item_ids[n:n + k], "actions": h.actions[n:n + k], "timestamps": h.timestamps[n:n + k]}
+        first = RankingHistory(h.item_ids[:n], h.actions[:n], h.timestamps[:n], h.context, h.side)
+        got, mine = sm.append(sm.encode(first), new), eng.append(eng.encode(first), new)
+        whole = RankingHistory(h.item_ids[:n + k], h.actions[:n + k], h.timestamps[:n + k], h.context, h.side)
+        _same_state(got, mine, TOL)
+        torch.testing.assert_close(sm.rank_state(got, cand).logits, sm.rank(whole, cand).logits, **TOL)
+        torch.testing.assert_close(sm.rank_state(got, cand).logits, eng.rank(mine, cand).logits, **TOL)
+        if n + k <= MAX_LEN and n == 3:
+            assert got.recomputed == 2 * k + 1  # research: + the old last row
+        if n + k > MAX_LEN:
+            assert got.recomputed == got.length
+    model, out = ml1m  # production, 4 contextual features, int8 tables
+    sm = hstu.serving.load(out, verify=False)
+    g = torch.Generator().manual_seed(4)
+    ids, acts = torch.randint(1, 81, (9,), generator=g), torch.randint(1, 6, (9,), generator=g)
+    ts = 1_000_000 + torch.randint(1, 9_999, (9,), generator=g).cumsum(0)
+    st = sm.encode(RankingHistory(ids[:5], acts[:5], ts[:5], [1, 0, 21, 29]))
+    st = sm.append(st, (ids[5:6], acts[5:6], ts[5:6]))
+    assert st.recomputed == 2
+    st = sm.append(st, {"item_ids": ids[6:8], "actions": acts[6:8], "timestamps": ts[6:8]}, query_time=int(ts[7]) + 60)
+    assert st.recomputed == 4  # production: no layer reads the query time
+    ref = sm.encode(RankingHistory(ids[:8], acts[:8], ts[:8], [1, 0, 21, 29]), int(ts[7]) + 60)
+    _same_state(sm.append(ref, (ids[8:], acts[8:], ts[8:])), sm.encode(RankingHistory(ids, acts, ts, [1, 0, 21, 29])),
+                TOL)  # the 9th event shifts the window (MAX_LEN = 8): re-encoded
+    _same_state(dataclasses.replace(st, recomputed=ref.recomputed), ref, TOL)
+    torch.testing.assert_close(sm.rank_state(st, cand).logits, sm.rank_state(ref, cand).logits, **TOL)
+
+
 def test_ranking_loader_needs_only_torch(synthetic):
     script = textwrap.dedent(f"""
         import sys
@@ -157,6 +202,8 @@ def test_ranking_loader_needs_only_torch(synthetic):
                  side={{"creator": ([2, 2, 3], [5, 15, 25])}})
         assert m.rank(h, [4, 5]).probabilities.shape == (2, 4)
         assert len(m.rank_batch([h, h], [[1], [2, 3]])) == 2
+        st = m.append(m.encode(h), dict(item_ids=[7], actions=[3], timestamps=[40]))
+        assert st.recomputed == 3 and m.rank_state(st, [4]).logits.shape == (1, 4)
         print("LOADED", sorted(k for k in sys.modules if k.startswith(BLOCKED)))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
