@@ -74,6 +74,7 @@ def test_bad_init_from_is_a_config_error(tmp_path):
     base = TASKS["retrieval"] + COMMON + [f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=1"]
     with pytest.raises(ConfigError, match="train.init_from.*does not exist"):
         train(load_config(None, base + [f"run_dir={tmp_path / 'a'}", f"train.init_from={tmp_path / 'nope.pt'}"]))
+    assert not (tmp_path / "a").exists()  # refused before the run directory is created
     other = tmp_path / "other.pt"
     torch.save({"item_embeddings.table.weight": torch.zeros(3, 8)}, other)
     with pytest.raises(ConfigError, match=r"does not fit this model.*missing.*shapes"):

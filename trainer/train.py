@@ -26,7 +26,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -385,13 +385,18 @@ class _EarlyLog:
                 h.handle(record)
 
 
-def _start(cfg: RunConfig, env: hd.DistEnv):
-    """Rank 0's run_dir for all ranks; resume decision (rank 0's); run_dir / checkpoint dir preparation.
-    Returns (cfg, checkpoint path to resume from or None)."""
+def _resume_point(cfg: RunConfig, env: hd.DistEnv):
+    """Rank 0's run_dir for all ranks and its resume decision (reads only). Returns (cfg, checkpoint path to
+    resume from or None)."""
     cfg = dataclasses.replace(cfg, run_dir=env.broadcast_object(resolve_run_dir(cfg).run_dir))
+    resume_from = env.broadcast_object(ckpt.latest_checkpoint(ckpt.checkpoint_dir(cfg))
+                                       if cfg.train.resume and env.is_main else None)
+    return cfg, resume_from
+
+
+def _start(cfg: RunConfig, env: hd.DistEnv, resume_from: Optional[str]) -> None:
+    """run_dir / checkpoint dir preparation (rank 0), config.yaml, train.log."""
     ckpt_dir = ckpt.checkpoint_dir(cfg)
-    resume_from = env.broadcast_object(ckpt.latest_checkpoint(ckpt_dir) if cfg.train.resume and env.is_main
-                                       else None)
     removed = []
     if env.is_main:
         removed = rd.prepare_run_dir(cfg.run_dir, keep=resume_from is not None)
@@ -403,7 +408,6 @@ def _start(cfg: RunConfig, env: hd.DistEnv):
     setup_logging(cfg.run_dir if env.is_main else None, level=logging.INFO if env.is_main else logging.WARNING)
     if removed:
         log.warning("run_dir %s held a previous run; replaced its %s", cfg.run_dir, ", ".join(removed))
-    return cfg, resume_from
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -417,9 +421,10 @@ def train(cfg: RunConfig) -> TrainResult:
 
 
 def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
-    # data and model first: bad data or config fails here, before the run directory is created or a previous
-    # run's files in it are replaced; what they log is kept and written to train.log once it exists
+    # data, model and init weights first: bad input fails here, before the run directory is created or a
+    # previous run's files in it are replaced; what they log is kept and written to train.log once it exists
     early = _EarlyLog(env)
+    cfg, resume_from = _resume_point(cfg, env)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
@@ -427,9 +432,6 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
     task = make_task(cfg)
     data = task.build_data(env)
     model = task.build_model(device)
-    cfg, resume_from = _start(cfg, env)
-    task.cfg = cfg
-    early.replay()
     if cfg.train.init_from and not resume_from:  # before sharding: the sharded tables copy the plain ones
         from hstu.trainer.plain_weights import load_plain_weights
 
@@ -438,6 +440,8 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
                  cfg.train.init_from)
     elif cfg.train.init_from:
         log.info("train.init_from ignored: resuming from %s", resume_from)
+    _start(cfg, env, resume_from)
+    early.replay()
     sparse_optimizer = sparse_scheduler = None
     if env.sharded:
         model, sparse_optimizer = hd.shard_model(model, cfg, env)
