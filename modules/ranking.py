@@ -193,12 +193,7 @@ class HSTURankingModel(nn.Module):
     def encode(self, batch: Any) -> torch.Tensor:
         """RankingBatch -> [T, D] contextualised token states."""
         e = self.tables.token_embeddings(batch, self.spec.action_with_item)
-        pos = batch.positions.clamp(max=self.max_tokens - 1)
-        h = e * math.sqrt(self.dim) + self.kind_embeddings(batch.token_kinds) + self.position_embeddings(pos)
-        if self.time_embeddings is not None:
-            h = h + self.time_embeddings(time_bucket_ids(batch.time_gaps, self.time_bucket_base,
-                                                         self.num_time_buckets))
-        h = self.input_dropout(h)
+        h = self.input_dropout(self.input_embeddings(e, batch.token_kinds, batch.positions, batch.time_gaps))
         nt = batch.num_targets if int(batch.num_targets.sum()) > 0 else None
         for layer in self.layers:
             h = layer(h, batch.offsets, int(batch.max_len), batch.timestamps if self.research else None,

@@ -161,7 +161,7 @@ class RankingTask:
             raise ConfigError(f"key 'ranking.regression_weight' > 0 but {cfg.data.name} has no regression target")
         if rc.num_eval_targets < 1:
             raise ConfigError(f"key 'ranking.num_eval_targets' must be >= 1, got {rc.num_eval_targets}")
-        validate_ranking_stream(cfg)
+        validate_ranking_stream(cfg)  # again: a config mutated after load_config (tests/test_ranking_stream.py)
         sharding = getattr(cfg, "sharding", None)
         if sharding is not None and sharding.enabled and sharding.pipeline != "none":
             raise ConfigError(f"key 'sharding.pipeline' = {sharding.pipeline!r}: task=ranking supports 'none' (the "
@@ -216,15 +216,11 @@ class RankingTask:
             side_vocab=tuple(data.side_vocab), task_names=tuple(data.task_names),
             regression=rc.regression_weight > 0, max_tokens=C + 2 * cfg.data.max_seq_len + max_side + 1,
             action_with_item=rc.action_with_item, head_hidden_dim=rc.head_hidden_dim)
-        if self.streaming():
-            log.info("ranking data %s (streaming): %d train users generated per batch, %d eval users (%d events) "
-                     "held, tasks %s, contextual %s, side series %s", cfg.data.name, train.num_sequences,
-                     data.num_users, data.num_events, list(data.task_names), list(data.context_names),
-                     list(data.side.names) if data.side is not None else [])
-        else:
-            log.info("ranking data %s: %d users, %d events, tasks %s, contextual %s, side series %s",
-                     cfg.data.name, data.num_users, data.num_events, list(data.task_names), list(data.context_names),
-                     list(data.side.names) if data.side is not None else [])
+        held = (f" (streaming, {train.num_sequences} train users generated per batch), held eval set:"
+                if self.streaming() else ":")
+        log.info("ranking data %s%s %d users, %d events, tasks %s, contextual %s, side series %s", cfg.data.name,
+                 held, data.num_users, data.num_events, list(data.task_names), list(data.context_names),
+                 list(data.side.names) if data.side is not None else [])
         self.eval_loader = evaluation
         return TaskData(train, evaluation, data.num_items, int(train.num_sequences), data)
 
