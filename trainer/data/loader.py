@@ -58,6 +58,26 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers only gather rows
 
 
+def num_global_batches(num_rows: int, batch_size: int, world_size: int) -> int:
+    """Global batches per epoch (the same on every rank): ceil(num_rows / batch_size), one fewer when
+    world_size > 1 merges a tail smaller than world_size into the batch before (see global_batch_slices)."""
+    n = -(-num_rows // batch_size)
+    tail = num_rows - (n - 1) * batch_size
+    return n - 1 if world_size > 1 and n > 1 and tail < world_size else n
+
+
+def global_batch_slices(order: np.ndarray, batch_size: int, rank: int, world_size: int) -> List[np.ndarray]:
+    """``order`` [R] cut into global batches of ``batch_size`` -> this rank's contiguous slice of each (the
+    r-th of ``np.array_split(batch, world_size)``); with world_size > 1 a last batch smaller than world_size
+    is merged into the one before, so no rank gets an empty batch. Shared by SequenceLoader and RankingLoader."""
+    batches = [order[i : i + batch_size] for i in range(0, order.size, batch_size)]
+    if world_size == 1:
+        return batches
+    if len(batches) > 1 and batches[-1].size < world_size:
+        batches[-2:] = [np.concatenate(batches[-2:])]
+    return [np.array_split(b, world_size)[rank] for b in batches]
+
+
 class SequenceLoader:
     """Iterable of JaggedBatch; one ``for`` loop = (the rest of) one epoch.
 
@@ -105,9 +125,7 @@ class SequenceLoader:
 
     def __len__(self) -> int:
         """Batches per epoch (the same on every rank)."""
-        n = -(-self.rows.size // self.batch_size)
-        tail = self.rows.size - (n - 1) * self.batch_size
-        return n - 1 if self.world_size > 1 and n > 1 and tail < self.world_size else n
+        return num_global_batches(self.rows.size, self.batch_size, self.world_size)
 
     @property
     def num_sequences(self) -> int:
@@ -118,12 +136,7 @@ class SequenceLoader:
         rows = self.rows
         if self.shuffle:
             rows = rows[np.random.default_rng(self.seed + epoch).permutation(rows.size)]
-        batches = [rows[i : i + self.batch_size] for i in range(0, rows.size, self.batch_size)]
-        if self.world_size == 1:
-            return batches
-        if len(batches) > 1 and batches[-1].size < self.world_size:
-            batches[-2:] = [np.concatenate(batches[-2:])]
-        return [np.array_split(b, self.world_size)[self.rank] for b in batches]
+        return global_batch_slices(rows, self.batch_size, self.rank, self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first batch (no-op when already positioned inside that epoch)."""

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from hstu.trainer.data.errors import DataError
+from hstu.trainer.data.loader import global_batch_slices, num_global_batches
 from hstu.trainer.data.sequences import gather_ranges
 from hstu.trainer.data.sequentialize import window_side_tokens
 
@@ -204,9 +205,7 @@ class RankingLoader:
 
     def __len__(self) -> int:
         """Batches per epoch (the same on every rank)."""
-        n = -(-self.rows.size // self.batch_size)
-        tail = self.rows.size - (n - 1) * self.batch_size
-        return n - 1 if self.world_size > 1 and n > 1 and tail < self.world_size else n
+        return num_global_batches(self.rows.size, self.batch_size, self.world_size)
 
     @property
     def num_sequences(self) -> int:
@@ -217,12 +216,7 @@ class RankingLoader:
         idx = np.arange(self.rows.size)
         if self.shuffle:
             idx = np.random.default_rng(self.seed + epoch).permutation(self.rows.size)
-        batches = [idx[i:i + self.batch_size] for i in range(0, idx.size, self.batch_size)]
-        if self.world_size == 1:
-            return batches
-        if len(batches) > 1 and batches[-1].size < self.world_size:
-            batches[-2:] = [np.concatenate(batches[-2:])]
-        return [np.array_split(b, self.world_size)[self.rank] for b in batches]
+        return global_batch_slices(idx, self.batch_size, self.rank, self.world_size)
 
     def batch(self, sel: np.ndarray) -> RankingBatch:
         return build_ranking_batch(self.data, self.rows[sel], self.starts[sel], self.ends[sel],
