@@ -96,19 +96,28 @@ def reference_user_vector(model, ids, ts, qt: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- export
-def export_dense_programs(encoder, l2_norm: bool, eps: float):
-    """(extend, score) ExportedPrograms of the encoder's serving step, dynamic in rows M and cached rows N."""
+EXAMPLE_ROWS, EXAMPLE_PAST = 5, 7  # m new rows after n cached ones: the example inputs of torch.export
+
+
+def export_example_cache(layers):
+    """What both serving steps' torch.export needs about the KV cache: (M, ts, past, past_shapes) — the dynamic
+    row dim M, timestamps ts [n + m], an example cache past = (k [L, H, n, dqk], v [L, H, n, dv], past_pos [n],
+    past_ts [n]) and its dynamic shapes (cached rows N >= 0)."""
     from torch.export import Dim
 
-    layer = encoder.layers[0]
-    L, H, D = len(encoder.layers), layer.num_heads, encoder.embedding_dim
-    dqk, dv = layer.attention_dim, layer.linear_dim
+    layer, n, m = layers[0], EXAMPLE_PAST, EXAMPLE_ROWS
+    L, H, dqk, dv = len(layers), layer.num_heads, layer.attention_dim, layer.linear_dim
     M, N = Dim("rows", min=1, max=1 << 24), Dim("past", min=0, max=1 << 24)
-    m, n = 5, 7
     ts = torch.arange(1_000_000, 1_000_000 + 100 * (n + m), 100)
     past = (torch.randn(L, H, n, dqk), torch.randn(L, H, n, dv), torch.arange(n), ts[:n])
-    rows = (torch.randn(m, D), torch.arange(n, n + m), ts[n:], ts[n:] + 50, ts[n:] + 99)
-    past_shapes = ({2: N}, {2: N}, {0: N}, {0: N})
+    return M, ts, past, ({2: N}, {2: N}, {0: N}, {0: N})
+
+
+def export_dense_programs(encoder, l2_norm: bool, eps: float):
+    """(extend, score) ExportedPrograms of the encoder's serving step, dynamic in rows M and cached rows N."""
+    M, ts, past, past_shapes = export_example_cache(encoder.layers)
+    m, n = EXAMPLE_ROWS, EXAMPLE_PAST
+    rows = (torch.randn(m, encoder.embedding_dim), torch.arange(n, n + m), ts[n:], ts[n:] + 50, ts[n:] + 99)
     one = (torch.tensor([n]), ts[n:n + 1], ts[n:n + 1], ts[n:n + 1])
     with torch.no_grad():
         extend = torch.export.export(DenseStep(encoder, l2_norm, False, eps).eval(), rows + past,

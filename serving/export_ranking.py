@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from hstu.serving.export import EXTEND_FILE, RECORDS_FILE, SCORE_FILE, check_out, manifest_head, write_artifact
+from hstu.serving.export import EXAMPLE_PAST, EXAMPLE_ROWS, EXTEND_FILE, RECORDS_FILE, SCORE_FILE, check_out, \
+    export_example_cache, manifest_head, write_artifact
 from hstu.serving.ranking import KIND_ITEM, STEP_INPUTS, Layout, RankingHistory, RankingMFalcon, RankingStep, \
     TokenTables, history_from_record, side_columns
 from hstu.serving.retrieval import EMBEDDING_DTYPES, ItemTable
@@ -162,19 +163,11 @@ def _without_tables(model):
 
 def export_ranking_programs(model):
     """(extend, score) ExportedPrograms of the ranking serving step, dynamic in rows M and cached rows N."""
-    from torch.export import Dim
-
     model = _without_tables(model)
-    layer = model.layers[0]
-    L, H, D = len(model.layers), layer.num_heads, model.dim
-    dqk, dv = layer.attention_dim, layer.linear_dim
-    M, N = Dim("rows", min=1, max=1 << 24), Dim("past", min=0, max=1 << 24)
-    m, n = 5, 7
-    ts = torch.arange(1_000_000, 1_000_000 + 100 * (n + m), 100)
-    past = (torch.randn(L, H, n, dqk), torch.randn(L, H, n, dv), torch.arange(n), ts[:n])
-    past_shapes = ({2: N}, {2: N}, {0: N}, {0: N})
-    rows = (torch.randn(m, D), torch.tensor([0, 1, 2, 1, 3]), torch.arange(n, n + m), torch.arange(m) * 30, ts[n:],
-            ts[n:] + 50)
+    M, ts, past, past_shapes = export_example_cache(model.layers)
+    m, n = EXAMPLE_ROWS, EXAMPLE_PAST
+    rows = (torch.randn(m, model.dim), torch.tensor([0, 1, 2, 1, 3]), torch.arange(n, n + m), torch.arange(m) * 30,
+            ts[n:], ts[n:] + 50)
     ctx = torch.tensor([2])
     one = (torch.tensor([KIND_ITEM]), torch.tensor([n]), torch.arange(m) * 30, ts[n:n + 1], ts[n:n + 1])
     with torch.no_grad():
