@@ -120,7 +120,7 @@ def run_point(D: int, layers: int, L: int, steps: int, tail: int, cache_dir: str
                                     f"model.linear_dim={D // heads}"])
     torch.manual_seed(0)
     seqs = load_sequences(cfg.data, progress=False)
-    train_loader, eval_loader = build_loaders(cfg.data, seqs)
+    train_loader, _, eval_loader = build_loaders(cfg.data, seqs)  # test split
     model = build_model(cfg, seqs.num_items)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     gen = torch.Generator().manual_seed(1)

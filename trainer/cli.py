@@ -181,16 +181,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def format_result(result: Dict[str, Any]) -> str:
-    """A compact metrics table: best epoch vs final epoch vs the task's baseline (most-popular for retrieval,
-    per-item rate for ranking)."""
+    """A compact metrics table: at the selected epoch the selection split's (validation) and the test metrics,
+    the test metrics at the final epoch, and the task's baseline (most-popular for retrieval, per-item rate for
+    ranking) on the test split."""
     best, final, base = result["best_metrics"], result["final_metrics"], result.get("baseline_metrics") or {}
-    lines = [f"{'metric':<10}{'best (epoch ' + str(result['best_epoch']) + ')':>18}{'final':>10}{'baseline':>14}"]
+    valid = (result.get("selected") or {}).get("validation") or {}
+    final_epoch = (result.get("final") or {}).get("epoch", result.get("epochs_run"))
+    fmt = lambda x: f"{x:.4f}" if x is not None else "-"  # noqa: E731
+    cols = [f"valid @{result['best_epoch']}"] if valid else []
+    cols += [f"test @{result['best_epoch']}", f"test final @{final_epoch}", "baseline"]
+    lines = [f"selected on {result.get('select_on', 'test')} {result['selection_metric']}: epoch {result['best_epoch']}",
+             f"{'metric':<10}" + "".join(f"{c:>16}" for c in cols)]
     for name in best:
         if name == "num_users":
             continue
-        b = base.get(name)
-        lines.append(f"{name:<10}{best[name]:>18.4f}{final.get(name, float('nan')):>10.4f}"
-                     f"{(f'{b:.4f}' if b is not None else '-'):>14}")
+        cells = ([valid.get(name)] if valid else []) + [best[name], final.get(name), base.get(name)]
+        lines.append(f"{name:<10}" + "".join(f"{fmt(c):>16}" for c in cells))
     lines.append(f"{result['epochs_run']} epochs, {result['steps']} steps, {result['train_seconds']:.1f} s training, "
                  f"{result['tokens_per_second']:,.0f} tokens/s; run dir {result['run_dir']} (results.json)")
     return "\n".join(lines)
@@ -225,7 +231,7 @@ def evaluate_run(run_dir: str, overrides: Sequence[str] = (), checkpoint: Option
         model = task.build_model(dev)
         model.load_state_dict(torch.load(ckpt, map_location=dev, weights_only=True))
         return {"run_dir": run_dir, "checkpoint": ckpt, "metrics": task.evaluate(model, dev)}
-    seqs, _, eval_loader = build_data(cfg)
+    seqs, _, _, eval_loader = build_data(cfg)  # the test split
     model = build_model_for(cfg, seqs.num_items, dev)
     model.load_state_dict(torch.load(ckpt, map_location=dev, weights_only=True))
     out: Dict[str, Any] = {"run_dir": run_dir, "checkpoint": ckpt,

@@ -22,6 +22,8 @@ import yaml
 from hstu.trainer.parallel.config import ShardingConfig
 from hstu.trainer.ranking_config import RankingConfig
 
+TIE_ORDERS = ("random", "file", "item_id")  # data.tie_order (trainer/data/sequences.py)
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key, value and source."""
@@ -52,11 +54,14 @@ class DataConfig:
     data_dir: Optional[str] = None  # directory with the raw files; None -> download (or generate for synthetic)
     cache_dir: str = "~/.cache/hstu"  # preprocessed-sequence cache, keyed by source checksum + options
     max_seq_len: int = 200  # keep the last N items of each user (history length cap)
-    min_seq_len: int = 3  # users with fewer events are dropped (need >=1 train target + 1 eval target)
+    min_seq_len: int = 4  # users with fewer events are dropped (retrieval needs >= 4: 1 train target + validation
+    # target + test target; ranking >= 2)
     batch_size: int = 128
     eval_batch_size: int = 256
     num_workers: int = 0  # DataLoader worker processes (persistent); 0 = in-process
-    seed: int = 42  # shuffling seed (epoch e uses seed + e)
+    seed: int = 42  # shuffling seed (epoch e uses seed + e); also seeds tie_order=random
+    # order of a user's events with equal timestamps: random (seeded shuffle, data.seed) | file | item_id
+    tie_order: str = "random"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -146,6 +151,7 @@ class EvalConfig:
     remove_history: bool = True  # GR's code removes history items from the ranking
     item_chunk_size: int = 65536  # items scored per chunk (memory bound for large catalogs)
     selection_metric: str = "ndcg@10"  # best-epoch selection
+    select_on: str = "validation"  # split the best epoch is selected on: validation | test (docs/model.md)
     popularity_baseline: bool = True  # also evaluate the most-popular baseline once per run (logged, results.json)
 
 
@@ -341,6 +347,8 @@ def validate(cfg: RunConfig) -> None:
         "ops.backend": (cfg.ops.backend, {"pytorch", "triton"}),
         "train.device": (cfg.train.device.split(":")[0], {"cpu", "cuda"}),
         "train.dtype": (cfg.train.dtype, {"float32", "bfloat16"}),
+        "data.tie_order": (cfg.data.tie_order, set(TIE_ORDERS)),
+        "eval.select_on": (cfg.eval.select_on, {"validation", "test"}),
     }
     for key, (val, allowed) in choices.items():
         if val not in allowed:
@@ -363,8 +371,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"key 'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
     if cfg.loss.temperature <= 0:
         raise ConfigError(f"key 'loss.temperature' must be > 0, got {cfg.loss.temperature}")
-    if cfg.data.min_seq_len < 2:
-        raise ConfigError(f"key 'data.min_seq_len' must be >= 2, got {cfg.data.min_seq_len}")
+    min_len = 4 if cfg.task == "retrieval" else 2  # retrieval: a train target + the validation and test targets
+    if cfg.data.min_seq_len < min_len:
+        raise ConfigError(f"key 'data.min_seq_len' must be >= {min_len} for task={cfg.task} (retrieval: one train "
+                          f"target + the validation and test targets), got {cfg.data.min_seq_len}")
     try:
         cfg.sharding.validate()
     except ValueError as e:

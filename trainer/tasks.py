@@ -5,10 +5,12 @@ eval cadence, best epoch, logging, checkpoints) is shared::
 
     task = make_task(cfg)            # RetrievalTask | RankingTask
     task.check_config()              # raises ConfigError
-    data = task.build_data(env)      # TaskData(train_loader, eval_loader, num_items, num_users, source)
+    data = task.build_data(env)      # TaskData(train_loader, eval_loader, num_items, num_users, source, valid_loader)
     model = task.build_model(device)
     loss = task.compute_loss(model, batch, ctx)        # batch: the loop's PreparedBatch (on the device)
-    metrics = task.evaluate(model, ctx)                # {name: value}
+    task.eval_splits()                                 # ("validation", "test") | ("test",)
+    metrics = task.evaluate(model, ctx, split="test")  # {name: value}
+    task.data_description()                            # {"tie_order": ..., ...} for results.json
     task.metric_names(); task.selection_value(metrics) # higher is better
     task.baseline(metrics_logger, env)                 # logged once per run ({} if none)
     task.plain_state_dict(model)                       # sharded path: best.pt as the plain model's state_dict
@@ -42,10 +44,11 @@ class TaskData:
     """What a task's build_data returns: loaders, catalogue size, user count and the underlying dataset."""
 
     train_loader: Any
-    eval_loader: Any
+    eval_loader: Any  # the test split
     num_items: int
     num_users: int
     source: Any = None  # retrieval: UserSequences; ranking: RankingData
+    valid_loader: Any = None  # the validation split (retrieval); None when the task has none
 
 
 def make_task(cfg: RunConfig):
@@ -81,12 +84,22 @@ class RetrievalTask:
     def selection_value(self, metrics: Dict[str, float]) -> float:
         return metrics[self.cfg.eval.selection_metric]
 
+    def eval_splits(self) -> tuple:
+        """Leave-one-out with validation: second-to-last item (validation), last item (test)."""
+        return ("validation", "test")
+
+    def data_description(self) -> Dict[str, Any]:
+        from hstu.trainer.data import tie_options
+
+        return {"split": "leave-one-out (validation: second-to-last item, test: last item)",
+                **tie_options(self.cfg.data)}
+
     def build_data(self, env=None) -> TaskData:
         from hstu.trainer import train as train_mod
 
         rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
-        seqs, train_loader, eval_loader = train_mod.build_data(self.cfg, rank, world)
-        self.data = TaskData(train_loader, eval_loader, seqs.num_items, seqs.num_users, seqs)
+        seqs, train_loader, valid_loader, test_loader = train_mod.build_data(self.cfg, rank, world)
+        self.data = TaskData(train_loader, test_loader, seqs.num_items, seqs.num_users, seqs, valid_loader)
         return self.data
 
     def build_model(self, device: torch.device) -> torch.nn.Module:
@@ -99,12 +112,16 @@ class RetrievalTask:
 
         return train_mod.compute_loss(model, batch, ctx)
 
-    def evaluate(self, model, ctx) -> Dict[str, float]:
+    def evaluate(self, model, ctx, split: str = "test") -> Dict[str, float]:
+        """Full-ranking metrics of ``split`` (validation | test); collective with N ranks."""
         from hstu.trainer import distributed as hd
         from hstu.trainer.evaluate import evaluate
 
         env = ctx.env
-        return evaluate(hd.unwrap(model), ctx.eval_loader, ctx.num_items, self.cfg.eval, ctx.device,
+        loader = {"test": ctx.eval_loader, "validation": getattr(ctx, "valid_loader", None)}[split]
+        if loader is None:
+            raise ValueError(f"no {split} loader in this context")
+        return evaluate(hd.unwrap(model), loader, ctx.num_items, self.cfg.eval, ctx.device,
                         reduce=env.all_reduce_sum if env.world_size > 1 else None)
 
     def baseline(self, metrics, env) -> Dict[str, float]:
@@ -180,6 +197,20 @@ class RankingTask:
         if math.isnan(v):
             return -math.inf
         return v if higher_is_better(name) else -v
+
+    def eval_splits(self) -> tuple:
+        """The chronological split holds out the last K events as eval candidates; there is no validation split
+        yet, so the best epoch is selected on these (results.json select_on = "test")."""
+        return ("test",)
+
+    def data_description(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"split": f"chronological, last {self.cfg.ranking.num_eval_targets} events per user "
+                                        "(no validation split)"}
+        if self.cfg.data.name == "ml-1m":
+            from hstu.trainer.data import tie_options
+
+            out.update(tie_options(self.cfg.data))
+        return out
 
     # -- data / model
     def streaming(self) -> bool:
@@ -292,11 +323,13 @@ class RankingTask:
         keys = ordered[0].keys() if ordered else ()
         return {k: np.concatenate([p[k] for p in ordered]) for k in keys}
 
-    def evaluate(self, model, ctx) -> Dict[str, float]:
-        """NE / AUC / GAUC per task over ALL eval candidates (``ctx``: the TrainContext, or a device). With N
+    def evaluate(self, model, ctx, split: str = "test") -> Dict[str, float]:
+        """NE / AUC / GAUC per task over ALL eval candidates (``split``: only "test" exists) (``ctx``: the TrainContext, or a device). With N
         ranks the predictions are gathered on rank 0, which computes the metrics and broadcasts them."""
         from hstu.trainer.ranking_metrics import ranking_metrics
 
+        if split != "test":
+            raise ValueError(f"task=ranking has no {split!r} split (only 'test')")
         env = getattr(ctx, "env", None)
         p = self.predict(model, getattr(ctx, "device", ctx), env)
         metrics = None

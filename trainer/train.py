@@ -3,9 +3,11 @@ retrieval (sampled softmax, full-ranking eval; the functions below) or ranking (
 
 Per run: seed → data (load_sequences / build_loaders) → model (build_model) → AdamW (+ linear warmup) →
 epochs of ``train_one_epoch`` (optional Stochastic Length) with ``run_evaluation`` every
-``train.eval_every_epochs`` epochs and after the last one. The best epoch (by ``eval.selection_metric``) is
-saved to run_dir/best.pt; everything is logged to metrics.jsonl / TensorBoard / train.log and summarised in
-results.json. Epochs are 1-based. A NaN/inf loss raises :class:`NonFiniteLossError` before any parameter
+``train.eval_every_epochs`` epochs and after the last one. Each evaluation scores every split the task has
+(retrieval: validation = second-to-last item, test = last item; ranking: test only); the best epoch is the one
+whose ``eval.select_on`` split (default validation) scores best on ``eval.selection_metric``, its weights are
+run_dir/best.pt, and the test metrics are reported at that selected epoch and at the final one (results.json
+``selected`` / ``final``). Everything is logged to metrics.jsonl / TensorBoard / train.log. Epochs are 1-based. A NaN/inf loss raises :class:`NonFiniteLossError` before any parameter
 update (best.pt stays untouched).
 
 The same loop runs in 1 or N processes (docs/distributed.md): with ``sharding.enabled`` the item table (ranking:
@@ -55,15 +57,19 @@ class TrainResult:
 
     run_dir: str
     selection_metric: str
-    best_epoch: int  # 1-based epoch whose evaluation scored best
-    best_metrics: Dict[str, float]
-    final_metrics: Dict[str, float]
+    best_epoch: int  # 1-based epoch selected (best eval.selection_metric on the select_on split)
+    best_metrics: Dict[str, float]  # TEST metrics at the selected epoch
+    final_metrics: Dict[str, float]  # TEST metrics at the final epoch
     baseline_metrics: Dict[str, float]  # most-popular baseline ({} when eval.popularity_baseline is false)
     epochs_run: int
     steps: int
     train_tokens: int  # training tokens processed (after Stochastic Length)
     train_seconds: float  # time inside train_one_epoch (evaluation excluded)
     tokens_per_second: float  # training tokens (after Stochastic Length) / train_seconds
+    select_on: str = "test"  # split the epoch was selected on (validation | test; ranking has test only)
+    selected: Dict[str, Any] = field(default_factory=dict)  # {"epoch", "validation": {...}, "test": {...}}
+    final: Dict[str, Any] = field(default_factory=dict)  # same at the final epoch
+    data: Dict[str, Any] = field(default_factory=dict)  # how the data was cut: tie_order (+ tie_seed), ...
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,13 +83,14 @@ class TrainContext:
     device: torch.device
     num_items: int
     train_loader: Any
-    eval_loader: Any
+    eval_loader: Any  # the test split
     metrics: MetricsLogger
     neg_generator: torch.Generator  # negatives for the sampled softmax
     sl_generator: torch.Generator  # Stochastic Length
     env: hd.DistEnv = field(default_factory=hd.DistEnv)  # rank / world / device / sharded
     item_embeddings: Any = None  # the CollectionItemEmbeddings of a sharded model (prefetch), else None
     task: Any = None  # the run's task (trainer/tasks.py): loss, evaluation, metric names
+    valid_loader: Any = None  # the validation split (retrieval), None when the task has none
 
 
 @dataclass
@@ -101,8 +108,11 @@ class TrainState:
     train_seconds: float = 0.0
     best_value: float = -math.inf
     best_epoch: int = 0
-    best_metrics: Dict[str, float] = field(default_factory=dict)
-    final_metrics: Dict[str, float] = field(default_factory=dict)
+    best_metrics: Dict[str, float] = field(default_factory=dict)  # test metrics at the selected epoch
+    final_metrics: Dict[str, float] = field(default_factory=dict)  # test metrics at the latest evaluation
+    best_validation: Dict[str, float] = field(default_factory=dict)  # validation metrics at the selected epoch
+    final_validation: Dict[str, float] = field(default_factory=dict)  # validation metrics at the latest eval
+    final_epoch: int = 0  # epoch of the latest evaluation
     baseline_metrics: Dict[str, float] = field(default_factory=dict)
     epoch_loss_sum: float = 0.0  # over the steps of the current epoch (kept across a resume)
     epoch_steps: int = 0
@@ -225,7 +235,8 @@ def _steps_left(state: TrainState, cfg: RunConfig) -> bool:
 def _meta(state: TrainState) -> Dict[str, Any]:
     """JSON-able run state for a checkpoint (see trainer/checkpoint.py)."""
     keys = ("step", "epoch", "tokens", "train_seconds", "best_value", "best_epoch", "best_metrics",
-            "final_metrics", "baseline_metrics", "epoch_loss_sum", "epoch_steps")
+            "final_metrics", "best_validation", "final_validation", "final_epoch", "baseline_metrics",
+            "epoch_loss_sum", "epoch_steps")
     return {**{k: getattr(state, k) for k in keys}, "scheduler": ckpt._scheduler_state(state.scheduler),
             "sparse_scheduler": ckpt._scheduler_state(state.sparse_scheduler)}
 
@@ -296,16 +307,38 @@ def train_one_epoch(state: TrainState, ctx: TrainContext) -> Dict[str, float]:
     return {"loss": mean_loss, "seconds": seconds, "tokens_per_second": tps}
 
 
+def selection_split(cfg: RunConfig, splits) -> str:
+    """The split the best epoch is selected on: ``eval.select_on`` when the task evaluates it, else "test"
+    (ranking has no validation split yet)."""
+    return cfg.eval.select_on if cfg.eval.select_on in splits else "test"
+
+
+def is_improvement(value: float, best_value: float) -> bool:
+    """Selection rule: strictly better than every earlier evaluation (ties keep the earlier epoch)."""
+    return value > best_value
+
+
+# metrics.jsonl kind / TensorBoard prefix per split: the test split keeps the historical "eval" name
+SPLIT_LOG_KIND = {"test": "eval", "validation": "valid"}
+
+
 def run_evaluation(state: TrainState, ctx: TrainContext) -> Dict[str, float]:
-    """Full-ranking eval; records it in metrics.jsonl and saves best.pt when the selection metric improves."""
+    """Full-ranking eval of every split of the task (validation and test for retrieval); logs each split to
+    metrics.jsonl (kinds "valid" / "eval") and saves best.pt when the selection split's metric improves. The
+    test metrics never influence the selection unless ``eval.select_on=test``. Returns the test metrics."""
     cfg, env = ctx.cfg, ctx.env
+    splits = ctx.task.eval_splits()
     t0 = time.perf_counter()
     with _autocast(cfg, ctx.device):
-        metrics = ctx.task.evaluate(state.model, ctx)
-    value = ctx.task.selection_value(metrics)
-    is_best = value > state.best_value
+        by_split = {split: ctx.task.evaluate(state.model, ctx, split=split) for split in splits}
+    seconds = time.perf_counter() - t0
+    metrics = by_split["test"]
+    validation = by_split.get("validation", {})
+    value = ctx.task.selection_value(by_split[selection_split(cfg, splits)])
+    is_best = is_improvement(value, state.best_value)
     if is_best:
         state.best_value, state.best_epoch, state.best_metrics = value, state.epoch, dict(metrics)
+        state.best_validation = dict(validation)
         best = os.path.join(cfg.run_dir, rd.CHECKPOINT_FILE)
         if env.sharded:  # best.pt holds the plain model's state_dict (gathered tables): `hstu eval`
             tensors = ctx.task.plain_state_dict(state.model)  # collective
@@ -313,10 +346,12 @@ def run_evaluation(state: TrainState, ctx: TrainContext) -> Dict[str, float]:
                 rd.save_tensors(tensors, best)
         else:
             rd.save_state_dict(state.model, best)
-    state.final_metrics = dict(metrics)
-    ctx.metrics.log_eval(state.step, state.epoch, metrics, is_best=is_best, seconds=time.perf_counter() - t0)
-    shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ctx.task.metric_names() if k in metrics)
-    log.info("eval epoch %d: %s%s", state.epoch, shown, " (best)" if is_best else "")
+    state.final_metrics, state.final_validation, state.final_epoch = dict(metrics), dict(validation), state.epoch
+    for split, m in by_split.items():
+        ctx.metrics.log(SPLIT_LOG_KIND[split], state.step, epoch=state.epoch, **m, split=split, is_best=is_best,
+                        seconds=seconds)
+        shown = ", ".join(f"{k} {m[k]:.4f}" for k in ctx.task.metric_names() if k in m)
+        log.info("eval epoch %d %s: %s%s", state.epoch, split, shown, " (selected so far)" if is_best else "")
     return metrics
 
 
@@ -331,13 +366,13 @@ def resolve_run_dir(cfg: RunConfig) -> RunConfig:
 
 
 def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1):
-    """(seqs, train_loader, eval_loader) from the data package (progress bars follow train.progress); the
-    loaders read this rank's slice of every global batch."""
+    """(seqs, train_loader, valid_loader, test_loader) from the data package (progress bars follow
+    train.progress); the loaders read this rank's slice of every global batch."""
     from hstu.trainer.data import build_loaders, load_sequences
 
     seqs = load_sequences(cfg.data, progress=cfg.train.progress and rank == 0)
-    train_loader, eval_loader = build_loaders(cfg.data, seqs, rank, world_size)
-    return seqs, train_loader, eval_loader
+    train_loader, valid_loader, test_loader = build_loaders(cfg.data, seqs, rank, world_size)
+    return seqs, train_loader, valid_loader, test_loader
 
 
 def build_model_for(cfg: RunConfig, num_items: int, device: torch.device) -> torch.nn.Module:
@@ -430,6 +465,9 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
     seed_everything(cfg.train.seed)
     device = env.device
     task = make_task(cfg)
+    if cfg.eval.select_on not in task.eval_splits():
+        log.warning("eval.select_on=%s: task=%s has no %s split; the best epoch is selected on the test split",
+                    cfg.eval.select_on, task.name, cfg.eval.select_on)
     data = task.build_data(env)
     model = task.build_model(device)
     if cfg.train.init_from and not resume_from:  # before sharding: the sharded tables copy the plain ones
@@ -454,7 +492,8 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
              f", tables {cfg.sharding.sharding_type}" if env.sharded else "")
     ctx = TrainContext(cfg, device, data.num_items, data.train_loader, data.eval_loader, None,
                        _generator(device, hd.rank_seed(cfg.train.seed + 1, env)),
-                       torch.Generator().manual_seed(hd.rank_seed(cfg.train.seed + 2, env)), env, task=task)
+                       torch.Generator().manual_seed(hd.rank_seed(cfg.train.seed + 2, env)), env, task=task,
+                       valid_loader=getattr(data, "valid_loader", None))
     if env.sharded:
         from hstu.trainer.parallel.item_embeddings import find_item_embeddings
 
@@ -481,15 +520,27 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
                 save_checkpoint(state, ctx, state.position)
             if last:
                 break
-        result = TrainResult(
-            run_dir=cfg.run_dir, selection_metric=cfg.eval.selection_metric, best_epoch=state.best_epoch,
-            best_metrics=state.best_metrics, final_metrics=state.final_metrics,
-            baseline_metrics=state.baseline_metrics, epochs_run=state.epoch, steps=state.step,
-            train_tokens=state.tokens, train_seconds=state.train_seconds,
-            tokens_per_second=state.tokens / max(state.train_seconds, 1e-9))
-        metrics.log("best", state.step, epoch=state.best_epoch, **state.best_metrics)
+        result = make_result(cfg, state, selection_split(cfg, task.eval_splits()), task.data_description())
+        metrics.log("best", state.step, epoch=state.best_epoch, select_on=result.select_on, **state.best_metrics)
     if env.is_main:
         rd.write_json({**result.to_dict(), "config": to_dict(cfg)}, os.path.join(cfg.run_dir, rd.RESULTS_FILE))
-    log.info("done: best %s %.4f at epoch %d; results in %s", cfg.eval.selection_metric,
-             state.best_metrics.get(cfg.eval.selection_metric, float("nan")), state.best_epoch, cfg.run_dir)
+    log.info("done: epoch %d selected on %s %s; test %s %.4f there, %.4f at the final epoch %d; results in %s",
+             state.best_epoch, result.select_on, cfg.eval.selection_metric, cfg.eval.selection_metric,
+             state.best_metrics.get(cfg.eval.selection_metric, float("nan")),
+             state.final_metrics.get(cfg.eval.selection_metric, float("nan")), state.final_epoch, cfg.run_dir)
     return result
+
+
+def make_result(cfg: RunConfig, state: TrainState, select_on: str, data: Dict[str, Any]) -> TrainResult:
+    """The run summary: test metrics at the selected and at the final epoch (+ the validation metrics there)."""
+    def point(epoch: int, validation: Dict[str, float], test: Dict[str, float]) -> Dict[str, Any]:
+        return {"epoch": epoch, "validation": dict(validation), "test": dict(test)}
+
+    return TrainResult(
+        run_dir=cfg.run_dir, selection_metric=cfg.eval.selection_metric, best_epoch=state.best_epoch,
+        best_metrics=state.best_metrics, final_metrics=state.final_metrics,
+        baseline_metrics=state.baseline_metrics, epochs_run=state.epoch, steps=state.step,
+        train_tokens=state.tokens, train_seconds=state.train_seconds,
+        tokens_per_second=state.tokens / max(state.train_seconds, 1e-9), select_on=select_on,
+        selected=point(state.best_epoch, state.best_validation, state.best_metrics),
+        final=point(state.final_epoch, state.final_validation, state.final_metrics), data=dict(data))

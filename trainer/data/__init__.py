@@ -1,7 +1,7 @@
 """Data pipeline entry points: raw files -> cached UserSequences -> leave-one-out -> JaggedBatch loaders.
 
     seqs = load_sequences(cfg.data)                       # parse/download/generate, cached as .npz
-    train_loader, eval_loader = build_loaders(cfg.data, seqs)
+    train_loader, valid_loader, test_loader = build_loaders(cfg.data, seqs)
     summary = prepare(cfg.data)                           # for `hstu prepare`
 """
 
@@ -18,14 +18,16 @@ from hstu.trainer.data.batch import JaggedBatch, collate
 from hstu.trainer.data.cache import cache_key, load_or_build
 from hstu.trainer.data.errors import DataError
 from hstu.trainer.data.loader import SequenceLoader
-from hstu.trainer.data.sequences import EvalSequences, UserSequences, build_user_sequences, leave_one_out, truncate
+from hstu.trainer.data.sequences import (KEPT_BEYOND_MAX_LEN, EvalSequences, UserSequences, build_user_sequences,
+                                        leave_one_out, leave_one_out_split, truncate)
 
 DATASETS = ("ml-1m", "ml-20m", "ml-100k", "amzn-books", "synthetic")
 AMAZON_CORE = 5
 
 __all__ = [
     "DATASETS", "DataError", "EvalSequences", "JaggedBatch", "SequenceLoader", "UserSequences",
-    "build_loaders", "build_user_sequences", "collate", "leave_one_out", "load_sequences", "prepare",
+    "build_loaders", "build_user_sequences", "collate", "leave_one_out", "leave_one_out_split", "load_sequences",
+    "prepare",
 ]
 
 
@@ -45,7 +47,16 @@ def _build_synthetic(data_cfg: DataConfig, progress: bool, meta: Dict[str, Any])
 
     full = generate(data_cfg.synthetic, progress)
     meta.update(raw_events=full.num_events, raw_users=full.num_users, raw_items=int(np.unique(full.item_ids).size))
-    return truncate(full, data_cfg.max_seq_len + 1, data_cfg.min_seq_len)
+    return truncate(full, data_cfg.max_seq_len + KEPT_BEYOND_MAX_LEN, data_cfg.min_seq_len)
+
+
+def tie_options(data_cfg: DataConfig) -> Dict[str, Any]:
+    """How same-second events were ordered: {"tie_order": ..., "tie_seed": data.seed (random only)} — part of
+    the cache key and of every results JSON that describes the data."""
+    out: Dict[str, Any] = {"tie_order": data_cfg.tie_order}
+    if data_cfg.tie_order == "random":
+        out["tie_seed"] = int(data_cfg.seed)
+    return out
 
 
 def _load(data_cfg: DataConfig, progress: bool = True) -> Tuple[UserSequences, Path, bool, str, Dict[str, Any]]:
@@ -55,7 +66,9 @@ def _load(data_cfg: DataConfig, progress: bool = True) -> Tuple[UserSequences, P
         raise DataError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
     options: Dict[str, Any] = {
         "dataset": name, "max_seq_len": data_cfg.max_seq_len, "min_seq_len": data_cfg.min_seq_len,
+        **tie_options(data_cfg),
     }
+    ties = {"tie_order": data_cfg.tie_order, "tie_seed": data_cfg.seed}
     sources: List[Path] = []
     if name == "synthetic":
         from hstu.trainer.data.synthetic import GENERATOR_VERSION
@@ -70,7 +83,7 @@ def _load(data_cfg: DataConfig, progress: bool = True) -> Tuple[UserSequences, P
         sources.append(amazon_file(raw))
         options["core"] = AMAZON_CORE
         build = lambda meta: load_amazon_books(  # noqa: E731
-            raw, data_cfg.max_seq_len, data_cfg.min_seq_len, AMAZON_CORE, progress, stats=meta
+            raw, data_cfg.max_seq_len, data_cfg.min_seq_len, AMAZON_CORE, progress, stats=meta, **ties
         )
         source = str(sources[0])
     else:  # MovieLens
@@ -79,7 +92,7 @@ def _load(data_cfg: DataConfig, progress: bool = True) -> Tuple[UserSequences, P
         raw = _raw_dir(data_cfg, progress)
         sources.append(ratings_file(name, raw))
         build = lambda meta: load_movielens(  # noqa: E731
-            name, raw, data_cfg.max_seq_len, data_cfg.min_seq_len, progress, stats=meta
+            name, raw, data_cfg.max_seq_len, data_cfg.min_seq_len, progress, stats=meta, **ties
         )
         source = str(sources[0])
     seqs, path, hit, meta = load_or_build(data_cfg.cache_dir, name, cache_key(sources, options), build)
@@ -94,15 +107,17 @@ def load_sequences(data_cfg: DataConfig, progress: bool = True) -> UserSequences
 
 
 def build_loaders(data_cfg: DataConfig, seqs: UserSequences, rank: int = 0,
-                  world_size: int = 1) -> Tuple[SequenceLoader, SequenceLoader]:
-    """Leave-one-out split -> (train loader: shuffled per (seed, epoch), resumable; eval loader: in user order,
+                  world_size: int = 1) -> Tuple[SequenceLoader, SequenceLoader, SequenceLoader]:
+    """Leave-one-out split with validation (sequences.leave_one_out_split) -> (train loader: shuffled per (seed,
+    epoch), resumable, sequences end before the validation item; validation loader; test loader: in user order,
     batches carry target_ids / target_timestamps). rank/world_size: this process's slice of every global batch."""
-    train_view, eval_view = leave_one_out(seqs, data_cfg.max_seq_len)
-    train = SequenceLoader(train_view, data_cfg.batch_size, shuffle=True, seed=data_cfg.seed,
+    split = leave_one_out_split(seqs, data_cfg.max_seq_len)
+    train = SequenceLoader(split.train, data_cfg.batch_size, shuffle=True, seed=data_cfg.seed,
                            num_workers=data_cfg.num_workers, min_len=2, rank=rank, world_size=world_size)
-    evaluation = SequenceLoader.for_eval(eval_view, data_cfg.eval_batch_size, num_workers=data_cfg.num_workers,
-                                         rank=rank, world_size=world_size)
-    return train, evaluation
+    validation, test = (SequenceLoader.for_eval(view, data_cfg.eval_batch_size, num_workers=data_cfg.num_workers,
+                                                rank=rank, world_size=world_size)
+                        for view in (split.validation, split.test))
+    return train, validation, test
 
 
 def prepare(data_cfg: DataConfig, progress: bool = True) -> Dict[str, Any]:
@@ -115,9 +130,10 @@ def prepare(data_cfg: DataConfig, progress: bool = True) -> Dict[str, Any]:
         "users": seqs.num_users,
         "items": int(np.unique(seqs.item_ids).size),  # distinct items in the kept events
         "num_items": seqs.num_items,  # max item id (embedding table has num_items + 1 rows)
-        "events": seqs.num_events,  # kept events (each user's last max_seq_len + 1)
+        "events": seqs.num_events,  # kept events (each user's last max_seq_len + 2)
         "mean_seq_len": float(lengths.mean()) if lengths.size else 0.0,
         "max_seq_len": data_cfg.max_seq_len,
+        **tie_options(data_cfg),
         **meta,  # raw_events / raw_users / raw_items (+ core_* for Amazon): counts before truncation
         "source": source,
         "cache_path": str(path),

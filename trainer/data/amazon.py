@@ -64,8 +64,11 @@ def load_amazon_books(
     core: int = 5,
     progress: bool = True,
     stats: Optional[Dict[str, int]] = None,
+    tie_order: str = "random",
+    tie_seed: int = 0,
 ) -> UserSequences:
-    """data_dir with ratings_Books.csv -> UserSequences with users and items remapped to 1..N.
+    """data_dir with ratings_Books.csv -> UserSequences with users and items remapped to 1..N (same-second events
+    in ``tie_order``, see build_user_sequences; Amazon timestamps are whole days, so ties are common).
     ``stats``, when given, receives raw_* counts (whole file) and core_* counts (after the k-core filter)."""
     path = amazon_file(data_dir)
     cols = read_table(path, AMAZON_FORMAT, progress=progress)
@@ -82,4 +85,5 @@ def load_amazon_books(
         stats.update(raw_events=int(keep.size), raw_users=int(user_code.max()) + 1, raw_items=int(item_code.max()) + 1,
                      core_events=int(keep.sum()), core_users=int(users.size), core_items=int(items.size))
     rating = np.round(cols["rating"][keep]).astype(np.int8)
-    return build_user_sequences(user_ids, item_ids, cols["timestamp"][keep], rating, max_seq_len, min_seq_len)
+    return build_user_sequences(user_ids, item_ids, cols["timestamp"][keep], rating, max_seq_len, min_seq_len,
+                                tie_order=tie_order, tie_seed=tie_seed)

@@ -23,7 +23,7 @@ from hstu.trainer.data.download import sha256_file
 from hstu.trainer.data.sequences import UserSequences
 
 # Bump whenever parsing / preprocessing changes what ends up in the cached arrays.
-PARSER_VERSION = 1
+PARSER_VERSION = 2  # 2: max_seq_len + 2 events kept (validation target), data.tie_order
 log = logging.getLogger(__name__)
 
 

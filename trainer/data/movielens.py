@@ -72,10 +72,14 @@ def load_movielens(
     min_seq_len: int,
     progress: bool = True,
     stats: Optional[Dict[str, int]] = None,
+    tie_order: str = "random",
+    tie_seed: int = 0,
 ) -> UserSequences:
-    """data_dir with the ratings file -> UserSequences (raw ids, num_items = max item id).
-    ``stats``, when given, receives the file's raw counts (raw_events, raw_users, raw_items)."""
+    """data_dir with the ratings file -> UserSequences (raw ids, num_items = max item id); same-second events in
+    ``tie_order`` (build_user_sequences; note ML-20M's ratings.csv lists a user's events by item id, so ``file``
+    order carries the id there too). ``stats``, when given, receives the file's raw counts (raw_events, ...)."""
     ev = read_movielens_events(name, ratings_file(name, data_dir), progress=progress)
     if stats is not None:
         stats.update(raw_events=len(ev), raw_users=int(np.unique(ev.user).size), raw_items=int(np.unique(ev.item).size))
-    return build_user_sequences(ev.user, ev.item, ev.timestamp, ev.rating, max_seq_len, min_seq_len)
+    return build_user_sequences(ev.user, ev.item, ev.timestamp, ev.rating, max_seq_len, min_seq_len,
+                                tie_order=tie_order, tie_seed=tie_seed)

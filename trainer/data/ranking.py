@@ -263,14 +263,18 @@ def users_file(data_cfg, progress: bool = True) -> Path:
 def load_ranking_data(cfg, progress: bool = True) -> RankingData:
     """RunConfig (task=ranking) -> RankingData with the configured tasks / features selected.
 
-    ml-1m: ratings through the sequence cache (each user's last data.max_seq_len + K events) + users.dat;
+    ml-1m: ratings through the sequence cache (each user's last data.max_seq_len + K events, same-second events in
+    data.tie_order) + users.dat;
     synthetic: the streaming generator (cfg.ranking.synthetic)."""
     rc, name = cfg.ranking, cfg.data.name
     if name == "ml-1m":
         from hstu.trainer.data import load_sequences
+        from hstu.trainer.data.sequences import KEPT_BEYOND_MAX_LEN
 
         K = rc.num_eval_targets
-        data_cfg = dataclasses.replace(cfg.data, max_seq_len=cfg.data.max_seq_len + K - 1,
+        # the sequence cache keeps max_seq_len + KEPT_BEYOND_MAX_LEN events per user: ask for data.max_seq_len + K;
+        # same tie order (data.tie_order / data.seed) as the retrieval data, so both tasks see the same events
+        data_cfg = dataclasses.replace(cfg.data, max_seq_len=cfg.data.max_seq_len + K - KEPT_BEYOND_MAX_LEN,
                                        min_seq_len=max(cfg.data.min_seq_len, 2))
         seqs = load_sequences(data_cfg, progress=progress)
         data = ml1m_ranking_data(seqs, read_users_dat(users_file(cfg.data, progress)), rc.zip_prefix_len)

@@ -1,8 +1,11 @@
 """Per-user interaction sequences in CSR layout, built from flat event arrays, and the leave-one-out split.
 
-Contract (docs/architecture.md): events of a user are sorted by (timestamp, item_id), only the last
-``max_seq_len + 1`` are kept; leave-one-out uses the last event as the eval target and everything before it
-(last ``max_seq_len``) as both the train sequence and the eval history.
+Contract (docs/architecture.md, docs/model.md "Evaluation protocol"): events of a user are sorted by timestamp;
+events with equal timestamps follow ``tie_order`` (``random``: a seeded shuffle, the default — it carries no
+signal; ``file``: the order the source lists them; ``item_id``: ascending id). Only the last ``max_seq_len + 2``
+events are kept. :func:`leave_one_out_split` holds out the last event as the test target (history: the
+``max_seq_len`` events before it, the validation item included) and the second-to-last as the validation target
+(history: the ``max_seq_len`` events before it); the train sequence ends before the validation item.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from hstu.trainer.data.errors import DataError
 
 # per-event arrays besides item_ids (optional ones may be None)
 EVENT_FIELDS = ("item_ids", "timestamps", "ratings", "action_types")
+TIE_ORDERS = ("random", "file", "item_id")  # same tuple as trainer/config.py (no import: data stays config-free)
+KEPT_BEYOND_MAX_LEN = 2  # events kept per user = max_seq_len + 2 (the validation and test targets)
 
 
 @dataclass
@@ -140,6 +145,20 @@ def truncate(seqs: UserSequences, keep_last: int, min_seq_len: int) -> UserSeque
     return select_ranges(seqs, rows, starts, ends)
 
 
+def tie_break_key(n: int, item: np.ndarray, tie_order: str, seed: int) -> Optional[np.ndarray]:
+    """[N] secondary sort key for events with equal (user, timestamp), or None (= file order, the sort is stable).
+
+    ``random``: a random permutation of 0..N-1 from ``seed`` (the order within a tie group is a uniform shuffle of
+    it, the same for the same file and seed); ``file``: None; ``item_id``: the item ids."""
+    if tie_order == "random":
+        return np.random.default_rng([int(seed), 0x7E5]).permutation(n)
+    if tie_order == "file":
+        return None
+    if tie_order == "item_id":
+        return item
+    raise DataError(f"data.tie_order = {tie_order!r} is not one of {list(TIE_ORDERS)}")
+
+
 def build_user_sequences(
     user: np.ndarray,
     item: np.ndarray,
@@ -150,12 +169,15 @@ def build_user_sequences(
     *,
     num_items: Optional[int] = None,
     action_types: Optional[np.ndarray] = None,
+    tie_order: str = "random",
+    tie_seed: int = 0,
 ) -> UserSequences:
-    """Flat events (all [N]) -> UserSequences.
+    """Flat events (all [N], in file order) -> UserSequences.
 
-    Sorts by (user, timestamp, item_id) (stable, so exact duplicates keep file order), keeps each user's last
-    ``max_seq_len + 1`` events and drops users with fewer than ``min_seq_len`` events. ``num_items`` defaults to
-    the max item id in ``item`` (ids are kept as given; 0 is reserved and rejected).
+    Sorts by (user, timestamp) — a stable sort — with events of equal timestamp ordered by ``tie_order``
+    (:func:`tie_break_key`; ``random`` is seeded by ``tie_seed``), keeps each user's last ``max_seq_len + 2``
+    events (train window + validation + test target) and drops users with fewer than ``min_seq_len`` events.
+    ``num_items`` defaults to the max item id in ``item`` (ids are kept as given; 0 is reserved and rejected).
     """
     user = np.asarray(user, dtype=np.int64)
     item = np.asarray(item, dtype=np.int64)
@@ -168,7 +190,8 @@ def build_user_sequences(
         raise DataError("build_user_sequences: no events")
     if item.min() < 1:
         raise DataError(f"build_user_sequences: item ids must be >= 1 (0 is padding), got {int(item.min())}")
-    order = np.lexsort((item, ts, user))
+    tie = tie_break_key(n, item, tie_order, tie_seed)
+    order = np.lexsort((ts, user) if tie is None else (tie, ts, user))
     u_sorted = user[order]
     boundaries = np.flatnonzero(u_sorted[1:] != u_sorted[:-1]) + 1
     offsets = np.concatenate([[0], boundaries, [n]]).astype(np.int64)
@@ -181,13 +204,43 @@ def build_user_sequences(
         num_items=int(num_items if num_items is not None else item.max()),
         action_types=None if action_types is None else np.asarray(action_types)[order].astype(np.int8),
     )
-    return truncate(full, max_seq_len + 1, min_seq_len)
+    return truncate(full, max_seq_len + KEPT_BEYOND_MAX_LEN, min_seq_len)
+
+
+@dataclass
+class LeaveOneOutSplit:
+    """Train sequences + the validation and test eval views of the same users (row-aligned).
+
+    Per user with events s[0..n-1] (n >= 3): train = s[..n-3] (last ``max_seq_len``; the loader skips rows with
+    < 2 events, which have no train target); validation = (history s[..n-3], target s[n-2]); test = (history
+    s[..n-2], target s[n-1]). ``train`` and ``validation.history`` are the same object (read-only)."""
+
+    train: UserSequences
+    validation: EvalSequences
+    test: EvalSequences
+
+
+def _eval_view(seqs: UserSequences, rows: np.ndarray, target: np.ndarray, max_seq_len: int) -> EvalSequences:
+    starts = np.maximum(seqs.offsets[rows], target - max_seq_len)
+    history = select_ranges(seqs, rows, starts, target)
+    return EvalSequences(history=history, target_ids=seqs.item_ids[target].copy(),
+                         target_timestamps=seqs.timestamps[target].copy())
+
+
+def leave_one_out_split(seqs: UserSequences, max_seq_len: int) -> LeaveOneOutSplit:
+    """Leave-one-out with a validation target (see :class:`LeaveOneOutSplit`). Users with fewer than 3 events
+    (no history before the validation target) are dropped from all three views."""
+    rows = np.flatnonzero(seqs.lengths() >= 3)
+    last = seqs.offsets[rows + 1] - 1  # index of the test target; last - 1: the validation target
+    validation = _eval_view(seqs, rows, last - 1, max_seq_len)
+    return LeaveOneOutSplit(train=validation.history, validation=validation,
+                            test=_eval_view(seqs, rows, last, max_seq_len))
 
 
 def leave_one_out(seqs: UserSequences, max_seq_len: int) -> Tuple[UserSequences, EvalSequences]:
-    """Split s[0..n-1] per user into train = s[0..n-2] (last ``max_seq_len``) and eval = (same history,
-    target s[n-1], its timestamp). Users with fewer than 2 events are dropped from both views.
-    The train view and the eval history are the same object (treat them as read-only)."""
+    """Test-only split (no validation target; the trainer uses :func:`leave_one_out_split`): train =
+    s[0..n-2] (last ``max_seq_len``) and eval = (same history, target s[n-1], its timestamp). Users with fewer
+    than 2 events are dropped from both views. The train view and the eval history are the same object."""
     rows = np.flatnonzero(seqs.lengths() >= 2)
     last = seqs.offsets[rows + 1] - 1  # index of the held-out target
     starts = np.maximum(seqs.offsets[rows], last - max_seq_len)
