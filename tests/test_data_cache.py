@@ -26,12 +26,12 @@ def _no_parse(*args, **kwargs):
 
 def test_miss_then_hit_returns_identical_sequences(cfg, monkeypatch):
     first = prepare(cfg, progress=False)
-    assert not first["cache_hit"] and first["users"] == 5 and first["events"] == 25 and first["num_items"] == 7
+    assert not first["cache_hit"] and first["users"] == 5 and first["events"] == 30 and first["num_items"] == 7
     monkeypatch.setattr(movielens, "load_movielens", _no_parse)
     second = prepare(cfg, progress=False)
     assert second["cache_hit"] and second["cache_path"] == first["cache_path"]
     a = load_sequences(cfg, progress=False)
-    assert a.user(0).tolist() == [3, 4, 5, 6, 7]  # last max_seq_len + 1 items
+    assert a.user(0).tolist() == [2, 3, 4, 5, 6, 7]  # last max_seq_len + 2 items (validation + test target)
 
 
 def test_changed_source_or_options_give_new_key(cfg, tmp_path):
@@ -46,6 +46,22 @@ def test_changed_source_or_options_give_new_key(cfg, tmp_path):
     (tmp_path / "ml" / "u.data").write_bytes(UDATA.replace(b"1\t1\t3", b"1\t2\t3", 1))  # same size, new content
     changed = prepare(cfg, progress=False)
     assert not changed["cache_hit"] and changed["cache_path"] != base
+
+
+def test_tie_order_and_its_seed_are_part_of_the_key(cfg):
+    paths = {}
+    for order in ("random", "file", "item_id"):
+        cfg.tie_order = order
+        summary = prepare(cfg, progress=False)
+        assert summary["tie_order"] == order and not summary["cache_hit"]
+        paths[order] = summary["cache_path"]
+    assert len(set(paths.values())) == 3
+    cfg.seed += 1  # data.seed seeds the random tie order only
+    assert prepare(cfg, progress=False)["cache_hit"]
+    cfg.tie_order = "random"
+    other_seed = prepare(cfg, progress=False)
+    assert not other_seed["cache_hit"] and other_seed["tie_seed"] == cfg.seed
+    assert other_seed["cache_path"] != paths["random"]
 
 
 def test_parser_version_is_part_of_the_key(tmp_path, monkeypatch):
@@ -87,7 +103,7 @@ def test_synthetic_is_cached_by_generator_config(tmp_path):
     cfg.synthetic.seed += 1
     assert not prepare(cfg, progress=False)["cache_hit"]
     seqs = load_sequences(cfg, progress=False)
-    assert seqs.lengths().max() <= 9
+    assert seqs.lengths().max() <= 10  # max_seq_len + 2 (validation + test target)
 
 
 def test_missing_data_dir_and_unknown_dataset(tmp_path):

@@ -118,9 +118,19 @@ def test_build_loaders_train_and_eval(tmp_path):
     syn = SyntheticConfig(num_users=20, num_items=40, num_interests=4, min_seq_len=3, max_seq_len=10)
     seqs = generate(syn)
     cfg = DataConfig(name="synthetic", cache_dir=str(tmp_path), max_seq_len=5, batch_size=6, eval_batch_size=8)
-    train, evaluation = build_loaders(cfg, seqs)
+    train, validation, evaluation = build_loaders(cfg, seqs)
     batches = list(train)
     assert all(b.target_ids is None and b.max_len <= 5 for b in batches)
+    for b in batches:  # every train sequence ends right before the user's validation (second-to-last) event
+        for k, uid in enumerate(b.user_ids.tolist()):
+            row = b.item_ids[b.offsets[k]:b.offsets[k + 1]].tolist()
+            assert row == seqs.user(uid - 1)[:-2][-len(row):].tolist()
+    valid = list(validation)
+    assert [b.batch_size for b in valid] == [8, 8, 4]
+    for k in range(8):  # validation history + target = the user's events up to the second-to-last one
+        lo, hi = valid[0].offsets[k].item(), valid[0].offsets[k + 1].item()
+        assert valid[0].item_ids[lo:hi].tolist() + [valid[0].target_ids[k].item()] == \
+            seqs.user(k)[:-1][-(hi - lo + 1):].tolist()
     evals = list(evaluation)
     assert [b.batch_size for b in evals] == [8, 8, 4]
     first = evals[0]

@@ -39,15 +39,26 @@ def test_ml100k_tabs_blank_lines_and_missing_final_newline(tmp_path):
     assert ev.user.tolist() == [196, 186, 22] and ev.item.tolist() == [242, 302, 377]
 
 
-def test_load_movielens_sorts_with_item_tie_break(tmp_path):
+def test_load_movielens_sorts_by_timestamp_in_each_tie_order(tmp_path):
     data = b"5::30::1::100\n5::10::2::100\n5::20::3::50\n6::1::4::7\n6::2::4::8\n6::3::4::9\n5::40::5::100\n"
     (tmp_path / "ml-1m").mkdir()
     _write(tmp_path / "ml-1m", "ratings.dat", data)
-    s = load_movielens("ml-1m", tmp_path, max_seq_len=10, min_seq_len=3, progress=False)  # finds ml-1m/ subdir
+    s = load_movielens("ml-1m", tmp_path, max_seq_len=10, min_seq_len=3, progress=False,  # finds ml-1m/ subdir
+                       tie_order="item_id")
     assert s.user_ids.tolist() == [5, 6]
     assert s.user(0).tolist() == [20, 10, 30, 40]
     assert s.ratings[:4].tolist() == [3, 2, 1, 5]
     assert s.num_items == 40
+    f = load_movielens("ml-1m", tmp_path, max_seq_len=10, min_seq_len=3, progress=False, tie_order="file")
+    assert f.user(0).tolist() == [20, 30, 10, 40] and f.ratings[:4].tolist() == [3, 1, 2, 5]  # as listed
+    seen = set()
+    for seed in range(12):
+        r = load_movielens("ml-1m", tmp_path, max_seq_len=10, min_seq_len=3, progress=False, tie_seed=seed)
+        row = r.user(0).tolist()  # default tie order: random
+        assert row[0] == 20 and sorted(row[1:]) == [10, 30, 40]
+        assert r.ratings[:4].tolist() == [{20: 3, 30: 1, 10: 2, 40: 5}[x] for x in row]  # ratings travel along
+        seen.add(tuple(row))
+    assert len(seen) >= 3
 
 
 BAD_ML1M = [
@@ -135,7 +146,7 @@ def test_amazon_iterative_5core_and_deterministic_remap(tmp_path):
     text = "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in rows).encode()
     (tmp_path / "ratings_Books.csv").write_bytes(text)
     stats = {}
-    s = load_amazon_books(tmp_path, max_seq_len=50, min_seq_len=2, progress=False, stats=stats)
+    s = load_amazon_books(tmp_path, max_seq_len=50, min_seq_len=2, progress=False, stats=stats, tie_order="item_id")
     assert stats == dict(raw_events=38, raw_users=7, raw_items=6, core_events=30, core_users=6, core_items=5)
     # 'rare' has 5 ratings in the first pass, but 'short' (4 events) goes, then 'rare' has 4 and goes too
     assert s.num_users == 6 and s.num_items == 5 and s.num_events == 30
@@ -146,7 +157,7 @@ def test_amazon_iterative_5core_and_deterministic_remap(tmp_path):
     perm = np.random.default_rng(1).permutation(len(rows))
     (tmp_path / "ratings_Books.csv").write_bytes("".join(
         "{},{},{},{}\n".format(*rows[k]) for k in perm).encode())
-    s2 = load_amazon_books(tmp_path, max_seq_len=50, min_seq_len=2, progress=False)
+    s2 = load_amazon_books(tmp_path, max_seq_len=50, min_seq_len=2, progress=False, tie_order="item_id")
     np.testing.assert_array_equal(s2.item_ids, s.item_ids)
     np.testing.assert_array_equal(s2.user_ids, s.user_ids)
 
