@@ -37,18 +37,30 @@ def test_end_to_end_beats_most_popular(tmp_path, cache_dir):
     assert result.final_metrics["hr@10"] > result.baseline_metrics["hr@10"] + 0.05, (result.final_metrics,
                                                                                    result.baseline_metrics)
     assert result.best_epoch in (2, 4, 5) and result.tokens_per_second > 0 and result.train_seconds > 0
-    assert result.best_metrics["ndcg@10"] >= result.final_metrics["ndcg@10"]
+    # the epoch is selected on VALIDATION (eval.select_on default): the test metric may be lower there
+    assert result.select_on == "validation" and result.selected["epoch"] == result.best_epoch
+    assert result.selected["validation"]["ndcg@10"] >= result.final["validation"]["ndcg@10"]
+    assert result.selected["test"] == result.best_metrics and result.final["test"] == result.final_metrics
+    assert result.final["epoch"] == 5 and result.data["tie_order"] == "random"
     # run directory contents
     saved = load_config(os.path.join(run, "config.yaml"))
     assert saved.run_dir == run and saved.model.embedding_dim == 16
     evals = read_metrics(os.path.join(run, "metrics.jsonl"), kind="eval")
     assert [e["epoch"] for e in evals] == [2, 4, 5]
     assert sum(e["is_best"] for e in evals) >= 1
-    assert {"hr@10", "ndcg@10", "mrr", "num_users", "step"} <= set(evals[-1])
+    assert {"hr@10", "ndcg@10", "mrr", "num_users", "step"} <= set(evals[-1]) and evals[-1]["split"] == "test"
+    valids = read_metrics(os.path.join(run, "metrics.jsonl"), kind="valid")  # TensorBoard: valid/<metric>
+    assert [e["epoch"] for e in valids] == [2, 4, 5] and valids[-1]["split"] == "validation"
+    assert [e["is_best"] for e in valids] == [e["is_best"] for e in evals]
+    best_valid = max(valids, key=lambda e: e["ndcg@10"])  # first maximum: ties keep the earlier epoch
+    assert best_valid["epoch"] == result.best_epoch
     kinds = {r["kind"] for r in read_metrics(os.path.join(run, "metrics.jsonl"))}
     assert {"baseline", "train", "epoch", "eval", "best"} <= kinds
     results = json.load(open(os.path.join(run, "results.json")))
     assert results["best_epoch"] == result.best_epoch and results["config"]["run_dir"] == run
+    assert results["selected"]["test"] == result.best_metrics and results["final"]["test"] == result.final_metrics
+    assert results["selected"]["validation"]["ndcg@10"] == best_valid["ndcg@10"]
+    assert results["select_on"] == "validation" and results["data"]["tie_order"] == "random"
     state = torch.load(os.path.join(run, "best.pt"), weights_only=True)
     assert any(k.startswith("item_embeddings") for k in state)
     assert "eval epoch 5" in open(os.path.join(run, "train.log")).read()
@@ -69,7 +81,7 @@ def test_max_steps_and_stochastic_length(tmp_path, cache_dir):
     assert result.steps == 4 and result.epochs_run == 1
     assert result.final_metrics["num_users"] == 400 and result.baseline_metrics == {}
     # SL (threshold floor(40**0.6) = 9) cut some sequences: fewer tokens than the raw batches hold
-    _, loader, _ = train_mod.build_data(cfg)
+    _, loader, _, _ = train_mod.build_data(cfg)
     loader.set_epoch(0)
     raw_tokens = sum(b.item_ids.numel() for _, b in zip(range(4), loader))
     assert 4 * 32 * 2 <= result.train_tokens < raw_tokens
