@@ -126,4 +126,9 @@ def test_train_prints_metrics_table(capsys, tmp_path):
     assert code == 0, err
     header, *rows = out.strip().splitlines()
     assert "baseline" in header and any(r.startswith("hr@10") for r in rows)
+    assert header.split() == ["metric", "valid", "@1", "test", "@1", "test", "final", "@1", "baseline"]
+    hr10 = next(r for r in rows if r.startswith("hr@10")).split()
+    assert len(hr10) == 5 and all(0 <= float(x) <= 1 for x in hr10[1:])
+    assert hr10[2] == hr10[3]  # one epoch: the selected epoch is the final one
+    assert "selected on validation ndcg@10" in rows[-2]
     assert "tokens/s" in rows[-1] and str(tmp_path / "run") in rows[-1]

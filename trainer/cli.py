@@ -190,13 +190,14 @@ def format_result(result: Dict[str, Any]) -> str:
     fmt = lambda x: f"{x:.4f}" if x is not None else "-"  # noqa: E731
     cols = [f"valid @{result['best_epoch']}"] if valid else []
     cols += [f"test @{result['best_epoch']}", f"test final @{final_epoch}", "baseline"]
-    lines = [f"selected on {result.get('select_on', 'test')} {result['selection_metric']}: epoch {result['best_epoch']}",
-             f"{'metric':<10}" + "".join(f"{c:>16}" for c in cols)]
+    lines = [f"{'metric':<10}" + "".join(f"{c:>16}" for c in cols)]
     for name in best:
         if name == "num_users":
             continue
         cells = ([valid.get(name)] if valid else []) + [best[name], final.get(name), base.get(name)]
         lines.append(f"{name:<10}" + "".join(f"{fmt(c):>16}" for c in cells))
+    lines.append(f"epoch {result['best_epoch']} selected on {result.get('select_on', 'test')} "
+                 f"{result['selection_metric']}; baseline on test")
     lines.append(f"{result['epochs_run']} epochs, {result['steps']} steps, {result['train_seconds']:.1f} s training, "
                  f"{result['tokens_per_second']:,.0f} tokens/s; run dir {result['run_dir']} (results.json)")
     return "\n".join(lines)
