@@ -259,3 +259,77 @@ def test_ranking_synthetic_scale_smoke_writes_complete_json_elsewhere(tmp_path):
     assert "**results.metrics**" in lines and "```json" not in lines
     assert (os.stat(real).st_mtime_ns if os.path.exists(real) else None) == before
     assert os.stat(os.path.join(BENCH, "RESULTS.md")).st_mtime_ns == md_before
+
+
+# ------------------------------------------------------------------------------------------ reproduce_ml1m.py
+
+def _tiny_ml1m(folder):
+    """An ML-1M-format ratings.dat: 40 users x 24 ratings of items 1..120, about 3 ratings per second."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for uid in range(1, 41):
+        items = rng.choice(np.arange(1, 121), size=24, replace=False)
+        stamps = 978_300_000 + np.sort(rng.integers(0, 8, size=24)) * 60
+        lines += [f"{uid}::{i}::{int(rng.integers(1, 6))}::{t}" for i, t in zip(items, stamps)]
+    folder.mkdir()
+    (folder / "ratings.dat").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_reproduce_ml1m_smoke_multi_seed_keeps_historical(tmp_path):
+    """--smoke: 2 configs x 2 seeds (+ HSTU under the item-id order), 2 epochs of a tiny model each; ml-1m.json in
+    --out gets per-run rows, mean ± std per (config, tie order) and keeps the old single-seed rows labelled."""
+    import statistics
+
+    repro = _load("reproduce_ml1m")
+    real = os.path.join(BENCH, "results", repro.RESULT_FILE)
+    before = os.stat(real).st_mtime_ns
+    old_rows = [{"model": "hstu", "hr@10": 0.33, "best_epoch": 95, "epochs": 101}]  # the pre-protocol list format
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / repro.RESULT_FILE).write_text(json.dumps(old_rows))
+    common = ["--data-dir", str(_tiny_ml1m(tmp_path / "ml")), "--smoke", "--out", str(out), "--run-root",
+              str(tmp_path / "runs")]
+    payload = repro.main(common + ["--configs", "sasrec,hstu", "--seeds", "1,2", "train.num_threads=1"])
+    saved = json.loads((out / repro.RESULT_FILE).read_text())
+    assert saved["runs"] == payload["runs"]
+    keys = sorted((r["config"], r["tie_order"], r["seed"]) for r in saved["runs"])
+    assert keys == [("hstu", "item_id", 1), ("hstu", "item_id", 2), ("hstu", "random", 1), ("hstu", "random", 2),
+                    ("sasrec", "random", 1), ("sasrec", "random", 2)]
+    for r in saved["runs"]:
+        assert r["select_on"] == "validation" and r["smoke"] and r["final_epoch"] == 2 and r["epochs"] == 2
+        assert r["selected_epoch"] in (1, 2) and r["train_seconds"] > 0
+        assert r["train_minutes"] == pytest.approx(r["train_seconds"] / 60, abs=1e-4)
+        assert r["data"]["tie_order"] == r["tie_order"]
+        for which in ("selected", "final"):
+            assert set(repro.REPORTED) <= set(r[which]["test"]) and 0 <= r[which]["test"]["hr@10"] <= 1
+        for key in PROVENANCE_KEYS:
+            assert r.get(key), key
+    # seeds and tie orders change the data / model: not every run gives the same figures
+    assert len({r["final"]["test"]["mrr"] for r in saved["runs"]}) > 1
+    summary = {(s["config"], s["tie_order"]): s for s in saved["summary"]}
+    assert set(summary) == {("sasrec", "random"), ("hstu", "random"), ("hstu", "item_id")}
+    for (config, tie), s in summary.items():
+        runs = [r for r in saved["runs"] if r["config"] == config and r["tie_order"] == tie]
+        assert s["n"] == 2 and s["seeds"] == [1, 2]
+        for which in ("selected", "final"):
+            vals = [r[which]["test"]["ndcg@10"] for r in runs]
+            assert s[which]["ndcg@10"]["mean"] == pytest.approx(statistics.mean(vals))
+            assert s[which]["ndcg@10"]["std"] == pytest.approx(statistics.stdev(vals))
+    hist = saved["historical"]
+    assert hist["rows"][0]["hr@10"] == 0.33 and hist["rows"][0]["tie_order"] == "item_id"
+    assert hist["rows"][0]["select_on"] == "test" and "old protocol" in hist["protocol"]
+    # a rerun of one seed replaces that seed's rows only; the historical rows stay
+    again = repro.main(common + ["--configs", "hstu", "--seeds", "2", "--compare-configs", "", "train.num_threads=1"])
+    assert len(again["runs"]) == 6 and again["historical"] == hist
+    # RESULTS.md rendering: the multi-seed table (smoke rows are never rendered) and the labelled historical rows
+    summarize = _load("summarize")
+    lines = summarize._ml1m_section(saved)
+    assert any("No run under this protocol" in x for x in lines)
+    shown = dict(saved, summary=[dict(s, smoke=False) for s in saved["summary"]])
+    text = "\n".join(summarize._ml1m_section(shown))
+    assert "| hstu | item_id | validation | 1, 2 |" in text and " ± " in text
+    assert "Historical — old protocol" in text and "tie_order" in text and "must be rerun" in text
+    assert os.stat(real).st_mtime_ns == before  # the real results file is untouched

@@ -81,7 +81,7 @@ def test_max_steps_and_stochastic_length(tmp_path, cache_dir):
     assert result.steps == 4 and result.epochs_run == 1
     assert result.final_metrics["num_users"] == 400 and result.baseline_metrics == {}
     # SL (threshold floor(40**0.6) = 9) cut some sequences: fewer tokens than the raw batches hold
-    _, loader, _, _ = train_mod.build_data(cfg)
+    _, loader, _ = train_mod.build_data(cfg)
     loader.set_epoch(0)
     raw_tokens = sum(b.item_ids.numel() for _, b in zip(range(4), loader))
     assert 4 * 32 * 2 <= result.train_tokens < raw_tokens

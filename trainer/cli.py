@@ -232,7 +232,7 @@ def evaluate_run(run_dir: str, overrides: Sequence[str] = (), checkpoint: Option
         model = task.build_model(dev)
         model.load_state_dict(torch.load(ckpt, map_location=dev, weights_only=True))
         return {"run_dir": run_dir, "checkpoint": ckpt, "metrics": task.evaluate(model, dev)}
-    seqs, _, _, eval_loader = build_data(cfg)  # the test split
+    seqs, _, eval_loader = build_data(cfg)  # the test split
     model = build_model_for(cfg, seqs.num_items, dev)
     model.load_state_dict(torch.load(ckpt, map_location=dev, weights_only=True))
     out: Dict[str, Any] = {"run_dir": run_dir, "checkpoint": ckpt,

@@ -98,7 +98,8 @@ class RetrievalTask:
         from hstu.trainer import train as train_mod
 
         rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
-        seqs, train_loader, valid_loader, test_loader = train_mod.build_data(self.cfg, rank, world)
+        seqs, train_loader, valid_loader, test_loader = train_mod.build_data(self.cfg, rank, world,
+                                                                             with_validation=True)
         self.data = TaskData(train_loader, test_loader, seqs.num_items, seqs.num_users, seqs, valid_loader)
         return self.data
 

@@ -365,14 +365,17 @@ def resolve_run_dir(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, run_dir=rd.default_run_dir(f"{cfg.data.name}-{cfg.model.arch}"))
 
 
-def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1):
-    """(seqs, train_loader, valid_loader, test_loader) from the data package (progress bars follow
-    train.progress); the loaders read this rank's slice of every global batch."""
+def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1, with_validation: bool = False):
+    """(seqs, train_loader, test_loader) — or (seqs, train_loader, valid_loader, test_loader) with
+    ``with_validation`` — from the data package (progress bars follow train.progress); the train sequences end
+    before each user's validation item either way; the loaders read this rank's slice of every global batch."""
     from hstu.trainer.data import build_loaders, load_sequences
 
     seqs = load_sequences(cfg.data, progress=cfg.train.progress and rank == 0)
     train_loader, valid_loader, test_loader = build_loaders(cfg.data, seqs, rank, world_size)
-    return seqs, train_loader, valid_loader, test_loader
+    if with_validation:
+        return seqs, train_loader, valid_loader, test_loader
+    return seqs, train_loader, test_loader
 
 
 def build_model_for(cfg: RunConfig, num_items: int, device: torch.device) -> torch.nn.Module:
