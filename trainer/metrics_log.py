@@ -2,7 +2,9 @@
 
 metrics.jsonl lines carry a ``kind`` field:
 - ``"train"``: step, epoch, loss, lr, tokens_per_second, ...
-- ``"eval"``: step, epoch, metric names as in evaluate.py ("hr@10", "ndcg@10", "mrr", "num_users"), is_best
+- ``"eval"``: the TEST split: step, epoch, metric names as in evaluate.py ("hr@10", "ndcg@10", "mrr",
+  "num_users"), split, is_best (this evaluation is the selected one so far); TensorBoard ``eval/<metric>``
+- ``"valid"``: the same for the validation split (retrieval), TensorBoard ``valid/<metric>``
 - ``"baseline"``: most-popular baseline metrics; ``"best"``: best-epoch record; ``"error"``: why training stopped.
 """
 
