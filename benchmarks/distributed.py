@@ -84,7 +84,8 @@ def summarize_run(run_dir: str, nproc: int, wall_seconds: Optional[float] = None
             "tokens_per_second_median": round(statistics.median(tps)) if tps else None,
             "tokens_per_second_overall": round(res["tokens_per_second"]),
             "best_epoch": res.get("best_epoch"), "best_metrics": res.get("best_metrics"),
-            "final_metrics": res["final_metrics"]}
+            "final_metrics": res["final_metrics"],
+            "select_on": res.get("select_on"), "data": res.get("data")}  # how the epoch was selected / data cut
 
 
 def short_suite(name: str, steps: int, base: List[str], config: str, root: str) -> Dict[str, Any]:

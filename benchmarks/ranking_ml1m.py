@@ -60,6 +60,7 @@ def run_one(model: str, data_dir: str, run_root: str, minutes: float, overrides:
         "final_ne_mean": round(final["ne_mean"], 4), "final_auc_mean": round(final["auc_mean"], 4),
         "num_impressions": best.get("num_impressions"), "run_dir": cfg.run_dir,
         "overrides": " ".join(overrides),
+        "select_on": result.select_on, "tie_order": result.data.get("tie_order"),  # ranking: no validation split
     })
     try:
         import torch
