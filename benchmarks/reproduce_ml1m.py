@@ -110,8 +110,14 @@ def summarize_runs(runs: List[dict]) -> List[dict]:
         groups.setdefault((r["config"], r["tie_order"], r["select_on"], bool(r.get("smoke"))), []).append(r)
     order = list(PAPER) + list(EXTRA)
     out = []
-    for (config, tie, select_on, smoke), rows in sorted(
-            groups.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else len(order), kv[0][1:])):
+    ties = ("random", "file", "item_id")  # the default first
+
+    def rank(key: tuple) -> tuple:
+        config, tie = key[0], key[1]
+        return (order.index(config) if config in order else len(order), ties.index(tie) if tie in ties else 3,
+                key[2:])
+
+    for (config, tie, select_on, smoke), rows in sorted(groups.items(), key=lambda kv: rank(kv[0])):
         entry = {"config": config, "tie_order": tie, "select_on": select_on, "smoke": smoke,
                  "seeds": sorted(r["seed"] for r in rows), "n": len(rows)}
         for which in ("selected", "final"):

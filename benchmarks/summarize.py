@@ -34,10 +34,11 @@ ML1M_PROTOCOL = (
     "amount that is unknown until they are rerun; they are kept for the record, not as results.")
 
 
-def _pm(stat: Optional[dict]) -> str:
+def _pm(stat: Optional[dict], digits: int = 4) -> str:
+    """mean ± sample std ("mean" alone for one seed)."""
     if not stat or stat.get("mean") is None:
         return "–"
-    return f"{stat['mean']:.4f}" + (f" ± {stat['std']:.4f}" if stat.get("std") is not None else "")
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat.get("std") is not None else "")
 
 
 def _ml1m_multi_seed(summary: List[dict]) -> List[str]:
@@ -55,10 +56,10 @@ def _ml1m_multi_seed(summary: List[dict]) -> List[str]:
         cells = [r["config"], r["tie_order"], r["select_on"], seeds]
         cells += [f"{_pm(sel.get(m))} ({_fmt(p.get(m))})" for m in ("hr@10", "ndcg@10", "hr@50", "hr@200")]
         cells += [_pm(sel.get("mrr")), _pm(fin.get("hr@10")), _pm(fin.get("ndcg@10")),
-                  _pm(r.get("selected_epoch")).replace(".0000", ""), _pm(r.get("train_minutes"))]
+                  _pm(r.get("selected_epoch"), 1), _pm(r.get("train_minutes"), 1)]
         out.append("| " + " | ".join(cells) + " |")
-    return out + ["", "HR/NDCG/MRR: test target at the validation-selected epoch unless labelled *final epoch*; "
-                      "one row per run (seed, commit, machine, minutes): `benchmarks/results/ml-1m.json` → `runs`.", ""]
+    return out + ["", "HR/NDCG/MRR: test target at the validation-selected epoch unless labelled *final epoch*; one "
+                      "row per run (seed, commit, machine, minutes): `benchmarks/results/ml-1m.json` → `runs`.", ""]
 
 
 def _ml1m_section(payload) -> List[str]:

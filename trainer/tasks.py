@@ -325,8 +325,9 @@ class RankingTask:
         return {k: np.concatenate([p[k] for p in ordered]) for k in keys}
 
     def evaluate(self, model, ctx, split: str = "test") -> Dict[str, float]:
-        """NE / AUC / GAUC per task over ALL eval candidates (``split``: only "test" exists) (``ctx``: the TrainContext, or a device). With N
-        ranks the predictions are gathered on rank 0, which computes the metrics and broadcasts them."""
+        """NE / AUC / GAUC per task over ALL eval candidates (``ctx``: the TrainContext, or a device; ``split``: only
+        "test" exists). With N ranks the predictions are gathered on rank 0, which computes the metrics and
+        broadcasts them."""
         from hstu.trainer.ranking_metrics import ranking_metrics
 
         if split != "test":

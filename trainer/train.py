@@ -7,8 +7,8 @@ epochs of ``train_one_epoch`` (optional Stochastic Length) with ``run_evaluation
 (retrieval: validation = second-to-last item, test = last item; ranking: test only); the best epoch is the one
 whose ``eval.select_on`` split (default validation) scores best on ``eval.selection_metric``, its weights are
 run_dir/best.pt, and the test metrics are reported at that selected epoch and at the final one (results.json
-``selected`` / ``final``). Everything is logged to metrics.jsonl / TensorBoard / train.log. Epochs are 1-based. A NaN/inf loss raises :class:`NonFiniteLossError` before any parameter
-update (best.pt stays untouched).
+``selected`` / ``final``). Everything is logged to metrics.jsonl / TensorBoard / train.log. Epochs are 1-based.
+A NaN/inf loss raises :class:`NonFiniteLossError` before any parameter update (best.pt stays untouched).
 
 The same loop runs in 1 or N processes (docs/distributed.md): with ``sharding.enabled`` the item table (ranking:
 all its tables) is a TorchRec EmbeddingCollection sharded by DMP (fused rowwise AdamW) and the dense tower is
