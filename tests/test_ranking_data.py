@@ -83,9 +83,13 @@ def test_ml1m_ranking_data_actions_labels_context_split(tmp_path):
     assert d.context.tolist() == [[1, 1, 11, 1], [2, 7, 17, 3], [0, 0, 0, 0]]  # user 4: unknown
     assert d.context_vocab == (3, 8, 22, 4)
     sp = chronological_split(d, max_seq_len=3, num_eval_targets=2)
-    # user 1: 5 events -> candidates = last 2, history = the 3 before; user 2: 3 events -> 1 history event
+    # user 1: 5 events -> test candidates = last 2, history = the 3 before; users 2, 4: 3 events -> 1 history event
     assert sp.hist_start.tolist() == [0, 0, 0] and sp.hist_end.tolist() == [3, 1, 1]
     assert sp.num_candidates.tolist() == [2, 2, 2]
+    # validation: user 1 -> the 2 events before the test ones (events 1, 2), training window = event 0;
+    # users 2, 4 -> no event left for validation (a history event must remain): training window = event 0
+    assert sp.valid_candidates.tolist() == [2, 0, 0]
+    assert sp.train_start.tolist() == [0, 0, 0] and sp.train_end.tolist() == [1, 1, 1]
     # feature selection
     d2 = load_ranking_data(_cfg(tmp_path, "ranking.tasks=[love]", "ranking.contextual=[age,zip]"), progress=False)
     assert d2.task_names == ("love",) and d2.labels.shape == (d.num_events, 1) and d2.context.shape == (3, 2)
@@ -150,3 +154,18 @@ def test_synthetic_world_scales_without_per_item_state():
     chunk = next(iter_ranking_users(cfg, start=9_999_990, chunk_size=4))  # any user range, generated alone
     assert chunk.user_ids.tolist() == [9_999_991, 9_999_992, 9_999_993, 9_999_994]
     assert chunk.item_ids.max() <= 50_000_000
+
+
+def test_ranking_split_never_trains_on_validation_or_test_events():
+    d = generate_ranking(SyntheticRankingConfig(num_users=60, num_items=50, num_clusters=5, creators_per_cluster=4,
+                                                min_seq_len=2, max_seq_len=40, seed=4))
+    for max_seq_len, k in ((8, 3), (100, 1), (5, 10)):
+        sp = chronological_split(d, max_seq_len=max_seq_len, num_eval_targets=k)
+        n = d.lengths()[sp.rows]
+        assert (sp.hist_end + sp.num_candidates == n).all()  # test candidates = the last events
+        assert (sp.train_end + sp.valid_candidates == sp.hist_end).all()  # validation right before them
+        assert (sp.train_end <= sp.hist_end - sp.valid_candidates).all() and (sp.train_end >= 1).all()
+        assert (sp.train_end - sp.train_start <= max_seq_len).all()
+        assert (sp.hist_end - sp.hist_start <= max_seq_len).all()
+        assert ((sp.valid_candidates == np.minimum(k, sp.hist_end - 1))).all()
+        assert ((sp.valid_candidates > 0) == (n >= k + 2)).all()  # a test set, a validation set and >= 1 event

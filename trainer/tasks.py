@@ -147,6 +147,7 @@ class RankingTask:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg, self.data, self.split, self.spec, self.eval_loader = cfg, None, None, None, None
+        self.valid_loader = None  # validation candidates (None: no user has any)
 
     # -- config
     def task_names(self) -> List[str]:
@@ -200,13 +201,14 @@ class RankingTask:
         return v if higher_is_better(name) else -v
 
     def eval_splits(self) -> tuple:
-        """The chronological split holds out the last K events as eval candidates; there is no validation split
-        yet, so the best epoch is selected on these (results.json select_on = "test")."""
-        return ("test",)
+        """Chronological split: the last K events are the test candidates, the K before them the validation
+        candidates (trainer/data/ranking.py); ("test",) only when no user has validation candidates."""
+        return ("validation", "test") if self.valid_loader is not None or self.data is None else ("test",)
 
     def data_description(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {"split": f"chronological, last {self.cfg.ranking.num_eval_targets} events per user "
-                                        "(no validation split)"}
+        K = self.cfg.ranking.num_eval_targets
+        out: Dict[str, Any] = {"split": f"chronological: test = last {K} events per user, validation = the {K} "
+                                        "before them, training windows end before the validation events"}
         if self.cfg.data.name == "ml-1m":
             from hstu.trainer.data import tie_options
 
@@ -224,7 +226,8 @@ class RankingTask:
         Streaming (``ranking.synthetic.stream``): the train loader generates its users per batch
         (trainer/data/ranking_stream.py) and only the first ``ranking.synthetic.eval_users`` users are held —
         the eval set, and ``self.data`` / ``self.split`` (what the item-rate baseline is fitted on)."""
-        from hstu.trainer.data.ranking import build_ranking_loaders, chronological_split, load_ranking_data
+        from hstu.trainer.data.ranking import (build_ranking_loaders, chronological_split, load_ranking_data,
+                                               validation_loader)
 
         cfg, rc = self.cfg, self.cfg.ranking
         rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
@@ -254,7 +257,9 @@ class RankingTask:
                  held, data.num_users, data.num_events, list(data.task_names), list(data.context_names),
                  list(data.side.names) if data.side is not None else [])
         self.eval_loader = evaluation
-        return TaskData(train, evaluation, data.num_items, int(train.num_sequences), data)
+        self.valid_loader = validation_loader(data, self.split, cfg.data.eval_batch_size, rc.max_side_tokens, rank,
+                                              world)
+        return TaskData(train, evaluation, data.num_items, int(train.num_sequences), data, self.valid_loader)
 
     def build_model(self, device: torch.device) -> torch.nn.Module:
         cfg = self.cfg
@@ -286,15 +291,15 @@ class RankingTask:
         return loss
 
     @torch.no_grad()
-    def predict_batches(self, model, device) -> List[Dict[str, np.ndarray]]:
-        """This rank's eval batches, in order: per batch logits [N, K], labels [N, K], users [N] (+ reg,
-        reg_t [N] with a regression head). On the sharded path every rank runs the same number of batches (one
-        collective table lookup each)."""
+    def predict_batches(self, model, device, loader=None) -> List[Dict[str, np.ndarray]]:
+        """This rank's eval batches of ``loader`` (default: the test split), in order: per batch logits [N, K],
+        labels [N, K], users [N] (+ reg, reg_t [N] with a regression head). On the sharded path every rank runs
+        the same number of batches (one collective table lookup each)."""
         was = model.training
         model.eval()
         out: List[Dict[str, np.ndarray]] = []
         try:
-            for batch in self.eval_loader:
+            for batch in (self.eval_loader if loader is None else loader):
                 batch = batch.to(device)
                 logits, reg = model(batch)
                 part = {"logits": logits.float().cpu().numpy(), "labels": batch.labels.cpu().numpy(),
@@ -306,7 +311,7 @@ class RankingTask:
             model.train(was)
         return out
 
-    def predict(self, model, device, env=None) -> Optional[Dict[str, np.ndarray]]:
+    def predict(self, model, device, env=None, loader=None) -> Optional[Dict[str, np.ndarray]]:
         """Eval-set predictions of all ranks in the 1-process order (global batch by global batch, rank slices
         in rank order): logits [N, K], labels [N, K], users [N] (+ reg, reg_t). Collective with ``env`` of
         world size > 1: the result is on rank 0, None on the other ranks."""
@@ -314,7 +319,7 @@ class RankingTask:
             from hstu.trainer import distributed as hd
 
             model = hd.unwrap(model)  # its sharded tables stay sharded (collective lookups)
-        mine = self.predict_batches(model, device)
+        mine = self.predict_batches(model, device, loader)
         gathered = env.gather_object(mine) if env is not None and env.world_size > 1 else [mine]
         if gathered is None:
             return None
@@ -325,15 +330,16 @@ class RankingTask:
         return {k: np.concatenate([p[k] for p in ordered]) for k in keys}
 
     def evaluate(self, model, ctx, split: str = "test") -> Dict[str, float]:
-        """NE / AUC / GAUC per task over ALL eval candidates (``ctx``: the TrainContext, or a device; ``split``: only
-        "test" exists). With N ranks the predictions are gathered on rank 0, which computes the metrics and
-        broadcasts them."""
+        """NE / AUC / GAUC per task over ALL candidates of ``split`` (test | validation; ``ctx``: the
+        TrainContext, or a device). With N ranks the predictions are gathered on rank 0, which computes the
+        metrics and broadcasts them."""
         from hstu.trainer.ranking_metrics import ranking_metrics
 
-        if split != "test":
-            raise ValueError(f"task=ranking has no {split!r} split (only 'test')")
+        loader = {"test": self.eval_loader, "validation": self.valid_loader}[split]
+        if loader is None:
+            raise ValueError(f"task=ranking: no {split} candidates in this dataset")
         env = getattr(ctx, "env", None)
-        p = self.predict(model, getattr(ctx, "device", ctx), env)
+        p = self.predict(model, getattr(ctx, "device", ctx), env, loader)
         metrics = None
         if p is not None:
             metrics = ranking_metrics(p["logits"], p["labels"], p["users"], self.spec.task_names, p.get("reg"),
@@ -370,7 +376,7 @@ class RankingTask:
 
         d, s = self.data, self.split
         base = d.offsets[s.rows]
-        tr, _ = gather_ranges(base + s.hist_start, base + s.hist_end)
+        tr, _ = gather_ranges(base + s.train_start, base + s.train_end)  # the training windows
         ev, _ = gather_ranges(base + s.hist_end, base + s.hist_end + s.num_candidates)
         prior = d.labels[tr].mean(0)  # [K]
         alpha = 10.0

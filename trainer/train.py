@@ -468,10 +468,10 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
     seed_everything(cfg.train.seed)
     device = env.device
     task = make_task(cfg)
-    if cfg.eval.select_on not in task.eval_splits():
-        log.warning("eval.select_on=%s: task=%s has no %s split; the best epoch is selected on the test split",
-                    cfg.eval.select_on, task.name, cfg.eval.select_on)
     data = task.build_data(env)
+    if cfg.eval.select_on not in task.eval_splits():
+        log.warning("eval.select_on=%s: task=%s has no %s split here; the best epoch is selected on the test split",
+                    cfg.eval.select_on, task.name, cfg.eval.select_on)
     model = task.build_model(device)
     if cfg.train.init_from and not resume_from:  # before sharding: the sharded tables copy the plain ones
         from hstu.trainer.plain_weights import load_plain_weights

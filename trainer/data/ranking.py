@@ -8,9 +8,11 @@ ML-1M
   zip (the first ranking.zip_prefix_len characters); no slowly changing series (the demographics never change).
 Synthetic: trainer/data/synthetic_ranking.py (click / like / share / complete, followed creators, region).
 
-Split (chronological, per user, like leave-one-out): the last K = min(ranking.num_eval_targets, n − 1) events
-of a user are eval candidates; the history window is the (at most data.max_seq_len) events before them.
-Training uses exactly that window (loss at every item), evaluation appends the K candidates to it.
+Split (chronological, per user, like leave-one-out with validation): the last K = min(ranking.num_eval_targets,
+n − 1) events of a user are the TEST candidates (history: the at most data.max_seq_len events before them); the
+K_v = min(K, n − K − 1) events before those are the VALIDATION candidates (history: the at most max_seq_len events
+before them). Training uses exactly the validation history window (loss at every item), so no validation or test
+event is ever trained on; evaluation appends the candidates to their history window.
 """
 
 from __future__ import annotations
@@ -114,18 +116,25 @@ def select_features(data: RankingData, tasks: Optional[Sequence[str]], contextua
 
 @dataclass
 class RankingSplit:
-    """Per-user windows (row-aligned): rows [U'], hist_start / hist_end [U'] (event index within the user),
-    num_candidates [U'] (eval candidates = events [hist_end, hist_end + num_candidates))."""
+    """Per-user windows (row-aligned, event indices within the user): rows [U']; the TEST eval: hist_start /
+    hist_end [U'] (history window), num_candidates [U'] (candidates = events [hist_end, hist_end + num_candidates));
+    training: train_start / train_end [U'] (the window the loss sees) — also the VALIDATION history, whose
+    candidates are events [train_end, train_end + valid_candidates) (valid_candidates [U'], 0 = none)."""
 
     rows: np.ndarray
     hist_start: np.ndarray
     hist_end: np.ndarray
     num_candidates: np.ndarray
+    train_start: np.ndarray
+    train_end: np.ndarray
+    valid_candidates: np.ndarray
 
 
 def chronological_split(data: RankingData, max_seq_len: int, num_eval_targets: int) -> RankingSplit:
-    """Last K = min(num_eval_targets, n − 1) events of each user (n >= 2) are eval candidates; the history window
-    is the last ``max_seq_len`` events before them."""
+    """Users with n >= 2 events: the last K = min(num_eval_targets, n − 1) events are test candidates (history: the
+    last ``max_seq_len`` events before them); the K_v = min(K, n − K − 1) events before those are validation
+    candidates; the training window is the last ``max_seq_len`` events before the validation candidates (>= 1
+    event), so a user with n <= 2 has no validation candidates."""
     if num_eval_targets < 1:
         raise DataError(f"ranking.num_eval_targets must be >= 1, got {num_eval_targets}")
     n = data.lengths()
@@ -133,15 +142,30 @@ def chronological_split(data: RankingData, max_seq_len: int, num_eval_targets: i
     k = np.minimum(num_eval_targets, n[rows] - 1)
     end = n[rows] - k
     start = np.maximum(0, end - max_seq_len)
-    return RankingSplit(rows, start, end, k)
+    k_valid = np.minimum(num_eval_targets, end - 1)
+    train_end = end - k_valid
+    return RankingSplit(rows, start, end, k, np.maximum(0, train_end - max_seq_len), train_end, k_valid)
+
+
+def validation_loader(data: RankingData, split: RankingSplit, eval_batch_size: int, max_side_tokens: int,
+                      rank: int = 0, world_size: int = 1) -> Optional[RankingLoader]:
+    """Eval loader of the validation candidates (users that have some, in user order), or None when no user has
+    any (or fewer users than processes)."""
+    has = split.valid_candidates > 0
+    if not has.any() or int(has.sum()) < world_size:
+        return None
+    return RankingLoader(data, split.rows[has], split.train_start[has], split.train_end[has],
+                         split.valid_candidates[has], eval_batch_size, predict="candidates", shuffle=False,
+                         max_side_tokens=max_side_tokens, rank=rank, world_size=world_size)
 
 
 def build_ranking_loaders(data: RankingData, split: RankingSplit, batch_size: int, eval_batch_size: int,
                           seed: int, max_side_tokens: int, rank: int = 0, world_size: int = 1
                           ) -> Tuple[RankingLoader, RankingLoader]:
-    """(train loader: history windows, shuffled per (seed, epoch), loss at every item; eval loader: the same
-    windows + candidates, in user order). Both read this rank's slice of every global batch (RankingLoader)."""
-    train = RankingLoader(data, split.rows, split.hist_start, split.hist_end, np.zeros_like(split.rows),
+    """(train loader: training windows (they end before the validation candidates), shuffled per (seed, epoch),
+    loss at every item; eval loader: the TEST history windows + candidates, in user order). Both read this rank's
+    slice of every global batch (RankingLoader). The validation loader: :func:`validation_loader`."""
+    train = RankingLoader(data, split.rows, split.train_start, split.train_end, np.zeros_like(split.rows),
                           batch_size, predict="history", shuffle=True, seed=seed, max_side_tokens=max_side_tokens,
                           rank=rank, world_size=world_size)
     evaluation = RankingLoader(data, split.rows, split.hist_start, split.hist_end, split.num_candidates,
@@ -263,7 +287,7 @@ def users_file(data_cfg, progress: bool = True) -> Path:
 def load_ranking_data(cfg, progress: bool = True) -> RankingData:
     """RunConfig (task=ranking) -> RankingData with the configured tasks / features selected.
 
-    ml-1m: ratings through the sequence cache (each user's last data.max_seq_len + K events, same-second events in
+    ml-1m: ratings through the sequence cache (each user's last data.max_seq_len + 2K events, same-second events in
     data.tie_order) + users.dat;
     synthetic: the streaming generator (cfg.ranking.synthetic)."""
     rc, name = cfg.ranking, cfg.data.name
@@ -272,9 +296,10 @@ def load_ranking_data(cfg, progress: bool = True) -> RankingData:
         from hstu.trainer.data.sequences import KEPT_BEYOND_MAX_LEN
 
         K = rc.num_eval_targets
-        # the sequence cache keeps max_seq_len + KEPT_BEYOND_MAX_LEN events per user: ask for data.max_seq_len + K;
-        # same tie order (data.tie_order / data.seed) as the retrieval data, so both tasks see the same events
-        data_cfg = dataclasses.replace(cfg.data, max_seq_len=cfg.data.max_seq_len + K - KEPT_BEYOND_MAX_LEN,
+        # the sequence cache keeps max_seq_len + KEPT_BEYOND_MAX_LEN events per user: ask for data.max_seq_len + 2K
+        # (history window + validation and test candidates); same tie order (data.tie_order / data.seed) as the
+        # retrieval data, so both tasks see the same events
+        data_cfg = dataclasses.replace(cfg.data, max_seq_len=cfg.data.max_seq_len + 2 * K - KEPT_BEYOND_MAX_LEN,
                                        min_seq_len=max(cfg.data.min_seq_len, 2))
         seqs = load_sequences(data_cfg, progress=progress)
         data = ml1m_ranking_data(seqs, read_users_dat(users_file(cfg.data, progress)), rc.zip_prefix_len)

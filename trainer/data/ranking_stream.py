@@ -7,8 +7,8 @@ users, with W > 1 ranks a last global batch smaller than W merged into the one b
 ``np.array_split(b, W)[r]``), the same resumable position (``state_dict`` / ``load_state_dict``: epoch, global
 batches consumed, checked seed / batch_size / num_sequences), and batch for batch the same RankingBatch: for
 each batch it generates only this rank's users (``generate_users``, user id = index + 1), applies the same
-chronological split (history = the last ``max_seq_len`` events before the last K = min(num_eval_targets,
-n − 1)) and builds the batch with ``build_ranking_batch(..., predict="history")``.
+chronological split (training window = the last ``max_seq_len`` events before the validation and test candidates,
+trainer/data/ranking.py) and builds the batch with ``build_ranking_batch(..., predict="history")``.
 
 Memory: one batch (or ``prefetch_batches`` + 1 with the background thread) plus the epoch's permutation of user
 indices (8 bytes per user) — not the dataset (~``bytes_per_user`` × users, see benchmarks/ranking_synthetic_scale.py).
@@ -89,7 +89,7 @@ class StreamingRankingLoader(RankingLoader):
             raise DataError(f"streaming ranking data: every user needs >= 2 events (ranking.synthetic.min_seq_len "
                             f">= 2); users {bad} do not")
         split = chronological_split(data, self.max_seq_len, self.num_eval_targets)
-        return build_ranking_batch(data, split.rows, split.hist_start, split.hist_end, np.zeros_like(split.rows),
+        return build_ranking_batch(data, split.rows, split.train_start, split.train_end, np.zeros_like(split.rows),
                                    "history", self.max_side_tokens)
 
     def __iter__(self) -> Iterator[RankingBatch]:
