@@ -176,7 +176,7 @@ def generator_figures(cfg, users: int, per_rank_batch: int, batches: int) -> Dic
         side += chunk.side.num_tokens
         nbytes += _nbytes(chunk)
     gen_s = time.perf_counter() - t0
-    split_bytes = 4 * 8  # RankingSplit: rows, hist_start, hist_end, num_candidates (int64 per user)
+    split_bytes = 7 * 8  # RankingSplit: rows, hist_start/end, num_candidates, train_start/end, valid_candidates
     per_user = (nbytes + split_bytes * users) / users
     loader = StreamingRankingLoader(SyntheticUsers(s, cfg.ranking.tasks or None, cfg.ranking.contextual,
                                                    cfg.ranking.side_series),
