@@ -64,6 +64,14 @@ def test_tie_order_and_its_seed_are_part_of_the_key(cfg):
     assert other_seed["cache_path"] != paths["random"]
 
 
+def test_synthetic_key_ignores_the_tie_order(tmp_path):
+    syn = SyntheticConfig(num_users=20, num_items=30, num_interests=3, min_seq_len=5, max_seq_len=12)
+    cfg = DataConfig(name="synthetic", cache_dir=str(tmp_path), max_seq_len=8, synthetic=syn)
+    first = prepare(cfg, progress=False)
+    cfg.seed, cfg.tie_order = cfg.seed + 1, "item_id"  # strictly increasing timestamps: nothing to order
+    assert prepare(cfg, progress=False)["cache_path"] == first["cache_path"]
+
+
 def test_parser_version_is_part_of_the_key(tmp_path, monkeypatch):
     src = tmp_path / "f"
     src.write_bytes(b"x")

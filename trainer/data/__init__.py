@@ -66,8 +66,9 @@ def _load(data_cfg: DataConfig, progress: bool = True) -> Tuple[UserSequences, P
         raise DataError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
     options: Dict[str, Any] = {
         "dataset": name, "max_seq_len": data_cfg.max_seq_len, "min_seq_len": data_cfg.min_seq_len,
-        **tie_options(data_cfg),
     }
+    if name != "synthetic":  # the generator's timestamps strictly increase: no ties, the order cannot matter
+        options.update(tie_options(data_cfg))
     ties = {"tie_order": data_cfg.tie_order, "tie_seed": data_cfg.seed}
     sources: List[Path] = []
     if name == "synthetic":
