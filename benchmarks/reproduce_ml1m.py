@@ -5,12 +5,15 @@ epoch, same-second events in ``data.tie_order``, several seeds, mean ± std per 
 
     python benchmarks/reproduce_ml1m.py --data-dir ../shared/data/ml-1m \\
         [--configs sasrec,hstu,hstu-large] [--seeds 1,2,3] [--tie-order random] \\
-        [--compare-configs hstu --compare-tie-order item_id] [--smoke] [--out DIR] [key=value ...]
+        [--compare-configs hstu --compare-tie-order item_id] [--skip-existing] [--smoke] [--out DIR] \\
+        [key=value ...]
 
 Every config trains with its shipped file (configs/ml-1m/<config>.yaml) once per (tie order, seed); seed s sets
 ``train.seed`` and ``data.seed`` (which also seeds the random tie shuffle). ``--compare-configs`` (default: hstu)
 are run again under ``--compare-tie-order`` (default: item_id, the old order) to measure what the tie order is
-worth. Extra dotted overrides apply to every run and are recorded.
+worth. Extra dotted overrides apply to every run and are recorded. The results file is rewritten after every
+run; ``--skip-existing`` continues an interrupted sweep (and ``train.resume=true`` an interrupted run: run dirs
+are ``<run-root>/<config>-<tie order>-seed<seed>``).
 
 Results: ``<out>/ml-1m.json`` = {"protocol", "runs": one row per run (merged by config/tie order/seed/select_on),
 "summary": mean ± std per (config, tie order, select_on), "historical": the single-seed rows measured before
@@ -195,6 +198,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--compare-tie-order", default="item_id", choices=TIE_ORDERS)
     ap.add_argument("--convert-only", action="store_true",
                     help="train nothing: rewrite ml-1m.json in the current format (old rows -> 'historical')")
+    ap.add_argument("--skip-existing", action="store_true",
+                    help="skip (config, tie order, seed) runs the results file already holds with the same overrides "
+                         "(continue an interrupted sweep)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 2 epochs: checks the plumbing only")
     ap.add_argument("--out", default=None, help="folder of ml-1m.json (default benchmarks/results, --smoke: "
                                                  "<run-root>/smoke; RESULTS.md is regenerated only for the default)")
@@ -226,6 +232,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if payload is not None:
         write_results(payload, path)
     plan = [] if args.convert_only else plan_runs(configs, seeds, ties, compare, args.compare_tie_order)
+    if args.skip_existing and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        done = {(r["config"], r["tie_order"], r["seed"]) for r in (old.get("runs", []) if isinstance(old, dict) else [])
+                if bool(r.get("smoke")) == bool(args.smoke) and r.get("overrides") == overrides}
+        plan = [p for p in plan if p not in done]
+        payload = old if isinstance(old, dict) and not plan else payload
     for config, tie, seed in plan:
         print(f"== {config} tie_order={tie} seed={seed}", flush=True)
         row = run_one(config, seed, tie, args.data_dir, args.run_root, overrides)

@@ -324,6 +324,11 @@ def test_reproduce_ml1m_smoke_multi_seed_keeps_historical(tmp_path):
     # a rerun of one seed replaces that seed's rows only; the historical rows stay
     again = repro.main(common + ["--configs", "hstu", "--seeds", "2", "--compare-configs", "", "train.num_threads=1"])
     assert len(again["runs"]) == 6 and again["historical"] == hist
+    # --skip-existing: every planned run is already there -> nothing trains, nothing changes
+    before_skip = (out / repro.RESULT_FILE).read_text()
+    skipped = repro.main(common + ["--configs", "sasrec,hstu", "--seeds", "1,2", "--skip-existing",
+                                   "train.num_threads=1"])
+    assert skipped["runs"] == again["runs"] and (out / repro.RESULT_FILE).read_text() == before_skip
     # RESULTS.md rendering: the multi-seed table (smoke rows are never rendered) and the labelled historical rows
     summarize = _load("summarize")
     lines = summarize._ml1m_section(saved)
