@@ -21,53 +21,15 @@ import pytest
 import hstu.trainer.checkpoint as ckpt
 import hstu.trainer.train as train_mod
 from hstu.trainer.cli import main
-from hstu.trainer.metrics_log import read_metrics
+from reliability_utils import CONFIG, flip_bits, losses, run_cli, snapshot, train_argv, truncate
 
 pytestmark = pytest.mark.timeout(300)
 
-CONFIG = [
-    "data.name=synthetic", "data.synthetic.num_users=120", "data.synthetic.num_items=90",
-    "data.synthetic.max_seq_len=16", "data.max_seq_len=16", "data.batch_size=16", "data.eval_batch_size=64",
-    "model.embedding_dim=8", "model.attention_dim=4", "model.linear_dim=4", "model.num_heads=2",
-    "model.num_layers=2", "model.dropout=0.2", "loss.num_negatives=8", "optim.warmup_steps=3",
-    "train.stochastic_length.enabled=true", "train.stochastic_length.alpha=1.2", "train.epochs=3",
-    "train.max_steps=12", "train.eval_every_epochs=1", "train.log_every_steps=1", "train.progress=false",
-    "train.tensorboard=false", "eval.ks=[10]", "eval.ndcg_ks=[10]", "eval.popularity_baseline=false",
-    "checkpoint.every_steps=2", "checkpoint.keep_last=2",
-]
-STEP4, STEP6 = "step_00000008", "step_00000010"  # the older (fallback) and the newest checkpoint
+OLDER, NEWEST = "step_00000008", "step_00000010"  # the older (fallback) and the newest checkpoint
 
 
 class Killed(BaseException):
     """Stands for kill -9 right after a checkpoint is published (no cleanup code of ours may catch it)."""
-
-
-def train_argv(run_dir, cache, *extra):
-    return ["train", "--run-dir", str(run_dir), *CONFIG, f"data.cache_dir={cache}", *extra]
-
-
-def run_cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"), kind="train")}
-
-
-def snapshot(root):
-    """{relative path: bytes} of every file under ``root``."""
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = fh.read()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +52,8 @@ def runs(tmp_path_factory):
     finally:
         train_mod.save_checkpoint = real
     cdir = killed / "checkpoints"
-    assert sorted(os.listdir(cdir)) == ["latest", STEP4, STEP6]
-    assert (cdir / "latest").read_text().strip() == STEP6
+    assert sorted(os.listdir(cdir)) == ["latest", OLDER, NEWEST]
+    assert (cdir / "latest").read_text().strip() == NEWEST
     assert (killed / "best.pt").exists() and max(losses(killed)) == 10
     return ref, killed, cache
 
@@ -102,35 +64,21 @@ def copy_of(runs, tmp_path):
     return run
 
 
-def truncate(path):
-    size = os.path.getsize(path)
-    with open(path, "r+b") as f:
-        f.truncate(size // 2)
-
-
-def flip_bits(path):
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        b = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([b[0] ^ 0xFF]))
-
-
 def _newest(run):
-    return run / "checkpoints" / STEP6
+    return run / "checkpoints" / NEWEST
 
 
 DAMAGE = {  # name: (damage(run_dir), checkpoint expected to be resumed, file the warning names)
-    "truncate_distcp": (lambda r: truncate(_newest(r) / "__0_0.distcp"), STEP4, "__0_0.distcp"),
-    "truncate_metadata": (lambda r: truncate(_newest(r) / ".metadata"), STEP4, ".metadata"),
-    "truncate_rng": (lambda r: truncate(_newest(r) / "rng_rank0.pt"), STEP4, "rng_rank0.pt"),
-    "delete_metadata": (lambda r: os.remove(_newest(r) / ".metadata"), STEP4, ".metadata"),
-    "delete_rng": (lambda r: os.remove(_newest(r) / "rng_rank0.pt"), STEP4, "rng_rank0.pt"),
-    "flip_bits_distcp": (lambda r: flip_bits(_newest(r) / "__0_0.distcp"), STEP4, "__0_0.distcp"),
-    "delete_manifest": (lambda r: os.remove(_newest(r) / "manifest.json"), STEP4, "manifest.json"),
-    "latest_garbage": (lambda r: (r / "checkpoints" / "latest").write_bytes(b"\x00garbage\xff\n"), STEP6, None),
-    "latest_missing_step": (lambda r: (r / "checkpoints" / "latest").write_text("step_00000999\n"), STEP6, None),
-    "latest_deleted": (lambda r: os.remove(r / "checkpoints" / "latest"), STEP6, None),
+    "truncate_distcp": (lambda r: truncate(_newest(r) / "__0_0.distcp"), OLDER, "__0_0.distcp"),
+    "truncate_metadata": (lambda r: truncate(_newest(r) / ".metadata"), OLDER, ".metadata"),
+    "truncate_rng": (lambda r: truncate(_newest(r) / "rng_rank0.pt"), OLDER, "rng_rank0.pt"),
+    "delete_metadata": (lambda r: os.remove(_newest(r) / ".metadata"), OLDER, ".metadata"),
+    "delete_rng": (lambda r: os.remove(_newest(r) / "rng_rank0.pt"), OLDER, "rng_rank0.pt"),
+    "flip_bits_distcp": (lambda r: flip_bits(_newest(r) / "__0_0.distcp"), OLDER, "__0_0.distcp"),
+    "delete_manifest": (lambda r: os.remove(_newest(r) / "manifest.json"), OLDER, "manifest.json"),
+    "latest_garbage": (lambda r: (r / "checkpoints" / "latest").write_bytes(b"\x00garbage\xff\n"), NEWEST, None),
+    "latest_missing_step": (lambda r: (r / "checkpoints" / "latest").write_text("step_00000999\n"), NEWEST, None),
+    "latest_deleted": (lambda r: os.remove(r / "checkpoints" / "latest"), NEWEST, None),
 }
 
 
@@ -146,8 +94,8 @@ def test_damage_falls_back_to_the_newest_good_checkpoint(case, runs, tmp_path, c
     assert f"resumed from {run / 'checkpoints' / want_from}: step {int(want_from[5:])}" in log
     if bad_file:  # a warning names the damaged file; the directory is kept aside, never deleted
         warning = next(line for line in log.splitlines() if "is unusable" in line)
-        assert bad_file in warning and STEP6 in warning and "falling back to" in warning
-        assert (run / "checkpoints" / (STEP6 + ".damaged")).is_dir()
+        assert bad_file in warning and NEWEST in warning and "falling back to" in warning
+        assert (run / "checkpoints" / (NEWEST + ".damaged")).is_dir()
     else:  # the pointer was bad: a warning says so, the newest checkpoint is used, nothing starts fresh
         assert "starting fresh" not in log and "using" in log
     assert losses(run) == losses(ref)  # every step, bit-identical to the uninterrupted run
@@ -159,8 +107,8 @@ def test_damage_falls_back_to_the_newest_good_checkpoint(case, runs, tmp_path, c
 def test_no_checkpoint_verifies_is_a_one_line_error_and_deletes_nothing(runs, tmp_path):
     _, _, cache = runs
     run = copy_of(runs, tmp_path)
-    truncate(run / "checkpoints" / STEP6 / "__0_0.distcp")
-    os.remove(run / "checkpoints" / STEP4 / ".metadata")
+    truncate(run / "checkpoints" / NEWEST / "__0_0.distcp")
+    os.remove(run / "checkpoints" / OLDER / ".metadata")
     before = snapshot(run)
     proc = subprocess.run([sys.executable, "-m", "hstu.trainer.cli", *train_argv(run, cache)], capture_output=True,
                           text=True, timeout=240)
