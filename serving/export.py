@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import shutil
 from types import SimpleNamespace
@@ -293,7 +294,9 @@ def add_export_arguments(p) -> None:
 def cmd_export(args) -> int:
     """``hstu export``: print a short JSON summary of the written artifact."""
     from hstu.trainer.config import ConfigError
+    from hstu.trainer.metrics_log import setup_logging
 
+    setup_logging(None, level=logging.WARNING)  # e.g. a damaged checkpoint skipped by --checkpoint latest
     try:
         manifest = export_run(args.run_dir, args.out, embedding_dtype=args.embedding_dtype,
                               checkpoint=args.checkpoint, overwrite=args.force, overrides=args.overrides)

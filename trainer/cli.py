@@ -246,6 +246,11 @@ def evaluate_run(run_dir: str, overrides: Sequence[str] = (), checkpoint: Option
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import logging
+
+    from hstu.trainer.metrics_log import setup_logging
+
+    setup_logging(None, level=logging.WARNING)  # e.g. a damaged checkpoint skipped by --checkpoint latest
     out = evaluate_run(args.run_dir, args.overrides, args.checkpoint, args.data_dir, args.device, args.baseline)
     rd.write_json(out, args.output or os.path.join(args.run_dir, "eval.json"))
     print(json.dumps(out, indent=2))

@@ -108,7 +108,8 @@ def check_fits(own: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor], sou
 
 def load_plain_weights(model: torch.nn.Module, source: str, what: str = "train.init_from") -> Dict[str, int]:
     """Copy ``source``'s weights into the plain ``model`` in place (dtype cast to the model's); every tensor
-    must match by name and shape. Returns {"tensors": n, "elements": total}."""
+    must match by name and shape. Returns {"tensors": n, "elements": total, "source": the path loaded} (a
+    checkpoint directory: its newest step that verifies)."""
     if not os.path.exists(source):
         raise CheckpointError(f"key '{what}': {source} does not exist (a best.pt / state_dict file or a DCP "
                               "checkpoint directory)")
@@ -118,7 +119,7 @@ def load_plain_weights(model: torch.nn.Module, source: str, what: str = "train.i
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(state[k])
-    return {"tensors": len(own), "elements": sum(t.numel() for t in own.values())}
+    return {"tensors": len(own), "elements": sum(t.numel() for t in own.values()), "source": path}
 
 
 __all__ = ["ITEM_KEY", "check_fits", "iter_plain_tensors", "load_plain_weights", "plain_name", "read_plain_state"]

@@ -470,7 +470,7 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
 
         loaded = load_plain_weights(model, cfg.train.init_from)  # verified; a checkpoint dir: newest good one
         log.info("initialised %d tensors (%d elements) from %s", loaded["tensors"], loaded["elements"],
-                 cfg.train.init_from)
+                 loaded["source"])
     elif cfg.train.init_from:
         log.info("train.init_from ignored: resuming from %s", resume_from)
     try:
