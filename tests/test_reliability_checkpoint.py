@@ -172,3 +172,32 @@ def test_keep_last_never_prunes_the_fallback_target_for_a_bad_checkpoint(tmp_pat
     fake(10, good=False)  # the new one does not verify: nothing is pruned
     ckpt._prune(str(cdir), keep_last=1, current="step_00000010")
     assert "step_00000006" in os.listdir(cdir) and "step_00000008" in os.listdir(cdir)
+
+
+def test_two_processes_fall_back_past_a_damaged_rank_1_file(tmp_path):
+    """torchrun, world 2, sharded table: rank 1's shard file of the newest checkpoint is truncated; both ranks
+    resume from the previous checkpoint (rank 0 verifies every rank's files against the manifest it wrote from
+    their hashes) and re-run the lost steps bit-identically."""
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    sharded = ["sharding.enabled=true", "sharding.sharding_type=row_wise", "train.num_threads=1",
+               "checkpoint.keep_last=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def hstu_train(max_steps):
+        argv = train_argv(run, cache, *sharded, f"train.max_steps={max_steps}")
+        return subprocess.run([sys.executable, "-m", "hstu.trainer.cli", argv[0], "--nproc-per-node", "2",
+                               *argv[1:]], env=env, capture_output=True, text=True, timeout=240)
+
+    done = hstu_train(4)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = losses(run)
+    step4 = run / "checkpoints" / "step_00000004"
+    assert sorted(first) == [1, 2, 3, 4] and (step4 / "__1_0.distcp").exists() and (step4 / "rng_rank1.pt").exists()
+    truncate(step4 / "__1_0.distcp")
+    done = hstu_train(6)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (run / "train.log").read_text()
+    assert "__1_0.distcp" in log and "falling back to" in log
+    assert f"resumed from {run / 'checkpoints' / 'step_00000002'}: step 2" in log
+    again = losses(run)
+    assert sorted(again) == [1, 2, 3, 4, 5, 6] and {s: again[s] for s in first} == first
