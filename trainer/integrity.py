@@ -243,14 +243,19 @@ def verify_file(path: str) -> Tuple[Optional[str], bool]:
 def verify_source(path: str) -> str:
     """A checkpoint named by the user (a state_dict file, a DCP step directory, or a checkpoint directory of
     step dirs): verified (a checkpoint directory resolves to its newest good step); returns the path to load.
-    Raises CheckpointError with a one-line reason."""
+    A DCP directory without manifest.json named explicitly (another tool's, or written before manifests) is
+    loaded unverified with a warning — never picked by a scan. Raises CheckpointError with a one-line reason."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     if os.path.isdir(path):
-        if STEP_NAME.match(os.path.basename(os.path.normpath(path))) or os.path.exists(os.path.join(path, MANIFEST)):
+        if os.path.exists(os.path.join(path, MANIFEST)):
             reason = verify_step_dir(path)
             if reason:
                 raise CheckpointError(f"checkpoint {path} is unusable: {reason}")
+            return path
+        if os.path.exists(os.path.join(path, ".metadata")):  # named explicitly: another tool's / older DCP dir
+            log.warning("checkpoint %s has no %s (written by another tool or an older version): loading it "
+                        "unverified", path, MANIFEST)
             return path
         if step_dirs(path) or os.path.exists(os.path.join(path, LATEST)):
             res = resolve(path)
