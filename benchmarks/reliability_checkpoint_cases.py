@@ -62,6 +62,8 @@ def prepare(root: str) -> Dict[str, str]:
 
     shared = {"root": root, "cache": os.path.join(root, "cache"), "ref": os.path.join(root, "ref"),
               "killed": os.path.join(root, "killed")}
+    for d in ("ref", "killed", "cases"):  # a reused --root: start from scratch (the data cache is kept)
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     if main(train_argv(shared["ref"], shared["cache"])) != 0:
         raise RuntimeError("reference run failed")
     real = train_mod.save_checkpoint
@@ -220,6 +222,27 @@ def _check_tmp_removed(run_dir: str, proc: subprocess.CompletedProcess, shared: 
     return "accepted" if not os.path.exists(shared["_tmp"]) else "silently-accepted"
 
 
+def _killed_fresh_run(run_dir: str, shared: Dict[str, Any]) -> None:
+    """What `hstu train train.resume=false` killed -9 before its first checkpoint leaves: the previous run
+    stashed in .previous-run/, the new run's config.yaml and train.log beside it."""
+    from hstu.trainer import run_dir as rd
+
+    rd.stash_previous(run_dir, os.path.join(run_dir, "checkpoints"))
+    shutil.copy(os.path.join(run_dir, rd.PREVIOUS, "config.yaml"), os.path.join(run_dir, "config.yaml"))
+    _write(os.path.join(run_dir, "train.log"), b"the killed fresh run's log\n")
+
+
+def _check_replaced(run_dir: str, proc: subprocess.CompletedProcess, shared: Dict[str, Any]) -> str:
+    """A fresh run over the previous one that succeeded: its own checkpoints only, the stash gone."""
+    if proc.returncode != 0:
+        return _error_class(proc)
+    names = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    if os.path.exists(os.path.join(run_dir, ".previous-run")) or names != ["latest", "step_00000002",
+                                                                          "step_00000004"]:
+        return "silently-accepted"
+    return "accepted" if sorted(_losses(run_dir)) == [1, 2, 3, 4] else "diverged"
+
+
 def _resume(run_dir: str, shared: Dict[str, str]) -> List[str]:
     return train_argv(run_dir, shared["cache"])
 
@@ -291,6 +314,19 @@ CASES: List[Dict[str, Any]] = [
      "setup": _snap_setup(lambda r: truncate(os.path.join(r, "best.pt"))),
      "argv": lambda r, s: train_argv(os.path.join(r, "new"), s["cache"], f"train.init_from={r}/best.pt"),
      "expected": "clear-error", "check": check_error("train.init_from", "best.pt")},
+    {"name": "fresh-run-nan-over-previous", "damage": "none; train.resume=false optim.lr=1e30 (NaN at step 2, "
+     "after the previous run was moved aside, before the new run's first checkpoint)",
+     "setup": _snap_setup(lambda r: None),
+     "argv": lambda r, s: train_argv(r, s["cache"], "train.resume=false", "optim.lr=1e30", "optim.warmup_steps=0"),
+     "expected": "clear-error", "check": check_error("non-finite loss")},
+    {"name": "fresh-run-replaces-previous", "damage": "none; train.resume=false train.max_steps=4",
+     "setup": lambda r, s: None,
+     "argv": lambda r, s: train_argv(r, s["cache"], "train.resume=false", "train.max_steps=4"),
+     "expected": "accepted", "check": _check_replaced},
+    {"name": "killed-fresh-run-undone", "damage": "previous run stashed in .previous-run/ by a fresh run killed "
+     "before its first checkpoint; then the resume command",
+     "setup": _killed_fresh_run, "argv": _resume, "expected": "resume-bit-identical",
+     "check": check_resume(NEWEST)},
     {"name": "cache-stale-tmp", "damage": "cache/sequences/*.npz.killed.tmp, 1 h old, unlocked (a killed writer)",
      "setup": _stale_tmp, "argv": lambda r, s: ["prepare", *CONFIG, f"data.cache_dir={s['cache']}"],
      "expected": "accepted", "check": _check_tmp_removed},
