@@ -129,13 +129,16 @@ def verify_step_dir(directory: str, full: bool = True) -> Optional[str]:
         return reason
     for name, rec in sorted(manifest["files"].items()):
         p = os.path.join(directory, name)
-        if not os.path.isfile(p):
-            return f"{p}: missing"
-        size = os.path.getsize(p)
-        if size != rec["bytes"]:
-            return f"{p}: {size} bytes, the manifest says {rec['bytes']} (truncated or overwritten)"
-        if full and sha256_file(p) != rec["sha256"]:
-            return f"{p}: sha256 differs from the manifest (the file is damaged)"
+        try:
+            if not os.path.isfile(p):
+                return f"{p}: missing"
+            size = os.path.getsize(p)
+            if size != rec["bytes"]:
+                return f"{p}: {size} bytes, the manifest says {rec['bytes']} (truncated or overwritten)"
+            if full and sha256_file(p) != rec["sha256"]:
+                return f"{p}: sha256 differs from the manifest (the file is damaged)"
+        except OSError as e:  # unreadable, or removed meanwhile (pruned by a run writing this directory)
+            return f"{p}: cannot be read ({type(e).__name__}: {e.strerror or e})"
     return None
 
 
@@ -232,11 +235,14 @@ def verify_file(path: str) -> Tuple[Optional[str], bool]:
             rec = json.load(f)["files"][os.path.basename(path)]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{side}: unreadable ({type(e).__name__}: {e})", False
-    size = os.path.getsize(path)
-    if size != rec["bytes"]:
-        return f"{path}: {size} bytes, {side} says {rec['bytes']} (truncated or overwritten)", False
-    if sha256_file(path) != rec["sha256"]:
-        return f"{path}: sha256 differs from {side} (the file is damaged)", False
+    try:
+        size = os.path.getsize(path)
+        if size != rec["bytes"]:
+            return f"{path}: {size} bytes, {side} says {rec['bytes']} (truncated or overwritten)", False
+        if sha256_file(path) != rec["sha256"]:
+            return f"{path}: sha256 differs from {side} (the file is damaged)", False
+    except OSError as e:
+        return f"{path}: cannot be read ({type(e).__name__}: {e.strerror or e})", False
     return None, True
 
 
