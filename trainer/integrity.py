@@ -180,6 +180,8 @@ class Resolution:
                          f"falling back to {self.path}" if self.path else "no older checkpoint verifies")
         if self.note and self.path:
             log_.warning("%s; using %s, the newest checkpoint that verifies", self.note, self.path)
+        elif self.note:
+            log_.warning("%s and there is no step_* checkpoint: nothing to resume", self.note)
 
 
 def resolve(ckpt_dir: str) -> Resolution:
@@ -200,7 +202,9 @@ def resolve(ckpt_dir: str) -> Resolution:
         raise CheckpointError(f"no checkpoint in {ckpt_dir} verifies: " + "; ".join(
             f"{os.path.basename(d)}: {r}" for d, r in skipped[:3]) + (f"; and {len(skipped) - 3} more"
                                                                         if len(skipped) > 3 else ""))
-    return Resolution(None, [], note if os.path.exists(os.path.join(ckpt_dir, LATEST)) else None)
+    if not os.path.exists(os.path.join(ckpt_dir, LATEST)):
+        return Resolution(None)
+    return Resolution(None, [], note or f"{os.path.join(ckpt_dir, LATEST)} names {name}, which does not exist")
 
 
 # ------------------------------------------------------------------------------------------- single files
