@@ -251,7 +251,7 @@ def _check_compatible(path: str, expected: Dict[str, Any]) -> None:
     missing = sorted(k for k in expected if k not in stored)
     if missing:
         raise CheckpointError(f"checkpoint {path} does not match this run (sharding.enabled or the model config "
-                           f"differ): missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+                              f"differ): missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     wrong = [(k, tuple(stored[k].size), tuple(v.size())) for k, v in expected.items()
              if isinstance(v, torch.Tensor) and hasattr(stored[k], "size") and tuple(stored[k].size) != tuple(v.size())]
     if wrong:
@@ -261,8 +261,8 @@ def _check_compatible(path: str, expected: Dict[str, Any]) -> None:
                     "sharding.sharding_type=column_wise (docs/rowwise_adamw.md), so a column_wise checkpoint only "
                     "loads into the same column split (same sharding type and number of column shards), and vice "
                     "versa; resume with the saving run's sharding settings, or start fresh (train.resume=false)")
-        raise CheckpointError(f"checkpoint {path} does not match this run: global sizes differ (name: checkpoint vs "
-                           f"this run) " + "; ".join(f"{k}: {a} vs {b}" for k, a, b in wrong[:5]) + hint)
+        raise CheckpointError(f"checkpoint {path} does not match this run: global sizes differ (name: checkpoint "
+                              f"vs this run) " + "; ".join(f"{k}: {a} vs {b}" for k, a, b in wrong[:5]) + hint)
 
 
 def load(path: str, state: Any, env: Any) -> Dict[str, Any]:
