@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import shutil
 from types import SimpleNamespace
@@ -49,22 +50,14 @@ def iter_full_tensors(source: str) -> Iterator[Tuple[str, torch.Tensor]]:
     return iter_plain_tensors(source)
 
 
-def resolve_checkpoint(run_dir: str, checkpoint: Optional[str] = None) -> str:
+def resolve_checkpoint(run_dir: str, checkpoint: Optional[str] = None, ckpt_dir: Optional[str] = None) -> str:
     """checkpoint: None (RUN_DIR/best.pt, else the latest DCP checkpoint), "best" (RUN_DIR/best.pt), "latest"
-    (the checkpoint RUN_DIR/checkpoints/latest names: a DCP directory, sharded by any number of processes) or
-    a path (state_dict file or DCP directory)."""
-    if checkpoint not in (None, "", "best", "latest"):
-        return checkpoint
-    best = os.path.join(run_dir, "best.pt")
-    if checkpoint != "latest" and os.path.exists(best):
-        return best
-    ckpts = os.path.join(run_dir, "checkpoints")
-    latest = os.path.join(ckpts, "latest")
-    if checkpoint != "best" and os.path.exists(latest):
-        with open(latest, encoding="utf-8") as f:
-            return os.path.join(ckpts, f.read().strip())
-    wanted = {"best": "best.pt", "latest": "checkpoints/latest"}.get(checkpoint or "", "best.pt nor checkpoints/latest")
-    raise FileNotFoundError(f"no checkpoint in {run_dir}: no {wanted}")
+    (the newest checkpoint in ``ckpt_dir`` — the run's checkpoint.dir, default RUN_DIR/checkpoints — that
+    verifies: a DCP directory, sharded by any number of processes) or a path (state_dict file or DCP
+    directory). Verified (trainer/integrity.py); raises CheckpointError with a one-line reason."""
+    from hstu.trainer.integrity import resolve_run_checkpoint
+
+    return resolve_run_checkpoint(run_dir, checkpoint, ckpt_dir)
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -265,8 +258,10 @@ def export_run(run_dir: str, out: str, *, embedding_dtype: str = "fp32", checkpo
         raise ConfigError(f"{cfg_path}: model.arch {cfg.model.arch!r}: hstu export supports hstu only (sasrec and "
                           "dlrm have no cached serving path)")
     cfg.ops.backend = "pytorch"  # the exported programs use plain torch ops; never needs Triton
-    ckpt = resolve_checkpoint(run_dir, checkpoint)
-    state = dict(iter_full_tensors(ckpt))
+    from hstu.trainer.plain_weights import check_fits, read_plain_state
+
+    ckpt, state = read_plain_state(resolve_checkpoint(run_dir, checkpoint, cfg.checkpoint.dir or None),
+                                   "hstu export", verify=False)
     source = {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(ckpt), "config": cfg_path}
     if task == "ranking":
         from hstu.serving.export_ranking import export_ranking_state
@@ -276,6 +271,7 @@ def export_run(run_dir: str, out: str, *, embedding_dtype: str = "fp32", checkpo
     if ITEM_KEY not in state:
         raise ConfigError(f"{ckpt}: no {ITEM_KEY} (not a RetrievalModel checkpoint?)")
     model = build_model(cfg, int(state[ITEM_KEY].shape[0]) - 1)
+    check_fits(model.state_dict(), state, ckpt, "hstu export")
     model.load_state_dict(state)
     return export_model(model, to_dict(cfg), out, embedding_dtype=embedding_dtype, overwrite=overwrite,
                         source=source)
@@ -298,7 +294,9 @@ def add_export_arguments(p) -> None:
 def cmd_export(args) -> int:
     """``hstu export``: print a short JSON summary of the written artifact."""
     from hstu.trainer.config import ConfigError
+    from hstu.trainer.metrics_log import setup_logging
 
+    setup_logging(None, level=logging.WARNING)  # e.g. a damaged checkpoint skipped by --checkpoint latest
     try:
         manifest = export_run(args.run_dir, args.out, embedding_dtype=args.embedding_dtype,
                               checkpoint=args.checkpoint, overwrite=args.force, overrides=args.overrides)

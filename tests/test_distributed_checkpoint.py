@@ -1,8 +1,10 @@
 """Checkpoint atomicity and resume in one process (plain path, and the sharded path as a world of 1).
 
 (d) A crash injected between writing a checkpoint and publishing it (before the tmp -> final rename, or after it
-but before `latest` is replaced) leaves the previous `latest` loadable; the next run resumes from it, cleans the
-partial checkpoint and reproduces an uninterrupted run's losses exactly; keep_last prunes old checkpoints.
+but before `latest` is replaced) leaves the previous `latest` loadable; the next run resumes from the newest
+complete checkpoint found by scanning (the renamed one carries its verified manifest, so after the rename it is
+that one even though `latest` was not updated), cleans the partial checkpoint and reproduces an uninterrupted
+run's losses exactly; keep_last prunes old checkpoints.
 """
 
 from __future__ import annotations
@@ -76,18 +78,20 @@ def test_crash_between_save_and_publish_keeps_previous_latest(tmp_path, monkeypa
         train(cfg)
     monkeypatch.undo()
     cdir = ckpt.checkpoint_dir(cfg)
-    latest = ckpt.latest_checkpoint(cdir)
-    assert latest == os.path.join(cdir, "step_00000002")
+    assert open(os.path.join(cdir, "latest")).read().strip() == "step_00000002"
     left = "step_00000004" + (".tmp" if stage == "before_rename" else "")
     assert os.path.isdir(os.path.join(cdir, left))
+    latest = ckpt.latest_checkpoint(cdir)
+    assert latest == os.path.join(cdir, "step_00000002" if stage == "before_rename" else "step_00000004")
 
     if not sharded:  # the published checkpoint loads on its own (fresh model and optimizer)
         seqs, _, _ = build_data(cfg)
         model = build_model_for(cfg, seqs.num_items, torch.device("cpu"))
         opt, sched = build_optimizer(model, cfg.optim)
         meta = ckpt.load(latest, TrainState(model, opt, sched), type("Env", (), {"rank": 0, "world_size": 1})())
-        assert meta["step"] == 2 and int(opt.state[next(iter(model.parameters()))]["step"]) == 2
-        assert sched.last_epoch == 2 and opt.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr)
+        step = ckpt.checkpoint_step(latest)
+        assert meta["step"] == step and int(opt.state[next(iter(model.parameters()))]["step"]) == step
+        assert sched.last_epoch == step and opt.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr)
 
     result = train(cfg)  # resumes from step 2 (train.resume defaults to true)
     assert result.steps == 12

@@ -87,7 +87,7 @@ def _load_error(rank: int, world: int, run_dir: str, cache: str, load: str, extr
     """The message of the error loading checkpoint ``load`` into a run with overrides ``extra`` ('' if none)."""
     try:
         _outputs_after_load(_cfg(run_dir, cache, *extra), load)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # CheckpointError is a ConfigError (ValueError)
         return str(e)
     return ""
 

@@ -19,7 +19,7 @@ from hstu.serving.export import export_run, reference_rank_scores, reference_use
 from hstu.serving.retrieval import ItemTable, brute_force_topk
 from hstu.trainer import run_dir as rd
 from hstu.trainer.cli import main
-from hstu.trainer.config import RunConfig, save_config
+from hstu.trainer.config import ConfigError, RunConfig, save_config
 
 NUM_ITEMS, MAX_LEN = 500, 16
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -67,7 +67,10 @@ def production(tmp_path_factory):
                  storage_writer=dcp.FileSystemWriter(str(ck / "step_00000007")))
     (ck / "latest").write_text("step_00000007\n")
     out = str(root / "art")
-    export_run(str(root / "run"), out, embedding_dtype="int8")
+    # a DCP directory without manifest.json (another tool's): never picked by `latest`, loaded when named
+    with pytest.raises(ConfigError, match="manifest.json: missing"):
+        export_run(str(root / "run"), out, embedding_dtype="int8")
+    export_run(str(root / "run"), out, embedding_dtype="int8", checkpoint=str(ck / "step_00000007"))
     return model, out
 
 

@@ -78,7 +78,8 @@ def ml1m(tmp_path_factory):
         dcp.save({"model": model.state_dict(), "meta": "{}"}, storage_writer=dcp.FileSystemWriter(str(ck / "step_3")))
     (ck / "latest").write_text("step_3\n")
     out = str(root / "art")
-    export_run(str(root / "run"), out, embedding_dtype="int8", checkpoint="latest")
+    # a bare DCP directory (no manifest.json, unlike trainer/checkpoint.py's): loaded when named explicitly
+    export_run(str(root / "run"), out, embedding_dtype="int8", checkpoint=str(ck / "step_3"))
     return model, out
 
 

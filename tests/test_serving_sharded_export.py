@@ -82,5 +82,7 @@ def test_export_from_two_process_sharded_checkpoint(tmp_path):
             torch.testing.assert_close(state.last, p["users"][b], rtol=1e-4, atol=1e-5)
             n += 1
     assert n >= 2
-    with pytest.raises(FileNotFoundError, match="no best.pt"):
+    from hstu.trainer.integrity import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no best.pt"):
         resolve_checkpoint(str(tmp_path), "best")

@@ -70,7 +70,8 @@ def test_end_to_end_beats_most_popular(tmp_path, cache_dir):
     assert again.steps == 2
     assert [e["epoch"] for e in read_metrics(os.path.join(run, "metrics.jsonl"), kind="eval")] == [1]
     assert not os.path.exists(os.path.join(run, "tensorboard"))
-    assert "replaced its" in open(os.path.join(run, "train.log")).read()
+    assert "held a previous run" in open(os.path.join(run, "train.log")).read()
+    assert not os.path.exists(os.path.join(run, ".previous-run"))  # dropped once this run had its best.pt
 
 
 def test_max_steps_and_stochastic_length(tmp_path, cache_dir):

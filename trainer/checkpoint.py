@@ -13,9 +13,14 @@ loader position). Per rank ``rng_rank<r>.pt``: torch / CUDA / numpy / python RNG
 sampling and Stochastic-Length generator states. Saving is collective; loading works with another world size
 or sharding type (RNG files are then not applied: a warning says so).
 
-Atomicity: every rank writes into ``step_N.tmp/``; after a barrier rank 0 renames it to ``step_N/`` and only
-then replaces ``latest`` (write ``latest.tmp``, fsync, ``os.replace``), then prunes to ``keep_last``. A kill at
-any point leaves ``latest`` naming a complete checkpoint (or no ``latest``).
+Atomicity and integrity (trainer/integrity.py, docs/reliability.md): every rank writes into ``step_N.tmp/`` and
+hashes the files it wrote; rank 0 gathers the hashes, adds ``.metadata``'s and writes ``manifest.json`` (sizes +
+sha256, the last file), renames ``step_N.tmp/`` to ``step_N/`` and only then replaces ``latest`` (write
+``latest.tmp``, fsync, ``os.replace``), then prunes to ``keep_last`` verified checkpoints. Resuming never trusts
+``latest``: :func:`resolve_resume` scans the ``step_*`` directories newest first and takes the first whose
+manifest verifies (a damaged or incomplete newer one is named in a warning and moved aside to
+``step_N.damaged``), so a kill at any point, a damaged newest checkpoint or a bad pointer never costs an older
+good checkpoint.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from iopath.common.file_io import PathManager
+
+from hstu.trainer import integrity
+from hstu.trainer.integrity import CheckpointError
 
 log = logging.getLogger("hstu")
 pm = PathManager()
@@ -68,34 +76,46 @@ def _local(path: str) -> str:
 
 
 def _complete(ckpt_dir: str) -> List[str]:
-    """Names of complete checkpoints, oldest first."""
+    """Names of checkpoints with a manifest whose files have the recorded sizes (no hashing), oldest first."""
     if not pm.exists(ckpt_dir):
         return []
-    names = [n for n in pm.ls(ckpt_dir) if _NAME.match(n) and pm.isdir(os.path.join(ckpt_dir, n))]
-    return sorted(names, key=lambda n: int(_NAME.match(n).group(1)))
+    names = [n for n in integrity.step_dirs(_local(ckpt_dir))
+             if integrity.verify_step_dir(_local(os.path.join(ckpt_dir, n)), full=False) is None]
+    return names[::-1]
+
+
+def resolve_resume(ckpt_dir: str) -> integrity.Resolution:
+    """The checkpoint to resume from: the newest ``step_*`` that verifies, found by scanning (``latest`` is a
+    hint). Raises CheckpointError (one line, naming the directory) when checkpoints exist but none verifies."""
+    return integrity.resolve(_local(ckpt_dir)) if pm.exists(ckpt_dir) else integrity.Resolution(None)
 
 
 def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
-    """Path named by ``latest`` when it holds a complete checkpoint, else None."""
-    pointer = os.path.join(ckpt_dir, LATEST)
-    if not pm.exists(pointer):
-        return None
-    with pm.open(pointer, "r") as f:
-        name = f.read().strip()
-    path = os.path.join(ckpt_dir, name)
-    if not (_NAME.match(name) and pm.exists(os.path.join(path, ".metadata"))):
-        log.warning("checkpoint pointer %s names %r, which is not a complete checkpoint: starting fresh", pointer,
-                    name)
-        return None
-    return path
+    """Path of the newest checkpoint that verifies (warning about newer ones that do not), else None."""
+    res = resolve_resume(ckpt_dir)
+    res.warn()
+    return res.path
 
 
-def clean_dir(ckpt_dir: str, fresh: bool) -> None:
-    """Rank 0 at start: remove partial ``*.tmp`` checkpoints; with ``fresh`` (no resume) all of ours."""
+def set_aside(ckpt_dir: str, skipped: List[Any]) -> List[str]:
+    """Rank 0 when resuming past damaged newer checkpoints: rename each ``step_N`` to ``step_N.damaged`` (kept
+    for inspection, never deleted, no longer scanned or pruned); returns the new names."""
+    moved = []
+    for path, _ in skipped:
+        dst, i = path + ".damaged", 1
+        while os.path.exists(dst):
+            dst, i = f"{path}.damaged-{i}", i + 1
+        os.replace(path, dst)
+        moved.append(dst)
+    return moved
+
+
+def clean_dir(ckpt_dir: str) -> None:
+    """Rank 0 at start: remove partial ``step_*.tmp`` checkpoints (a crashed save; never read)."""
     if not pm.exists(ckpt_dir):
         return
     for n in pm.ls(ckpt_dir):
-        if n.endswith(".tmp") or (fresh and (_NAME.match(n) or n == LATEST)):
+        if n.endswith(".tmp") and n.startswith(("step_", LATEST)):
             p = _local(os.path.join(ckpt_dir, n))
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
@@ -185,8 +205,10 @@ def save(ckpt_dir: str, state: Any, env: Any, meta: Dict[str, Any], position: Di
     meta = {**meta, "loader": position["loader"], "world_size": env.world_size, "sharded": env.sharded}
     with _quiet():
         dcp.save(_state(state, json.dumps(meta)), storage_writer=dcp.FileSystemWriter(_local(tmp)))
-    env.barrier()
+    env.barrier()  # every rank's files are written: each hashes its own, rank 0 writes the manifest last
+    hashes = env.gather_object(integrity.hash_rank_files(_local(tmp), env.rank))
     if env.is_main:
+        integrity.write_manifest(_local(tmp), state.step, env.world_size, hashes)
         _crash_point("before_rename")
         if pm.exists(final):  # a complete but never-published checkpoint of this step (crash before `latest`)
             shutil.rmtree(_local(final))
@@ -209,19 +231,27 @@ def _publish(ckpt_dir: str, name: str) -> None:
 
 
 def _prune(ckpt_dir: str, keep_last: int, current: str) -> None:
-    names = _complete(ckpt_dir)
-    for n in names[: max(0, len(names) - keep_last)]:
-        if n != current:
-            shutil.rmtree(_local(os.path.join(ckpt_dir, n)))
+    """Keep ``current`` and the ``keep_last - 1`` newest older checkpoints that verify (sizes); delete older
+    ones. Nothing is pruned unless ``current`` itself verifies, and incomplete or newer directories are never
+    counted or deleted here, so a fallback target survives until a newer checkpoint is complete."""
+    if keep_last <= 0 or integrity.verify_step_dir(_local(os.path.join(ckpt_dir, current)), full=False):
+        return
+    step = checkpoint_step(current)
+    older = [n for n in _complete(ckpt_dir) if checkpoint_step(n) < step]  # oldest first
+    for n in older[: max(0, len(older) - (keep_last - 1))]:
+        shutil.rmtree(_local(os.path.join(ckpt_dir, n)))
 
 
 def _check_compatible(path: str, expected: Dict[str, Any]) -> None:
     """Every tensor this run loads exists in the checkpoint with the same GLOBAL size (else a clear error)."""
-    stored = dcp.FileSystemReader(_local(path)).read_metadata().state_dict_metadata
+    try:
+        stored = dcp.FileSystemReader(_local(path)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - a damaged .metadata (unpickling) fails in many ways
+        raise CheckpointError(f"checkpoint {path}: cannot read .metadata ({type(e).__name__})") from e
     missing = sorted(k for k in expected if k not in stored)
     if missing:
-        raise RuntimeError(f"checkpoint {path} does not match this run (sharding.enabled or the model config "
-                           f"differ): missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise CheckpointError(f"checkpoint {path} does not match this run (sharding.enabled or the model config "
+                              f"differ): missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     wrong = [(k, tuple(stored[k].size), tuple(v.size())) for k, v in expected.items()
              if isinstance(v, torch.Tensor) and hasattr(stored[k], "size") and tuple(stored[k].size) != tuple(v.size())]
     if wrong:
@@ -231,8 +261,8 @@ def _check_compatible(path: str, expected: Dict[str, Any]) -> None:
                     "sharding.sharding_type=column_wise (docs/rowwise_adamw.md), so a column_wise checkpoint only "
                     "loads into the same column split (same sharding type and number of column shards), and vice "
                     "versa; resume with the saving run's sharding settings, or start fresh (train.resume=false)")
-        raise RuntimeError(f"checkpoint {path} does not match this run: global sizes differ (name: checkpoint vs "
-                           f"this run) " + "; ".join(f"{k}: {a} vs {b}" for k, a, b in wrong[:5]) + hint)
+        raise CheckpointError(f"checkpoint {path} does not match this run: global sizes differ (name: checkpoint "
+                              f"vs this run) " + "; ".join(f"{k}: {a} vs {b}" for k, a, b in wrong[:5]) + hint)
 
 
 def load(path: str, state: Any, env: Any) -> Dict[str, Any]:
@@ -243,8 +273,12 @@ def load(path: str, state: Any, env: Any) -> Dict[str, Any]:
     init_dense_state(state.optimizer)
     target = _state(state, "")
     _check_compatible(path, flatten_state_dict(target)[0])
-    with _quiet():
-        dcp.load(target, storage_reader=dcp.FileSystemReader(_local(path)))
+    try:
+        with _quiet():
+            dcp.load(target, storage_reader=dcp.FileSystemReader(_local(path)))
+    except Exception as e:  # noqa: BLE001 - DCP wraps read failures of damaged files in CheckpointException
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {first})") from e
     state.model.load_state_dict(target["model"])
     if state.sparse_optimizer is not None:
         state.sparse_optimizer.load_state_dict(target["sparse_optim"])
@@ -253,13 +287,21 @@ def load(path: str, state: Any, env: Any) -> Dict[str, Any]:
     _load_scheduler(getattr(state, "sparse_scheduler", None), meta.get("sparse_scheduler"))
     rng_file = os.path.join(path, f"rng_rank{env.rank}.pt")
     meta["rng"] = None
-    if meta.get("world_size") == env.world_size and pm.exists(rng_file):
-        with pm.open(rng_file, "rb") as f:
-            meta["rng"] = torch.load(f, weights_only=False)
-        _restore_rng(meta["rng"])
-    else:
+    if meta.get("world_size") != env.world_size:
         log.warning("checkpoint %s was written by %s processes, this run has %d: model, optimizers, schedule and "
                     "data position restored; RNG streams start fresh", path, meta.get("world_size"), env.world_size)
+    elif not pm.exists(rng_file):  # resolve_resume refuses this; a checkpoint loaded directly may lack it
+        log.warning("checkpoint %s has no %s: model, optimizers, schedule and data position restored; RNG streams "
+                    "start fresh, so the run is not bit-identical to an uninterrupted one", path,
+                    os.path.basename(rng_file))
+    else:
+        try:
+            with pm.open(rng_file, "rb") as f:
+                meta["rng"] = torch.load(f, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure of a damaged file
+            raise CheckpointError(f"checkpoint {path}: cannot read {os.path.basename(rng_file)} "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        _restore_rng(meta["rng"])
     return meta
 
 

@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "rank every user's held-out item against all items and print the metrics as "
                                    "JSON (also written to RUN_DIR/eval.json unless --output is given).")
     p.add_argument("--run-dir", metavar="DIR", required=True, help="a run directory written by `hstu train`")
-    p.add_argument("--checkpoint", metavar="FILE", help="state_dict to load (default RUN_DIR/best.pt)")
+    p.add_argument("--checkpoint", metavar="best|latest|PATH",
+                   help="best (RUN_DIR/best.pt, the default), latest (the newest checkpoint in checkpoint.dir that "
+                        "verifies) or a state_dict file / DCP checkpoint directory; always verified")
     p.add_argument("--data-dir", metavar="DIR", help="raw dataset directory, if it moved since training")
     p.add_argument("--device", metavar="DEV", help="cpu | cuda[:N] (default: the run's train.device)")
     p.add_argument("--output", metavar="FILE", help="where to write the metrics JSON (default RUN_DIR/eval.json)")
@@ -220,21 +222,28 @@ def evaluate_run(run_dir: str, overrides: Sequence[str] = (), checkpoint: Option
         cfg.train.device = device
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
-    ckpt = checkpoint or os.path.join(run_dir, rd.CHECKPOINT_FILE)
-    if not os.path.exists(ckpt):
-        raise ConfigError(f"checkpoint not found: {ckpt} (the run saves best.pt after its first evaluation)")
+    from hstu.trainer.integrity import resolve_run_checkpoint
+    from hstu.trainer.plain_weights import check_fits, read_plain_state
+
+    # best | latest | a state_dict file / DCP step dir / checkpoint dir; verified, damaged newer ones skipped
+    ckpt, state = read_plain_state(resolve_run_checkpoint(run_dir, checkpoint, cfg.checkpoint.dir or None),
+                                   "hstu eval", verify=False)
     dev = torch.device(cfg.train.device)
+
+    def load_into(model: torch.nn.Module) -> torch.nn.Module:
+        check_fits(model.state_dict(), state, ckpt, "hstu eval")
+        model.load_state_dict(state)
+        return model.to(dev)
+
     if cfg.task != "retrieval":  # e.g. ranking: the task builds its data/model and evaluates (trainer/tasks.py)
         from hstu.trainer.tasks import make_task
 
         task = make_task(cfg)
         task.build_data()
-        model = task.build_model(dev)
-        model.load_state_dict(torch.load(ckpt, map_location=dev, weights_only=True))
+        model = load_into(task.build_model(dev))
         return {"run_dir": run_dir, "checkpoint": ckpt, "metrics": task.evaluate(model, dev)}
     seqs, _, eval_loader = build_data(cfg)  # the test split
-    model = build_model_for(cfg, seqs.num_items, dev)
-    model.load_state_dict(torch.load(ckpt, map_location=dev, weights_only=True))
+    model = load_into(build_model_for(cfg, seqs.num_items, dev))
     out: Dict[str, Any] = {"run_dir": run_dir, "checkpoint": ckpt,
                            "metrics": evaluate(model, eval_loader, seqs.num_items, cfg.eval, dev)}
     if baseline:
@@ -244,6 +253,11 @@ def evaluate_run(run_dir: str, overrides: Sequence[str] = (), checkpoint: Option
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import logging
+
+    from hstu.trainer.metrics_log import setup_logging
+
+    setup_logging(None, level=logging.WARNING)  # e.g. a damaged checkpoint skipped by --checkpoint latest
     out = evaluate_run(args.run_dir, args.overrides, args.checkpoint, args.data_dir, args.device, args.baseline)
     rd.write_json(out, args.output or os.path.join(args.run_dir, "eval.json"))
     print(json.dumps(out, indent=2))

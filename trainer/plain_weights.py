@@ -6,8 +6,12 @@
   the retrieval item collection -> ``item_embeddings.table.weight``, ranking collection tables -> ``tables.*``
   (trainer/parallel/ranking_embeddings.py), DMP/DDP wrapper prefixes dropped. Used by ``hstu export`` and by
   ``train.init_from``.
+- :func:`read_plain_state` verifies a source first (trainer/integrity.py: a DCP step directory's manifest, a
+  best.pt's sidecar; a checkpoint directory resolves to its newest step that verifies) and turns any read
+  failure (truncated file, not a checkpoint at all) into a one-line CheckpointError.
 - :func:`load_plain_weights` loads such a source into a plain (not yet sharded) model, strictly: missing,
-  unexpected or differently shaped tensors raise a ConfigError naming the source and the tensors.
+  unexpected or differently shaped tensors raise a CheckpointError (a ConfigError) naming the source and a few
+  of the tensors of each kind.
 
 So plain and sharded runs exchange weights in both directions (optimizer state does not carry over: the plain
 path uses dense AdamW on the tables, the sharded path rowwise AdamW; resuming uses trainer/checkpoint.py).
@@ -21,7 +25,7 @@ from typing import Dict, Iterator, Tuple
 
 import torch
 
-from hstu.trainer.config import ConfigError
+from hstu.trainer.integrity import CheckpointError, describe_mismatch, verify_source
 
 ITEM_KEY = "item_embeddings.table.weight"  # the plain RetrievalModel's item table
 WRAPPER_PREFIXES = ("_dmp_wrapped_module.", "module.")  # DMP / DDP wrappers, if a state dict kept them
@@ -74,30 +78,48 @@ def iter_plain_tensors(source: str) -> Iterator[Tuple[str, torch.Tensor]]:
         yield plain_name(key[len("model."):], coll), target[key]
 
 
+def read_plain_state(source: str, what: str = "checkpoint",
+                     verify: bool = True) -> Tuple[str, Dict[str, torch.Tensor]]:
+    """(the verified path, {plain name: full tensor}) of ``source``: a state_dict file, a DCP step directory or
+    a checkpoint directory (its newest step that verifies). Raises CheckpointError naming ``what`` and the path.
+    ``verify=False``: ``source`` was verified already (integrity.resolve_run_checkpoint)."""
+    path = source
+    if verify:
+        try:
+            path = verify_source(source)
+        except CheckpointError as e:
+            raise CheckpointError(f"{what}: {e}") from None
+    try:
+        return path, dict(iter_plain_tensors(path))
+    except Exception as e:  # noqa: BLE001 - unpickling / zip / DCP failures of a file that is not a checkpoint
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise CheckpointError(f"{what}: cannot read {path} as a checkpoint (a best.pt / state_dict file or a DCP "
+                              f"checkpoint directory): {type(e).__name__}: {first}") from None
+
+
+def check_fits(own: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor], source: str, what: str) -> None:
+    """Raise CheckpointError unless ``state`` has exactly ``own``'s names and shapes (a few of each kind of
+    difference are named, then "and N more")."""
+    diff = describe_mismatch({k: tuple(v.shape) for k, v in own.items()},
+                             {k: tuple(v.shape) for k, v in state.items()})
+    if diff:
+        raise CheckpointError(f"{what}: {source} does not fit this model (task/model config differ?): {diff}")
+
+
 def load_plain_weights(model: torch.nn.Module, source: str, what: str = "train.init_from") -> Dict[str, int]:
     """Copy ``source``'s weights into the plain ``model`` in place (dtype cast to the model's); every tensor
-    must match by name and shape. Returns {"tensors": n, "elements": total}."""
+    must match by name and shape. Returns {"tensors": n, "elements": total, "source": the path loaded} (a
+    checkpoint directory: its newest step that verifies)."""
     if not os.path.exists(source):
-        raise ConfigError(f"key '{what}': {source} does not exist (a best.pt / state_dict file or a DCP checkpoint "
-                          "directory)")
-    try:
-        state = dict(iter_plain_tensors(source))
-    except (FileNotFoundError, RuntimeError, OSError) as e:
-        raise ConfigError(f"key '{what}': cannot read {source}: {e}") from e
+        raise CheckpointError(f"key '{what}': {source} does not exist (a best.pt / state_dict file or a DCP "
+                              "checkpoint directory)")
+    path, state = read_plain_state(source, f"key '{what}'")
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
-                 f"shapes (source vs this model) {shapes[:5]}" if shapes else ""]
-        raise ConfigError(f"key '{what}': {source} does not fit this model (task/model config differ?): "
-                          + "; ".join(p for p in parts if p))
+    check_fits(own, state, path, f"key '{what}'")
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(state[k])
-    return {"tensors": len(own), "elements": sum(t.numel() for t in own.values())}
+    return {"tensors": len(own), "elements": sum(t.numel() for t in own.values()), "source": path}
 
 
-__all__ = ["ITEM_KEY", "iter_plain_tensors", "load_plain_weights", "plain_name"]
+__all__ = ["ITEM_KEY", "check_fits", "iter_plain_tensors", "load_plain_weights", "plain_name", "read_plain_state"]

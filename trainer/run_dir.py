@@ -1,7 +1,14 @@
-"""Run directories: default names, creation, atomic checkpoint/JSON writes.
+"""Run directories: default names, creation, the previous-run swap, atomic checkpoint/JSON writes.
 
 A run directory holds: config.yaml (resolved config, written at start), metrics.jsonl, train.log,
-tensorboard/, best.pt (state_dict of the best-epoch model), results.json (final summary), eval.json (`hstu eval`).
+tensorboard/, best.pt (state_dict of the best-epoch model) + best.pt.manifest.json (its size and sha256,
+trainer/integrity.py), results.json (final summary), eval.json (`hstu eval`), checkpoints/.
+
+A fresh run over a previous run's directory never deletes that run up front (docs/reliability.md):
+:func:`stash_previous` moves its files into ``.previous-run/`` (and its checkpoints into
+``<checkpoint dir>/.previous-run/``), the new run writes beside them, and :func:`commit_run` deletes the stash
+only once the new run has its own first checkpoint or result. A failure before that (:func:`restore_previous`,
+or :func:`recover` on the next start after a kill) puts the previous run back.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import time
 from typing import Any, Dict, List, Optional
 
 import torch
+
+from hstu.trainer.integrity import SIDECAR_SUFFIX, STEP_NAME, drop_sidecar, verify_step_dir, write_sidecar
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "best.pt"
@@ -43,27 +52,110 @@ def default_run_dir(name: str, root: str = "runs") -> str:
     return path
 
 
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CHECKPOINT_FILE, "train.log", "eval.json")
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CHECKPOINT_FILE, CHECKPOINT_FILE + SIDECAR_SUFFIX,
+             "train.log", "eval.json")
+RUN_DIRS = ("tensorboard",)
+PREVIOUS = ".previous-run"  # a previous run's files while a fresh run in the same directory has no result yet
 
 
-def prepare_run_dir(path: str, keep: bool = False) -> List[str]:
-    """Create the run directory. A previous run's files there (config.yaml, metrics.jsonl, results.json,
-    best.pt, train.log, eval.json, tensorboard/) are deleted so runs never mix; returns what was removed.
-    ``keep`` (a resumed run): nothing is deleted."""
+def prepare_run_dir(path: str, keep: bool = False, ckpt_dir: Optional[str] = None) -> List[str]:
+    """Create the run directory and remove stale ``<run file>.tmp`` files (a kill during an atomic write; one
+    run owns its directory). Unless ``keep`` (a resumed run), a previous run's files there are moved aside
+    (:func:`stash_previous`) so runs never mix; returns what was moved."""
     os.makedirs(path, exist_ok=True)
-    removed: List[str] = []
-    if keep:
-        return removed
-    for name in RUN_FILES:
-        f = os.path.join(path, name)
-        if os.path.isfile(f):
-            os.remove(f)
-            removed.append(name)
-    tb = os.path.join(path, "tensorboard")
-    if os.path.isdir(tb):
-        shutil.rmtree(tb)
-        removed.append("tensorboard/")
-    return removed
+    for name in os.listdir(path):
+        if name.endswith(".tmp") and name[:-4] in RUN_FILES and os.path.isfile(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
+    return [] if keep else stash_previous(path, ckpt_dir)
+
+
+def _ckpt_entries(ckpt_dir: str) -> List[str]:
+    """A checkpoint directory's run-owned entries: step_* (also .damaged ones) and the ``latest`` pointer."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return [n for n in os.listdir(ckpt_dir)
+            if n == "latest" or (STEP_NAME.match(n.split(".")[0]) and not n.endswith(".tmp"))]
+
+
+def _run_entries(run_dir: str) -> List[str]:
+    return [n for n in RUN_FILES + RUN_DIRS if os.path.exists(os.path.join(run_dir, n))]
+
+
+def _groups(run_dir: str, ckpt_dir: Optional[str]) -> Dict[str, List[str]]:
+    """{directory: its run-owned entries} for the run directory and the checkpoint directory."""
+    groups = {os.path.normpath(run_dir): _run_entries(run_dir)}
+    if ckpt_dir:
+        key = os.path.normpath(ckpt_dir)
+        groups[key] = groups.get(key, []) + _ckpt_entries(ckpt_dir)
+    return groups
+
+
+def stash_previous(run_dir: str, ckpt_dir: Optional[str] = None) -> List[str]:
+    """Move a previous run's files (RUN_FILES, tensorboard/) into ``run_dir/.previous-run/`` and its
+    checkpoints (step_*, latest) into ``ckpt_dir/.previous-run/``; returns what was moved (renames only)."""
+    moved = []
+    for directory, names in _groups(run_dir, ckpt_dir).items():
+        if not names:
+            continue
+        stash = os.path.join(directory, PREVIOUS)
+        if os.path.isdir(stash):  # recover() runs first, so this is never a previous run's only copy
+            raise RuntimeError(f"{stash} exists: recover() must run first")
+        os.makedirs(stash)
+        for n in names:
+            os.replace(os.path.join(directory, n), os.path.join(stash, n))
+            moved.append(n + ("/" if os.path.isdir(os.path.join(stash, n)) else ""))
+    return moved
+
+
+def _stashes(run_dir: str, ckpt_dir: Optional[str]) -> List[str]:
+    return [os.path.join(d, PREVIOUS) for d in _groups(run_dir, ckpt_dir) if os.path.isdir(os.path.join(d, PREVIOUS))]
+
+
+def commit_run(run_dir: str, ckpt_dir: Optional[str] = None) -> bool:
+    """This run has its own first checkpoint or result: delete the stashed previous run (if any)."""
+    stashes = _stashes(run_dir, ckpt_dir)
+    for stash in stashes:
+        shutil.rmtree(stash)
+    return bool(stashes)
+
+
+def restore_previous(run_dir: str, ckpt_dir: Optional[str] = None) -> bool:
+    """This run failed before it had a checkpoint or result: remove its files and move the stashed previous
+    run back. Returns whether there was one."""
+    restored = False
+    for directory, current in _groups(run_dir, ckpt_dir).items():
+        stash = os.path.join(directory, PREVIOUS)
+        if not os.path.isdir(stash):
+            continue
+        for n in current:
+            p = os.path.join(directory, n)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+        for n in os.listdir(stash):
+            os.replace(os.path.join(stash, n), os.path.join(directory, n))
+        os.rmdir(stash)
+        restored = True
+    return restored
+
+
+def has_own_result(run_dir: str, ckpt_dir: Optional[str] = None) -> bool:
+    """Whether the run now in ``run_dir`` has a result (best.pt, results.json) or a complete checkpoint."""
+    if any(os.path.isfile(os.path.join(run_dir, n)) for n in (CHECKPOINT_FILE, RESULTS_FILE)):
+        return True
+    return any(verify_step_dir(os.path.join(ckpt_dir, n), full=False) is None
+               for n in _ckpt_entries(ckpt_dir or "") if STEP_NAME.match(n))
+
+
+def recover(run_dir: str, ckpt_dir: Optional[str] = None) -> Optional[str]:
+    """At start (rank 0): finish a swap a kill interrupted. A stash left behind means a fresh run was killed:
+    if it had produced a checkpoint or result the stash is deleted (the swap completes), else the previous run
+    is moved back. Returns 'committed' | 'restored' | None (nothing to do)."""
+    if not _stashes(run_dir, ckpt_dir):
+        return None
+    if has_own_result(run_dir, ckpt_dir):
+        commit_run(run_dir, ckpt_dir)
+        return "committed"
+    restore_previous(run_dir, ckpt_dir)
+    return "restored"
 
 
 def save_state_dict(module: torch.nn.Module, path: str) -> None:
@@ -72,10 +164,13 @@ def save_state_dict(module: torch.nn.Module, path: str) -> None:
 
 
 def save_tensors(state: Dict[str, Any], path: str) -> None:
-    """torch.save(state) to ``path.tmp`` then rename."""
+    """torch.save(state) to ``path.tmp`` then rename; its sidecar ``path.manifest.json`` (size + sha256) is
+    dropped before the rename and written after (trainer/integrity.py), so it never describes other bytes."""
     tmp = path + ".tmp"
     torch.save(state, tmp)
+    drop_sidecar(path)
     os.replace(tmp, path)
+    write_sidecar(path)
 
 
 def write_json(obj: Dict[str, Any], path: str) -> None:

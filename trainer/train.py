@@ -246,6 +246,7 @@ def save_checkpoint(state: TrainState, ctx: TrainContext, position: Any) -> None
     cfg = ctx.cfg
     t0 = time.perf_counter()
     path = ckpt.save(ckpt.checkpoint_dir(cfg), state, ctx.env, _meta(state), position, cfg.checkpoint.keep_last)
+    _commit(cfg, ctx.env)
     state.save_pending = False
     ctx.metrics.log("checkpoint", state.step, epoch=state.epoch, path=path, seconds=time.perf_counter() - t0)
 
@@ -346,6 +347,7 @@ def run_evaluation(state: TrainState, ctx: TrainContext) -> Dict[str, float]:
                 rd.save_tensors(tensors, best)
         else:
             rd.save_state_dict(state.model, best)
+        _commit(cfg, env)
     state.final_metrics, state.final_validation, state.final_epoch = dict(metrics), dict(validation), state.epoch
     for split, m in by_split.items():
         ctx.metrics.log(SPLIT_LOG_KIND[split], state.step, epoch=state.epoch, **m, split=split, is_best=is_best,
@@ -424,28 +426,59 @@ class _EarlyLog:
 
 
 def _resume_point(cfg: RunConfig, env: hd.DistEnv):
-    """Rank 0's run_dir for all ranks and its resume decision (reads only). Returns (cfg, checkpoint path to
-    resume from or None)."""
+    """Rank 0's run_dir for all ranks and its resume decision. Returns (cfg, checkpoint path to resume from or
+    None, the Resolution behind it). Reads only, except that a previous-run swap a kill interrupted is finished
+    first (run_dir.recover). The checkpoint is the newest that verifies (trainer/integrity.py), found by
+    scanning; when checkpoints exist but none verifies, every rank raises the same one-line CheckpointError."""
     cfg = dataclasses.replace(cfg, run_dir=env.broadcast_object(resolve_run_dir(cfg).run_dir))
-    resume_from = env.broadcast_object(ckpt.latest_checkpoint(ckpt.checkpoint_dir(cfg))
-                                       if cfg.train.resume and env.is_main else None)
-    return cfg, resume_from
-
-
-def _start(cfg: RunConfig, env: hd.DistEnv, resume_from: Optional[str]) -> None:
-    """run_dir / checkpoint dir preparation (rank 0), config.yaml, train.log."""
-    ckpt_dir = ckpt.checkpoint_dir(cfg)
-    removed = []
+    found: Any = None
     if env.is_main:
-        removed = rd.prepare_run_dir(cfg.run_dir, keep=resume_from is not None)
-        ckpt.clean_dir(ckpt_dir, fresh=resume_from is None)
+        ckpt_dir = ckpt.checkpoint_dir(cfg)
+        if os.path.isdir(cfg.run_dir):
+            done = rd.recover(cfg.run_dir, ckpt_dir)
+            if done:
+                log.warning("run_dir %s: an interrupted replacement of a previous run was %s", cfg.run_dir,
+                            "completed" if done == "committed" else "undone (the previous run is back)")
+        if cfg.train.resume:
+            try:
+                found = ckpt.resolve_resume(ckpt_dir)
+            except ckpt.CheckpointError as e:
+                found = e
+    found = env.broadcast_object(found)
+    if isinstance(found, Exception):
+        raise ckpt.CheckpointError(f"{found} — nothing was deleted; repair them, or start over with "
+                                   "train.resume=false (the old run is kept until the new one has a checkpoint)")
+    if found is not None and env.is_main:
+        found.warn()
+    return cfg, (found.path if found is not None else None), found
+
+
+def _start(cfg: RunConfig, env: hd.DistEnv, resume_from: Optional[str], found: Any = None) -> None:
+    """run_dir / checkpoint dir preparation (rank 0), config.yaml, train.log. A fresh run moves a previous
+    run's files aside (run_dir.stash_previous); they are deleted once this run has a checkpoint or result."""
+    ckpt_dir = ckpt.checkpoint_dir(cfg)
+    moved, damaged = [], []
+    if env.is_main:
+        moved = rd.prepare_run_dir(cfg.run_dir, keep=resume_from is not None, ckpt_dir=ckpt_dir)
+        ckpt.clean_dir(ckpt_dir)
         if resume_from:  # what the resumed run logs again is dropped
+            if found is not None and found.skipped:
+                damaged = ckpt.set_aside(ckpt_dir, found.skipped)
             ckpt.rewind_metrics(os.path.join(cfg.run_dir, rd.METRICS_FILE), ckpt.checkpoint_step(resume_from))
         save_config(cfg, os.path.join(cfg.run_dir, rd.CONFIG_FILE))
     env.barrier()
     setup_logging(cfg.run_dir if env.is_main else None, level=logging.INFO if env.is_main else logging.WARNING)
-    if removed:
-        log.warning("run_dir %s held a previous run; replaced its %s", cfg.run_dir, ", ".join(removed))
+    if moved:
+        log.warning("run_dir %s held a previous run: its %s moved to %s until this run has a checkpoint or result",
+                    cfg.run_dir, ", ".join(moved), rd.PREVIOUS)
+    for path in damaged:
+        log.warning("unusable checkpoint kept as %s (not resumed from, never pruned)", path)
+
+
+def _commit(cfg: RunConfig, env: hd.DistEnv) -> None:
+    """Rank 0, once this run has its own checkpoint or result: drop a stashed previous run."""
+    if env.is_main and rd.commit_run(cfg.run_dir, ckpt.checkpoint_dir(cfg)):
+        log.info("previous run's files in %s removed (this run has a checkpoint or result now)", cfg.run_dir)
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -462,7 +495,7 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
     # data, model and init weights first: bad input fails here, before the run directory is created or a
     # previous run's files in it are replaced; what they log is kept and written to train.log once it exists
     early = _EarlyLog(env)
-    cfg, resume_from = _resume_point(cfg, env)
+    cfg, resume_from, found = _resume_point(cfg, env)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
@@ -476,13 +509,25 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
     if cfg.train.init_from and not resume_from:  # before sharding: the sharded tables copy the plain ones
         from hstu.trainer.plain_weights import load_plain_weights
 
-        loaded = load_plain_weights(model, cfg.train.init_from)
+        loaded = load_plain_weights(model, cfg.train.init_from)  # verified; a checkpoint dir: newest good one
         log.info("initialised %d tensors (%d elements) from %s", loaded["tensors"], loaded["elements"],
-                 cfg.train.init_from)
+                 loaded["source"])
     elif cfg.train.init_from:
         log.info("train.init_from ignored: resuming from %s", resume_from)
-    _start(cfg, env, resume_from)
-    early.replay()
+    try:
+        _start(cfg, env, resume_from, found)
+        early.replay()
+        return _run(cfg, env, data, model, task, device, resume_from)
+    except BaseException:
+        if env.is_main and rd.restore_previous(cfg.run_dir, ckpt.checkpoint_dir(cfg)):
+            log.error("run failed before it had a checkpoint or result: the previous run in %s was put back",
+                      cfg.run_dir)
+        raise
+
+
+def _run(cfg: RunConfig, env: hd.DistEnv, data: Any, model: torch.nn.Module, task: Any, device: torch.device,
+         resume_from: Optional[str]) -> TrainResult:
+    """The run after its directory is prepared: sharding, optimizers, resume, the epoch loop, results.json."""
     sparse_optimizer = sparse_scheduler = None
     if env.sharded:
         model, sparse_optimizer = hd.shard_model(model, cfg, env)
@@ -527,6 +572,7 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
         metrics.log("best", state.step, epoch=state.best_epoch, select_on=result.select_on, **state.best_metrics)
     if env.is_main:
         rd.write_json({**result.to_dict(), "config": to_dict(cfg)}, os.path.join(cfg.run_dir, rd.RESULTS_FILE))
+        _commit(cfg, env)
     log.info("done: epoch %d selected on %s %s; test %s %.4f there, %.4f at the final epoch %d; results in %s",
              state.best_epoch, result.select_on, cfg.eval.selection_metric, cfg.eval.selection_metric,
              state.best_metrics.get(cfg.eval.selection_metric, float("nan")),
