@@ -183,8 +183,24 @@ def _check_train_eval(c: _Checks) -> None:
 
 
 def _check_sharding(cfg: Any) -> None:
+    from hstu.trainer.parallel import config as pc  # the sharding lists live beside ShardingConfig
+
+    c = _Checks(cfg)
+    for key, allowed in (("sharding_type", pc.SHARDING_TYPES), ("optimizer", pc.OPTIMIZERS),
+                         ("state_placement", pc.STATE_PLACEMENTS), ("weight_dtype", pc.WEIGHT_DTYPES),
+                         ("pipeline", pc.PIPELINES)):
+        c.choice("sharding." + key, allowed)
+    c.at_least(0, "sharding.hbm_cap_bytes", "sharding.ddr_cap_bytes")
+    c.positive("sharding.batch_size")
+    sh = cfg.sharding
+    for key, low in (("lr", None), ("weight_decay", None), ("eps", 0)):
+        val = getattr(sh, key)
+        if val is not None and not (val > 0 if low == 0 else val >= 0):
+            raise _fail("sharding." + key, val, "> 0" if low == 0 else ">= 0")
+    for i, beta in enumerate(sh.betas or ()):
+        c.interval(f"sharding.betas[{i}]", 0.0, 1.0, value=beta)
     try:
-        cfg.sharding.validate()
+        sh.validate()  # the standalone check (ShardingConfig users outside a RunConfig)
     except ValueError as e:
         raise ConfigError(f"key {e}") from None
 
