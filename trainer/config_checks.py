@@ -230,7 +230,7 @@ def check_ranking_values(cfg: Any) -> None:
     c.choice("model.arch", RANKING_ARCHS)
     if cfg.train.stochastic_length.enabled:
         raise ConfigError("key 'train.stochastic_length.enabled' = True: not supported with task=ranking")
-    known, regression = RANKING_DATASETS[cfg.data.name]
+    known = RANKING_DATASETS[cfg.data.name][0]
     bad = [t for t in rc.tasks if t not in known]
     if bad:
         raise ConfigError(f"key 'ranking.tasks' = {bad}: not defined for {cfg.data.name} (known: {list(known)})")
@@ -238,12 +238,19 @@ def check_ranking_values(cfg: Any) -> None:
     if rc.task_weights and len(rc.task_weights) != num_tasks:
         raise ConfigError(f"key 'ranking.task_weights' has {len(rc.task_weights)} values for {num_tasks} tasks "
                           f"{list(rc.tasks or known)}")
-    if rc.regression_weight > 0 and not regression:
-        raise ConfigError(f"key 'ranking.regression_weight' = {rc.regression_weight} must be 0: {cfg.data.name} "
-                          "has no regression target")
     if cfg.sharding.enabled and cfg.sharding.pipeline != "none":
         raise ConfigError(f"key 'sharding.pipeline' = {cfg.sharding.pipeline!r}: task=ranking supports 'none' (the "
                           "prefetch pipeline overlaps the retrieval item lookup only)")
+
+
+def check_ranking_training(cfg: Any) -> None:
+    """Rules for *training* a ranking model (checked when training starts: a saved config of a model built
+    without them can still be exported/evaluated)."""
+    check_ranking_values(cfg)
+    rc = cfg.ranking
+    if rc.regression_weight > 0 and not RANKING_DATASETS[cfg.data.name][1]:
+        raise ConfigError(f"key 'ranking.regression_weight' = {rc.regression_weight} must be 0: {cfg.data.name} "
+                          "has no regression target")
 
 
 def validate_ranking_stream(cfg: Any) -> None:

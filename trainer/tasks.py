@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from hstu.trainer.config import ConfigError, RunConfig
-from hstu.trainer.config_checks import RANKING_DATASETS, TASKS, check_ranking_values
+from hstu.trainer.config_checks import RANKING_DATASETS, TASKS, check_ranking_training
 
 log = logging.getLogger("hstu")
 
@@ -142,7 +142,7 @@ class RankingTask:
     def check_config(self) -> None:
         # the one validation pass's ranking part (trainer/config_checks.py), again: a config mutated after
         # load_config (tests/test_ranking_stream.py)
-        check_ranking_values(self.cfg)
+        check_ranking_training(self.cfg)
 
     def metric_names(self) -> List[str]:
         from hstu.trainer.ranking_metrics import metric_names
