@@ -135,7 +135,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from hstu.trainer.data import prepare, summary_lines
 
     cfg = _load(args)
-    print("\n".join(summary_lines(prepare(cfg.data, progress=cfg.train.progress))))
+    if cfg.task == "ranking":  # the ranking cache entry + every other file it reads (users.dat), validated
+        from hstu.trainer.data.ranking import prepare_ranking
+
+        summary = prepare_ranking(cfg, progress=cfg.train.progress)
+    else:
+        summary = prepare(cfg.data, progress=cfg.train.progress)
+    print("\n".join(summary_lines(summary)))
     return 0
 
 

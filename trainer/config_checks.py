@@ -227,7 +227,8 @@ def check_ranking_values(cfg: Any) -> None:
         return
     if cfg.data.name not in RANKING_DATASETS:
         raise ConfigError(f"key 'data.name' = {cfg.data.name!r}: task=ranking supports {list(RANKING_DATASETS)}")
-    c.choice("model.arch", RANKING_ARCHS)
+    if cfg.model.arch not in RANKING_ARCHS:
+        raise ConfigError(f"key 'model.arch' = {cfg.model.arch!r}: task=ranking supports {' | '.join(RANKING_ARCHS)}")
     if cfg.train.stochastic_length.enabled:
         raise ConfigError("key 'train.stochastic_length.enabled' = True: not supported with task=ranking")
     known = RANKING_DATASETS[cfg.data.name][0]
