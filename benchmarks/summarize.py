@@ -161,8 +161,9 @@ def _reliability_section(payload: dict) -> List[str]:
     for i, r in enumerate(payload.get("cases", []), 1):
         msg = str(r.get("message") or "")
         msg = msg if len(msg) <= 110 else msg[:107] + "..."
+        secs = "–" if r.get("seconds") is None else f"{r['seconds']:.1f}"
         out.append(f"| {i} | {_cell(r.get('name'))} | {r.get('expected')} | {r.get('observed')} | "
-                   f"{'yes' if r.get('ok') else '**no**'} | {_fmt(r.get('exit'))} | {_fmt(r.get('seconds'))} | "
+                   f"{'yes' if r.get('ok') else '**no**'} | {_fmt(r.get('exit'))} | {secs} | "
                    f"{_cell(msg)} |")
     return out + ["", "Commands: `benchmarks/results/reliability.json` (`cases[].command`).", ""]
 
