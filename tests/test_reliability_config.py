@@ -11,7 +11,6 @@ import pytest
 
 from hstu.trainer.cli import main
 from hstu.trainer.config import ConfigError, load_config
-from hstu.trainer.config_checks import check_resources, logits_bytes
 
 BAD_VALUES = [  # override, the key the error must name, a fragment of the allowed range
     ("optim.lr=nan", "optim.lr", "finite"),
@@ -80,6 +79,8 @@ def test_sasrec_heads_must_divide_the_width_and_ranking_rules_are_in_the_same_pa
 
 
 def test_num_negatives_that_cannot_fit_is_refused_with_its_size():
+    from hstu.trainer.config_checks import check_resources, logits_bytes
+
     cfg = load_config(None, ["loss.num_negatives=100000000"])
     need = logits_bytes(cfg)
     assert need == cfg.data.batch_size * cfg.data.max_seq_len * 100_000_000 * 16
