@@ -13,8 +13,10 @@ temporary directory and is classified:
 A case is plain data, :class:`ReliabilityCase`; ``setup(ctx)`` prepares files (``ctx`` is a :class:`CaseContext`),
 ``check(ctx, outcome)`` may return the observed class (or None to keep the default). Argument strings are
 ``str.format``-ed with ``ctx.paths()`` ({tmp}, {run}, {cache}, {data}, {art}, {template}). Other modules add cases
-by defining ``CASES`` (a list of ReliabilityCase); ``benchmarks/reliability_checkpoint_cases.py`` is imported
-when it exists.
+by defining ``CASES`` (a list of ReliabilityCase) in a file named in ``CASE_MODULES``
+(``benchmarks/reliability_checkpoint_cases.py`` is imported when it exists); such a file imports
+``from reliability import ReliabilityCase, CaseContext, TINY``. A protected file must keep its bytes; new files
+beside it are fine.
 
     python benchmarks/reliability.py            # the whole corpus -> benchmarks/results/reliability.json
     python benchmarks/reliability.py --smoke    # a few fast cases, results to --out (default: a temp dir)
@@ -209,8 +211,11 @@ def run_case(case: ReliabilityCase, shared: Shared, workdir: Path) -> Dict[str, 
         observed = classify(case, outcome)
         if case.check is not None:
             observed = case.check(ctx, outcome) or observed
-        if checksums(ctx.protect) != before:
+        after = checksums(ctx.protect)
+        lost = sorted(f for f, digest in before.items() if after.get(f) != digest)  # new files are fine
+        if lost:
             observed = "lost-previous-work"
+            row["lost"] = [f.replace(str(tmp), "$TMP") for f in lost][:20]
         row.update(observed=observed, exit=outcome.returncode, seconds=round(outcome.seconds, 1),
                    message=error_line(outcome)[:300] if outcome.returncode else "")
     except Exception as e:  # the harness itself failed: recorded, never hidden

@@ -50,7 +50,10 @@ def test_classifier(rel, tmp_path):
     clobber = rel.ReliabilityCase("clobber", ["python", "-c", f"open({str(victim)!r}, 'w').write('bad')"],
                                   "accepted", setup=setup)
     row = rel.run_case(clobber, rel.Shared(tmp_path), tmp_path)
-    assert row["observed"] == "lost-previous-work" and not row["ok"]
+    assert row["observed"] == "lost-previous-work" and not row["ok"] and row["lost"] == [str(victim)]
+    beside = rel.ReliabilityCase("beside", ["python", "-c", f"open({str(victim) + '.new'!r}, 'w').write('x')"],
+                                 "accepted", setup=setup)
+    assert rel.run_case(beside, rel.Shared(tmp_path), tmp_path)["observed"] == "accepted"  # new files are fine
 
 
 def test_smoke_cases_against_the_real_cli(rel, tmp_path):
