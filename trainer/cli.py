@@ -201,9 +201,9 @@ def check_run_dir_path(run_dir: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--run-dir / run_dir = {run_dir!r} is an existing file, not a directory")
     parent = os.path.dirname(path)
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
-    if parent and not os.path.isdir(parent):
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:  # the nearest existing ancestor
+        parent = os.path.dirname(parent)
+    if os.path.exists(parent) and not os.path.isdir(parent):
         raise ConfigError(f"--run-dir / run_dir = {run_dir!r}: {parent} is a file, not a directory")
 
 
