@@ -91,7 +91,7 @@ class ServingModel:
     # -------------------------------------------------------------------------------------- requests
     def user_vector(self, history_ids: Tensorish, history_timestamps: Tensorish,
                     query_time: Optional[int] = None) -> torch.Tensor:
-        return self.encode(history_ids, history_timestamps, query_time).last
+        return self.engine.user_vector(self.encode(history_ids, history_timestamps, query_time))
 
     def rank_state(self, state: UserState, candidates: Tensorish, micro_batch: Optional[int] = None) -> torch.Tensor:
         return self.engine.rank(state, candidates, micro_batch)
@@ -115,7 +115,8 @@ class ServingModel:
     def retrieve_state(self, state: UserState, k: int, *, exclude_history: bool = False,
                        chunk_size: Optional[int] = None) -> TopK:
         exclude = [state.item_ids] if exclude_history else None
-        return topk_inner_product(state.last, self.table, k, chunk_size=chunk_size, exclude=exclude)
+        return topk_inner_product(self.engine.user_vector(state), self.table, k, chunk_size=chunk_size,
+                                  exclude=exclude)
 
     def retrieve(self, history_ids: Tensorish, history_timestamps: Tensorish, k: int, *,
                  query_time: Optional[int] = None, exclude_history: bool = False,

@@ -29,6 +29,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from hstu.serving.inputs import check_append_time, check_time_order, query_time_or
+
 DEFAULT_MICRO_BATCH = 1024  # b_m: candidates per score call (CPU: larger is faster; benchmarks/serving.py sweeps it)
 DEFAULT_PREFILL_CHUNK = 1024  # history rows per extend call when encoding (bounds the [H, M, M] scores)
 
@@ -186,8 +188,9 @@ class MFalcon:
         if ids.shape != ts.shape:
             raise ValueError(f"history_ids and history_timestamps differ in length: {ids.numel()} vs {ts.numel()}")
         self._check_ids(ids, "history_ids")
+        check_time_order(ts, "history_timestamps")
         ids, ts = ids[-self.max_seq_len:], ts[-self.max_seq_len:]
-        qt = int(query_time) if query_time is not None else (int(ts[-1]) if ts.numel() else 0)
+        qt = query_time_or(query_time, int(ts[-1]) if ts.numel() else 0)
         return self._run(self.empty_state(qt), ids, ts, qt)
 
     @torch.inference_mode()
@@ -205,7 +208,8 @@ class MFalcon:
         if ids.shape != ts.shape:
             raise ValueError(f"item_ids and timestamps differ in length: {ids.numel()} vs {ts.numel()}")
         self._check_ids(ids, "item_ids")
-        qt = int(query_time) if query_time is not None else (int(ts[-1]) if ids.numel() else state.query_time)
+        check_append_time(ts, int(state.timestamps[-1]) if state.length else None)
+        qt = query_time_or(query_time, int(ts[-1]) if ids.numel() else state.query_time)
         n = state.length
         if n + ids.numel() > self.max_seq_len or n == 0 or (self.variant == "production" and qt != state.query_time):
             return self.encode(torch.cat([state.item_ids, ids]), torch.cat([state.timestamps, ts]), qt)
@@ -218,7 +222,11 @@ class MFalcon:
 
     # ------------------------------------------------------------------------------------------------ scoring
     def user_vector(self, state: UserState) -> torch.Tensor:
-        """[D] encoding of the last history row (what retrieval scores against the catalog)."""
+        """[D] encoding of the last history row (what retrieval scores against the catalog). An empty history
+        has none: ValueError (cold-start users need the caller's fallback list; docs/serving.md)."""
+        if state.length == 0:
+            raise ValueError("history_ids is empty: retrieval needs at least one history event (an empty history "
+                             "has no user vector; serve cold-start users a fallback list, docs/serving.md)")
         return state.last
 
     @torch.inference_mode()

@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from hstu.serving.mfalcon import DEFAULT_MICRO_BATCH, DEFAULT_PREFILL_CHUNK, Tensorish, _ids, extend_cache, \
     in_micro_batches, per_user_query_times
+from hstu.serving.inputs import check_append_time, check_time_order, query_time_or
 from hstu.serving.retrieval import ItemTable
 
 KIND_CONTEXT, KIND_ITEM, KIND_ACTION, KIND_SIDE = 0, 1, 2, 3  # = hstu.modules.ranking.KIND_*
@@ -130,8 +131,7 @@ def build_layout(h: RankingHistory, *, max_seq_len: int, max_side_tokens: int, s
     if not ids.shape == acts.shape == ts.shape:
         raise ValueError(f"item_ids, actions and timestamps differ in length: {ids.numel()}, {acts.numel()}, "
                          f"{ts.numel()}")
-    if ts.numel() > 1 and bool((ts[1:] < ts[:-1]).any()):
-        raise ValueError("timestamps must be non-decreasing (events in time order)")
+    check_time_order(ts, "timestamps")
     ctx = _ids(h.context, "context")
     C, n_all = int(ctx.numel()), int(ids.numel())
     s = max(0, n_all - int(max_seq_len))
@@ -366,7 +366,7 @@ class RankingMFalcon:
         """Encode the history layout once -> RankingState; qt defaults to the last event's timestamp."""
         h = as_history(history)
         lay = self.layout(h)
-        qt = int(query_time) if query_time is not None else lay.last_event_time
+        qt = query_time_or(query_time, lay.last_event_time)
         kept = stored_history(h, max_seq_len=self.max_seq_len, side_names=self.side_names)
         return self._extend_from(lay, qt, None, 0, kept)
 
@@ -393,9 +393,7 @@ class RankingMFalcon:
         if not ids.shape == acts.shape == ts.shape:
             raise ValueError(f"item_ids, actions and timestamps differ in length: {ids.numel()}, {acts.numel()}, "
                              f"{ts.numel()}")
-        if ts.numel() and old.timestamps.numel() and int(ts.min()) < int(old.timestamps[-1]):
-            raise ValueError(f"timestamps: new event at {int(ts.min())} before the cached history's last event "
-                             f"({int(old.timestamps[-1])}); events must be appended in time order")
+        check_append_time(ts, int(old.timestamps[-1]) if old.timestamps.numel() else None)
         side = dict(old.side)
         for key, (values, times) in new.side.items():
             f, v, t = _side_series(key, values, times, self.side_names)
@@ -408,7 +406,7 @@ class RankingMFalcon:
         h = RankingHistory(torch.cat([old.item_ids, ids]), torch.cat([old.actions, acts]),
                            torch.cat([old.timestamps, ts]), ctx if ctx.numel() else old.context, side)
         lay = self.layout(h)
-        qt = int(query_time) if query_time is not None else (int(ts[-1]) if ts.numel() else state.query_time)
+        qt = query_time_or(query_time, int(ts[-1]) if ts.numel() else state.query_time)
         kept = stored_history(h, max_seq_len=self.max_seq_len, side_names=self.side_names)
         return self._extend_from(lay, qt, state, self._first_change(state, lay, qt), kept)
 

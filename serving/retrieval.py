@@ -12,6 +12,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from hstu.serving.inputs import check_k
+
 EMBEDDING_DTYPES = ("fp32", "bf16", "int8")
 DEFAULT_CHUNK = 65536  # fp32 rows per top-K chunk; bf16 / int8 use 16384 (their fp32 copy then stays in cache)
 COMPRESSED_CHUNK = 16384
@@ -112,14 +114,14 @@ def topk_inner_product(query: torch.Tensor, table: ItemTable, k: int, *, chunk_s
     """Exact top-k items 1..num_items by score(query, item) = <query, table.vectors(item)>.
 
     query [D] or [B, D]; exclude: per query, item ids to leave out (e.g. the history). Returns TopK with
-    ids / scores [k] (or [B, k]), k clamped to num_items; excluded items score −inf if k exceeds the rest.
+    ids / scores [k] (or [B, k]), k (>= 1, else ValueError) clamped to num_items; excluded items score −inf if k exceeds the rest.
     chunk_size: rows scored at once (default: the table's, 65536 fp32 / 16384 bf16, int8)."""
     single = query.dim() == 1
     q = query.float().reshape(-1, table.dim)
     B = q.shape[0]
     if exclude is not None and len(exclude) != B:
         raise ValueError(f"exclude must hold one id list per query ({B}), got {len(exclude)}")
-    k = max(0, min(int(k), table.num_rows - 1))
+    k = min(check_k(k), table.num_rows - 1)
     chunk_size = int(chunk_size or table.default_chunk)
     best_s, best_i = q.new_zeros(B, 0), torch.zeros(B, 0, dtype=torch.int64)
     for start in range(1, table.num_rows if k else 1, chunk_size):

@@ -22,13 +22,17 @@ from hstu.trainer.config import ConfigError, RunConfig, load_config
 EXIT_USAGE = 2
 
 
-def _data_error_types() -> tuple:
+def _user_error_types() -> tuple:
+    """Errors caused by the command line, config or input files: printed as one ``hstu: error:`` line, exit 2.
+    ValueError covers ConfigError and the argument checks of the modules (they name the argument and the rule)."""
+    types: tuple = (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
     try:
         from hstu.trainer.data.errors import DataError
 
-        return (ConfigError, DataError)
+        types += (DataError,)
     except ImportError:  # pragma: no cover - data package not installed
-        return (ConfigError,)
+        pass
+    return types
 
 
 def _sections_epilog() -> str:
@@ -83,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "eval.selection_metric) and results.json.")
     _add_config_args(p, with_run_dir=True)
     p.add_argument("--json", action="store_true", help="print the full result as JSON instead of a metrics table")
-    p.add_argument("--nproc-per-node", type=int, default=0, metavar="N",
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="train with N processes on this machine: re-launches itself under torch.distributed.run "
                         "(= torchrun --standalone --nproc_per_node=N -m hstu.trainer.cli train ...); N > 1 "
                         "needs sharding.enabled=true (docs/distributed.md)")
@@ -133,8 +137,34 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from hstu.trainer.data import prepare, summary_lines
 
     cfg = _load(args)
-    print("\n".join(summary_lines(prepare(cfg.data, progress=cfg.train.progress))))
+    if cfg.task == "ranking":  # the ranking cache entry + every other file it reads (users.dat), validated
+        from hstu.trainer.data.ranking import prepare_ranking
+
+        summary = prepare_ranking(cfg, progress=cfg.train.progress)
+    else:
+        summary = prepare(cfg.data, progress=cfg.train.progress)
+    print("\n".join(summary_lines(summary)))
     return 0
+
+
+LAUNCHER_PID_ENV = "HSTU_LAUNCHER_PID"  # set by relaunch(): the process that runs the torchrun agent
+
+
+def _watch_launcher() -> None:
+    """Kill this worker when its parent (the torchrun agent; with --nproc-per-node, the ``hstu`` launcher) dies."""
+    from hstu.trainer.parent_watch import die_with_parent
+
+    launcher = int(os.environ.get(LAUNCHER_PID_ENV, "0") or 0)
+    if launcher and launcher != os.getppid():
+        try:
+            os.kill(launcher, 0)
+        except ProcessLookupError:  # the launcher died before this worker got here
+            print(f"hstu: error: launcher process {launcher} is gone; stopping", file=sys.stderr)
+            os._exit(1)
+        except PermissionError:
+            pass
+        launcher = 0  # alive but not our parent: an agent in between; watch the direct parent
+    die_with_parent(launcher or None)
 
 
 def _launched_by_torchrun() -> bool:
@@ -157,6 +187,7 @@ def relaunch(args: argparse.Namespace, run_dir: str) -> int:
     if not args.run_dir:  # every rank must use the same run_dir (not one timestamp per process)
         rest = rest[:1] + ["--run-dir", run_dir] + rest[1:]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # workers die with this process (trainer/parent_watch.py)
     try:
         torchrun.main(["--standalone", f"--nproc_per_node={args.nproc_per_node}", "-m", "hstu.trainer.cli",
                        *rest])
@@ -166,12 +197,27 @@ def relaunch(args: argparse.Namespace, run_dir: str) -> int:
     return 0
 
 
+def check_run_dir_path(run_dir: str) -> None:
+    """The run directory must be a directory or not exist yet, and its parent must not be a file."""
+    path = os.path.abspath(os.path.expanduser(run_dir))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--run-dir / run_dir = {run_dir!r} is an existing file, not a directory")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:  # the nearest existing ancestor
+        parent = os.path.dirname(parent)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise ConfigError(f"--run-dir / run_dir = {run_dir!r}: {parent} is a file, not a directory")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hstu.trainer.train import train
 
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node = {args.nproc_per_node} must be >= 1 (processes on this machine)")
     cfg = _load(args)
     cfg.run_dir = args.run_dir or cfg.run_dir or rd.default_run_dir(rd.config_name(args.config))
-    if args.nproc_per_node > 0 and not _launched_by_torchrun():
+    check_run_dir_path(cfg.run_dir)
+    if args.nproc_per_node and not _launched_by_torchrun():
         if args.nproc_per_node > 1 and not cfg.sharding.enabled:
             raise ConfigError(f"--nproc-per-node {args.nproc_per_node} needs sharding.enabled=true (the plain "
                               "nn.Embedding path is single-process; see docs/distributed.md)")
@@ -264,18 +310,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(e: BaseException) -> str:
+    """The exception's message on one line (its type named when it is not one of ours)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, ConfigError) or type(e).__module__.startswith("hstu") else \
+        f"{type(e).__name__}: {text}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``hstu`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: die with the agent/launcher (no orphans)
+        _watch_launcher()
     try:
         return int(args.func(args) or 0)
-    except _data_error_types() as e:
-        print(f"hstu: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except FileNotFoundError as e:
-        print(f"hstu: error: {e}", file=sys.stderr)
+    except _user_error_types() as e:
+        print(f"hstu: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("hstu: interrupted", file=sys.stderr)

@@ -19,14 +19,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from hstu.trainer.config_checks import TIE_ORDERS, ConfigError, check_values, validate_ranking_stream  # noqa: F401 (re-export)
 from hstu.trainer.parallel.config import ShardingConfig
 from hstu.trainer.ranking_config import RankingConfig
 
-TIE_ORDERS = ("random", "file", "item_id")  # data.tie_order (trainer/data/sequences.py)
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key, value and source."""
 
 
 @dataclass
@@ -279,6 +275,10 @@ def _read_yaml(path: str, seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
             data = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory (expected a YAML file)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -337,77 +337,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
 
 
 def validate(cfg: RunConfig) -> None:
-    """Semantic checks that types alone cannot express."""
-    choices = {
-        "data.name": (cfg.data.name, {"ml-1m", "ml-20m", "ml-100k", "amzn-books", "synthetic"}),
-        "task": (cfg.task, {"retrieval", "ranking"}),
-        "model.arch": (cfg.model.arch, {"hstu", "sasrec", "dlrm"}),  # dlrm: task=ranking only
-        "model.variant": (cfg.model.variant, {"research", "production"}),
-        "loss.name": (cfg.loss.name, {"sampled_softmax"}),
-        "ops.backend": (cfg.ops.backend, {"pytorch", "triton"}),
-        "train.device": (cfg.train.device.split(":")[0], {"cpu", "cuda"}),
-        "train.dtype": (cfg.train.dtype, {"float32", "bfloat16"}),
-        "data.tie_order": (cfg.data.tie_order, set(TIE_ORDERS)),
-        "eval.select_on": (cfg.eval.select_on, {"validation", "test"}),
-    }
-    for key, (val, allowed) in choices.items():
-        if val not in allowed:
-            raise ConfigError(f"key '{key}' = {val!r} is not one of {sorted(allowed)}")
-    positive = {
-        "data.max_seq_len": cfg.data.max_seq_len,
-        "data.batch_size": cfg.data.batch_size,
-        "data.eval_batch_size": cfg.data.eval_batch_size,
-        "model.embedding_dim": cfg.model.embedding_dim,
-        "model.num_layers": cfg.model.num_layers,
-        "model.num_heads": cfg.model.num_heads,
-        "loss.num_negatives": cfg.loss.num_negatives,
-        "train.epochs": cfg.train.epochs,
-        "train.eval_every_epochs": cfg.train.eval_every_epochs,
-    }
-    for key, val in positive.items():
-        if val <= 0:
-            raise ConfigError(f"key '{key}' must be > 0, got {val}")
-    if not 0.0 <= cfg.model.dropout < 1.0:
-        raise ConfigError(f"key 'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
-    if cfg.loss.temperature <= 0:
-        raise ConfigError(f"key 'loss.temperature' must be > 0, got {cfg.loss.temperature}")
-    min_len = 4 if cfg.task == "retrieval" else 2  # retrieval: a train target + the validation and test targets
-    if cfg.data.min_seq_len < min_len:
-        raise ConfigError(f"key 'data.min_seq_len' must be >= {min_len} for task={cfg.task} (retrieval: one train "
-                          f"target + the validation and test targets), got {cfg.data.min_seq_len}")
-    try:
-        cfg.sharding.validate()
-    except ValueError as e:
-        raise ConfigError(f"key {e}") from None
-    if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_last < 1:
-        raise ConfigError(f"keys 'checkpoint.every_steps' must be >= 0 and 'checkpoint.keep_last' >= 1, got "
-                          f"{cfg.checkpoint.every_steps}, {cfg.checkpoint.keep_last}")
-    validate_ranking_stream(cfg)
-
-
-def validate_ranking_stream(cfg: RunConfig) -> None:
-    """``ranking.synthetic.stream`` / ``eval_users`` / ``prefetch_batches`` (docs/ranking.md, streaming synthetic
-    data): stream=true needs task=ranking, data.name=synthetic and 1 <= eval_users <= num_users; eval_users > 0
-    and prefetch_batches > 0 need stream=true (the materialised path evaluates every user)."""
-    s = cfg.ranking.synthetic
-    for key in ("eval_users", "prefetch_batches"):
-        if getattr(s, key) < 0:
-            raise ConfigError(f"key 'ranking.synthetic.{key}' must be >= 0, got {getattr(s, key)}")
-    if not s.stream:
-        for key in ("eval_users", "prefetch_batches"):
-            if getattr(s, key) > 0:
-                raise ConfigError(f"key 'ranking.synthetic.{key}' = {getattr(s, key)} needs "
-                                  "ranking.synthetic.stream=true (the materialised path evaluates every user)")
-        return
-    if cfg.task != "ranking" or cfg.data.name != "synthetic":
-        raise ConfigError(f"key 'ranking.synthetic.stream' = True needs task=ranking and data.name=synthetic, got "
-                          f"task={cfg.task!r}, data.name={cfg.data.name!r}")
-    if not 1 <= s.eval_users <= s.num_users:
-        raise ConfigError(f"key 'ranking.synthetic.eval_users' = {s.eval_users} must be in 1..{s.num_users} "
-                          "(ranking.synthetic.num_users) with ranking.synthetic.stream=true")
-    if s.min_seq_len < 2:
-        raise ConfigError(f"key 'ranking.synthetic.min_seq_len' = {s.min_seq_len} must be >= 2 (every user needs "
-                          "a history event and an eval event)")
+    """The one validation pass (trainer/config_checks.py): every value range-checked, ConfigError naming the key,
+    the value and the allowed range or choices."""
+    check_values(cfg)
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

@@ -32,11 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hstu.trainer.config import ConfigError, RunConfig, validate_ranking_stream
+from hstu.trainer.config import ConfigError, RunConfig
+from hstu.trainer.config_checks import RANKING_DATASETS, TASKS, check_ranking_training
 
 log = logging.getLogger("hstu")
-TASKS = ("retrieval", "ranking")
-RANKING_DATASETS = {"ml-1m": (("like", "love"), "rating"), "synthetic": (("click", "like", "share", "complete"), "")}
 
 
 @dataclass
@@ -160,31 +159,9 @@ class RankingTask:
         return RANKING_DATASETS.get(self.cfg.data.name, ((), ""))[1]
 
     def check_config(self) -> None:
-        cfg, rc = self.cfg, self.cfg.ranking
-        if cfg.data.name not in RANKING_DATASETS:
-            raise ConfigError(f"key 'data.name' = {cfg.data.name!r}: task=ranking supports {list(RANKING_DATASETS)}")
-        if cfg.model.arch not in ("hstu", "dlrm"):
-            raise ConfigError(f"key 'model.arch' = {cfg.model.arch!r}: task=ranking supports hstu | dlrm")
-        if cfg.train.stochastic_length.enabled:
-            raise ConfigError("key 'train.stochastic_length.enabled': not supported with task=ranking")
-        known = RANKING_DATASETS[cfg.data.name][0]
-        bad = [t for t in rc.tasks if t not in known]
-        if bad:
-            raise ConfigError(f"key 'ranking.tasks': {bad} not defined for {cfg.data.name} (known: {list(known)})")
-        if rc.task_weights and len(rc.task_weights) != len(self.task_names()):
-            raise ConfigError(f"key 'ranking.task_weights' has {len(rc.task_weights)} values for "
-                              f"{len(self.task_names())} tasks {self.task_names()}")
-        if any(w < 0 for w in rc.task_weights) or rc.regression_weight < 0:
-            raise ConfigError("ranking.task_weights / ranking.regression_weight must be >= 0")
-        if rc.regression_weight > 0 and not RANKING_DATASETS[cfg.data.name][1]:
-            raise ConfigError(f"key 'ranking.regression_weight' > 0 but {cfg.data.name} has no regression target")
-        if rc.num_eval_targets < 1:
-            raise ConfigError(f"key 'ranking.num_eval_targets' must be >= 1, got {rc.num_eval_targets}")
-        validate_ranking_stream(cfg)  # again: a config mutated after load_config (tests/test_ranking_stream.py)
-        sharding = getattr(cfg, "sharding", None)
-        if sharding is not None and sharding.enabled and sharding.pipeline != "none":
-            raise ConfigError(f"key 'sharding.pipeline' = {sharding.pipeline!r}: task=ranking supports 'none' (the "
-                              "prefetch pipeline overlaps the retrieval item lookup only)")
+        # the one validation pass's ranking part (trainer/config_checks.py), again: a config mutated after
+        # load_config (tests/test_ranking_stream.py)
+        check_ranking_training(self.cfg)
 
     def metric_names(self) -> List[str]:
         from hstu.trainer.ranking_metrics import metric_names

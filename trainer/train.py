@@ -39,6 +39,7 @@ from hstu.trainer import checkpoint as ckpt
 from hstu.trainer import distributed as hd
 from hstu.trainer import run_dir as rd
 from hstu.trainer.config import ConfigError, RunConfig, save_config, to_dict
+from hstu.trainer.config_checks import check_resources
 from hstu.trainer.evaluate import evaluate, evaluate_popularity, popularity_counts
 from hstu.trainer.metrics_log import MetricsLogger, setup_logging
 from hstu.trainer.pipeline import BatchStream, PreparedBatch, prepare_batch, restore_position
@@ -143,6 +144,7 @@ def check_train_config(cfg: RunConfig) -> None:
         raise ConfigError(f"key 'eval.selection_metric' = {cfg.eval.selection_metric!r} is not one of {names}")
     if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"key 'train.device' = {cfg.train.device!r} but CUDA is not available")
+    check_resources(cfg)  # the sampled-softmax batch fits this machine's memory
 
 
 def warmup_schedule(optimizer: Any, optim_cfg) -> torch.optim.lr_scheduler.LambdaLR:

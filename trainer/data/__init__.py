@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from hstu.trainer.config import DataConfig
+from hstu.trainer.config_checks import DATASETS
 from hstu.trainer.data.batch import JaggedBatch, collate
 from hstu.trainer.data.cache import cache_key, load_or_build
 from hstu.trainer.data.errors import DataError
@@ -21,7 +22,6 @@ from hstu.trainer.data.loader import SequenceLoader
 from hstu.trainer.data.sequences import (KEPT_BEYOND_MAX_LEN, EvalSequences, UserSequences, build_user_sequences,
                                         leave_one_out, leave_one_out_split, truncate)
 
-DATASETS = ("ml-1m", "ml-20m", "ml-100k", "amzn-books", "synthetic")
 AMAZON_CORE = 5
 
 __all__ = [

@@ -20,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from hstu.trainer.data.errors import DataError
 from hstu.trainer.data.ranking_batch import RankingLoader
 from hstu.trainer.data.sequentialize import SideTokens, contextual_matrix
+from hstu.trainer.data.textparse import UTF8_BOM
 
 ML1M_TASKS = ("like", "love")
 ML1M_CONTEXT = ("gender", "age", "occupation", "zip")
@@ -201,6 +202,8 @@ def read_users_dat(path: "str | Path") -> Dict[int, UserRecord]:
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             raw = raw.rstrip(b"\r\n")
+            if line_no == 1 and raw.startswith(UTF8_BOM):  # a byte-order mark is not data
+                raw = raw[len(UTF8_BOM):]
             if not raw.strip():
                 continue
             try:
@@ -284,6 +287,33 @@ def users_file(data_cfg, progress: bool = True) -> Path:
     return base / "users.dat"  # read_users_dat raises a DataError naming it
 
 
+def ranking_data_config(cfg) -> Any:
+    """The DataConfig of the ranking sequence cache: each user's last data.max_seq_len + 2K events (history window +
+    K validation and K test candidates). The sequence cache keeps max_seq_len + KEPT_BEYOND_MAX_LEN events per
+    user, so ask for data.max_seq_len + 2K - KEPT_BEYOND_MAX_LEN; same tie order (data.tie_order / data.seed) as
+    the retrieval data, so both tasks see the same events."""
+    from hstu.trainer.data.sequences import KEPT_BEYOND_MAX_LEN
+
+    K = cfg.ranking.num_eval_targets
+    return dataclasses.replace(cfg.data, max_seq_len=cfg.data.max_seq_len + 2 * K - KEPT_BEYOND_MAX_LEN,
+                               min_seq_len=max(cfg.data.min_seq_len, 2))
+
+
+def prepare_ranking(cfg, progress: bool = True) -> Dict[str, Any]:
+    """``hstu prepare`` of a task=ranking config: builds the sequence cache entry the ranking data reads and reads
+    and validates every other file it uses (ml-1m: users.dat, ratings 1..5), so a malformed file fails here, not
+    at train time. Synthetic ranking data is generated when training starts (nothing to read)."""
+    from hstu.trainer.data import prepare
+
+    if cfg.data.name != "ml-1m":
+        return prepare(cfg.data, progress)
+    summary = prepare(ranking_data_config(cfg), progress)
+    data = load_ranking_data(cfg, progress)
+    summary.update(users_file=str(users_file(cfg.data, progress)), ranking_users=int(len(data.user_ids)),
+                   ranking_tasks=list(data.task_names))
+    return summary
+
+
 def load_ranking_data(cfg, progress: bool = True) -> RankingData:
     """RunConfig (task=ranking) -> RankingData with the configured tasks / features selected.
 
@@ -293,15 +323,8 @@ def load_ranking_data(cfg, progress: bool = True) -> RankingData:
     rc, name = cfg.ranking, cfg.data.name
     if name == "ml-1m":
         from hstu.trainer.data import load_sequences
-        from hstu.trainer.data.sequences import KEPT_BEYOND_MAX_LEN
 
-        K = rc.num_eval_targets
-        # the sequence cache keeps max_seq_len + KEPT_BEYOND_MAX_LEN events per user: ask for data.max_seq_len + 2K
-        # (history window + validation and test candidates); same tie order (data.tie_order / data.seed) as the
-        # retrieval data, so both tasks see the same events
-        data_cfg = dataclasses.replace(cfg.data, max_seq_len=cfg.data.max_seq_len + 2 * K - KEPT_BEYOND_MAX_LEN,
-                                       min_seq_len=max(cfg.data.min_seq_len, 2))
-        seqs = load_sequences(data_cfg, progress=progress)
+        seqs = load_sequences(ranking_data_config(cfg), progress=progress)
         data = ml1m_ranking_data(seqs, read_users_dat(users_file(cfg.data, progress)), rc.zip_prefix_len)
     elif name == "synthetic":
         from hstu.trainer.data.synthetic_ranking import generate_ranking

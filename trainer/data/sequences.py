@@ -15,11 +15,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from hstu.trainer.config_checks import TIE_ORDERS  # the one definition (a stdlib-only module)
 from hstu.trainer.data.errors import DataError
 
 # per-event arrays besides item_ids (optional ones may be None)
 EVENT_FIELDS = ("item_ids", "timestamps", "ratings", "action_types")
-TIE_ORDERS = ("random", "file", "item_id")  # same tuple as trainer/config.py (no import: data stays config-free)
 KEPT_BEYOND_MAX_LEN = 2  # events kept per user = max_seq_len + 2 (the validation and test targets)
 
 

@@ -7,7 +7,8 @@ Python pass, which either parses it (e.g. blank lines, UTF-8 string ids) or rais
 file, the 1-based line, the field and the value. Both passes accept exactly the same grammar:
 
 - int: ``[0-9]{1,18}``; decimal: ``[0-9]+(.[0-9]*)?`` or ``.[0-9]+``; str: non-empty UTF-8 without control chars.
-- ``\\r\\n`` line ends are accepted; blank lines are skipped; the last line may lack its newline.
+- ``\\r\\n`` line ends are accepted; blank lines are skipped; the last line may lack its newline; a UTF-8 byte-order
+  mark at the start of the file is skipped.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hstu.trainer.data.errors import DataError
 CHUNK_BYTES = 32 << 20
 _INT_RE = re.compile(rb"[0-9]{1,18}")
 _DEC_RE = re.compile(rb"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+UTF8_BOM = b"\xef\xbb\xbf"
 _ALT_SEP = 0x1F  # ASCII unit separator: stands in for multi-byte separators such as "::" in the fast path
 
 
@@ -58,6 +60,10 @@ def read_table(
     with open(path, "rb") as f, tqdm(
         total=path.stat().st_size, unit="B", unit_scale=True, desc=f"parse {path.name}", disable=not progress
     ) as bar:
+        if f.read(len(UTF8_BOM)) == UTF8_BOM:  # a UTF-8 byte-order mark (editors on Windows) is not data
+            bar.update(len(UTF8_BOM))
+        else:
+            f.seek(0)
         if fmt.header is not None:
             first = f.readline()
             bar.update(len(first))
