@@ -34,7 +34,7 @@ BAD_VALUES = [  # override, the key the error must name, a fragment of the allow
     ("eval.ks=[]", "eval.ks", "non-empty"),
     ("eval.ndcg_ks=[0]", "eval.ndcg_ks[0]", ">= 1"),
     ("data.max_seq_len=1", "data.max_seq_len", ">= 2"),
-    ("data.min_seq_len=1", "data.min_seq_len", ">= 2"),
+    ("data.min_seq_len=3", "data.min_seq_len", ">= 4"),  # retrieval: train + validation + test targets
     ("data.batch_size=0", "data.batch_size", "> 0"),
     ("data.eval_batch_size=-1", "data.eval_batch_size", "> 0"),
     ("train.max_steps=-5", "train.max_steps", ">= 0"),
