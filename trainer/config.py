@@ -91,6 +91,13 @@ class LossConfig:
     name: str = "sampled_softmax"
     num_negatives: int = 128
     temperature: float = 0.05
+    # how the R + 1 logits per position are computed (same value and gradients, modules/losses.py):
+    # sampled = R + 1 dot products per position (fast default); all_items = score every item, gather;
+    # gather = materialise [V, R, D] (reference)
+    route: str = "sampled"
+    # which item vectors the loss looks up: all = ids 0..N, unique = ids it needs, auto = all when
+    # num_items + 1 <= num_negatives * embedding_dim (route all_items always looks up all)
+    item_lookup: str = "auto"
 
 
 @dataclass
@@ -338,6 +345,8 @@ def validate(cfg: RunConfig) -> None:
         "model.arch": (cfg.model.arch, {"hstu", "sasrec", "dlrm"}),  # dlrm: task=ranking only
         "model.variant": (cfg.model.variant, {"research", "production"}),
         "loss.name": (cfg.loss.name, {"sampled_softmax"}),
+        "loss.route": (cfg.loss.route, {"sampled", "all_items", "gather"}),
+        "loss.item_lookup": (cfg.loss.item_lookup, {"auto", "all", "unique"}),
         "ops.backend": (cfg.ops.backend, {"pytorch", "triton"}),
         "train.device": (cfg.train.device.split(":")[0], {"cpu", "cuda"}),
         "train.dtype": (cfg.train.dtype, {"float32", "bfloat16"}),
