@@ -80,13 +80,15 @@ class _SampledDot(torch.autograd.Function):
 
     Forward: one sampled dense-dense matmul (``torch.sparse.sampled_addmm`` on the CSR pattern of idx);
     backward: dq = Σ_k g[v, k]·table[idx[v, k]] (``embedding_bag`` with per-sample weights, fbgemm on CPU) and
-    dtable[u] = Σ_{idx[v, k] = u} g[v, k]·q[v] (``index_add_`` over small blocks of positions, so the [block·K, D]
-    products stay in cache). Work: 3·V·K·D multiply-adds, as the definition."""
+    dtable[u] = Σ_{idx[v, k] = u} g[v, k]·q[v]: eager, ``index_add_`` over small blocks of positions (the
+    [block·K, D] products stay in cache); compiled (``loss.compile``), one inductor loop (~4x faster on CPU).
+    Work: 3·V·K·D multiply-adds, as the definition."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, compiled: bool) -> torch.Tensor:
         V, K = idx.shape
         ctx.save_for_backward(q, table, idx)
+        ctx.compiled = compiled
         if K > table.shape[0]:  # sampled_addmm needs row nnz <= columns (tiny tables only): plain gather
             return torch.bmm(table[idx], q.unsqueeze(2)).squeeze(2)
         crow = torch.arange(0, V * K + 1, K, device=idx.device)
@@ -104,18 +106,38 @@ class _SampledDot(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dq = F.embedding_bag(idx, table, per_sample_weights=grad, mode="sum")
         if ctx.needs_input_grad[1]:
-            dtable = torch.zeros_like(table)
-            D, c = table.shape[1], GRAD_CHUNK_POSITIONS
-            for i in range(0, idx.shape[0], c):
-                dtable.index_add_(0, idx[i:i + c].reshape(-1), (grad[i:i + c].unsqueeze(2) * q[i:i + c].unsqueeze(1))
-                                  .reshape(-1, D))
-        return dq, dtable, None
+            dtable = (_compiled_table_grad() if ctx.compiled else _table_grad)(q, grad, idx, torch.zeros_like(table))
+        return dq, dtable, None, None
 
 
-def sampled_dot(q: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _table_grad(q: torch.Tensor, grad: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Eager: out[idx[v, k]] += grad[v, k]·q[v], index_add_ over blocks of GRAD_CHUNK_POSITIONS positions."""
+    D, c = q.shape[1], GRAD_CHUNK_POSITIONS
+    for i in range(0, idx.shape[0], c):
+        out.index_add_(0, idx[i:i + c].reshape(-1), (grad[i:i + c].unsqueeze(2) * q[i:i + c].unsqueeze(1)).reshape(-1, D))
+    return out
+
+
+def _table_grad_fused(q: torch.Tensor, grad: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The same sum as one accumulate; under torch.compile inductor emits one loop that never materialises the
+    [V, K, D] products."""
+    return out.index_put_((idx,), grad.unsqueeze(2) * q.unsqueeze(1), accumulate=True)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_table_grad():
+    """torch.compile(_table_grad_fused), built once per process (dynamic shapes: one graph for every batch)."""
+    if "table_grad" not in _COMPILED:
+        _COMPILED["table_grad"] = torch.compile(_table_grad_fused, dynamic=True)
+    return _COMPILED["table_grad"]
+
+
+def sampled_dot(q: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, compiled: bool = False) -> torch.Tensor:
     """q [V, D], table [U, D], idx [V, K] int64 rows of table -> q[v]·table[idx[v, k]] [V, K] (autograd to q and
-    table); cost O(V·K·D), see :class:`_SampledDot`."""
-    return _SampledDot.apply(q.contiguous(), table.contiguous(), idx.long().contiguous())
+    table); cost O(V·K·D), see :class:`_SampledDot`. compiled: the table gradient through torch.compile."""
+    return _SampledDot.apply(q.contiguous(), table.contiguous(), idx.long().contiguous(), compiled)
 
 
 def _negative_logits(
@@ -149,6 +171,7 @@ def sampled_softmax_loss(
     item_lookup: str = "auto",
     table: Optional[torch.Tensor] = None,
     table_ids: Optional[torch.Tensor] = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Sampled-softmax next-item loss averaged over valid positions (scalar; 0 with a graph if none is valid).
 
@@ -169,6 +192,7 @@ def sampled_softmax_loss(
             unique ids of positives and negatives.
         table, table_ids: already looked-up item vectors [U, D] of the sorted ids table_ids [U] (None: table
             row = item id, U = num_items + 1), instead of calling item_vectors_fn.
+        compile: sampled route, compute the item-table gradient with torch.compile (else eager; same sums).
     """
     q = seq_emb[valid]
     pos = pos_ids[valid]
@@ -197,7 +221,7 @@ def sampled_softmax_loss(
         else:
             uniq, idx = torch.unique(ids, return_inverse=True)
             table = item_vectors_fn(uniq)
-        logits = sampled_dot(q, table.float(), idx)  # [V, R + 1]
+        logits = sampled_dot(q, table.float(), idx, compile)  # [V, R + 1]
     neg_mask = torch.cat([torch.zeros_like(pos, dtype=torch.bool).unsqueeze(1), negatives == pos.unsqueeze(1)], 1)
     logits = logits.masked_fill(neg_mask, float("-inf")) / temperature
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)

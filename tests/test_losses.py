@@ -143,6 +143,8 @@ def test_sampled_route_matches_reference_routes_value_and_gradients():
         assert torch.allclose(got[0], ref[0], rtol=1e-5, atol=1e-5), (route, lookup)
         assert torch.allclose(got[1], ref[1], rtol=1e-4, atol=1e-5), (route, lookup)
         assert torch.allclose(got[2], ref[2], rtol=1e-4, atol=1e-5), (route, lookup)
+    got = _loss_and_grads("sampled", "all", compile=True)  # loss.compile: the same loss and gradients
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(got, ref))
     assert ref[2].abs().sum() > 0 and ref[1].abs().sum() > 0
 
 
@@ -182,3 +184,20 @@ def test_lookup_all_items_is_explicit():
     assert not losses.lookup_all_items("sampled", "auto", 7000, 128, 50)
     with pytest.raises(ValueError, match="loss.route"):
         losses.lookup_all_items("fast", "auto", 10, 1, 1)
+
+
+def test_sampled_dot_compiled_table_gradient_matches_eager():
+    # loss.compile: the item-table gradient through torch.compile (inductor) equals the eager blocked index_add_
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(53, 6, generator=g)
+    table = torch.randn(17, 6, generator=g)
+    idx = torch.randint(0, 17, (53, 5), generator=g)
+    w = torch.randn(53, 5, generator=g)
+    grads = []
+    for compiled in (False, True):
+        qq, tt = q.clone().requires_grad_(True), table.clone().requires_grad_(True)
+        (losses.sampled_dot(qq, tt, idx, compiled) * w).sum().backward()
+        grads.append((qq.grad, tt.grad))
+    ref = torch.zeros_like(table).index_put_((idx,), w.unsqueeze(2) * q.unsqueeze(1), accumulate=True)
+    assert torch.allclose(grads[0][1], ref, atol=1e-5) and torch.allclose(grads[1][1], ref, atol=1e-5)
+    assert torch.allclose(grads[0][0], grads[1][0])

@@ -174,14 +174,15 @@ def compute_loss(model: torch.nn.Module, batch: Any, ctx: TrainContext) -> torch
         seq_emb = model.encode(p.batch)  # [T, D]
         labels, valid = next_item_labels(p.batch.item_ids, p.batch.offsets)
         return sampled_softmax_loss(seq_emb, labels, valid, model.item_vectors, ctx.num_items, lc.num_negatives,
-                                    lc.temperature, ctx.neg_generator, route=lc.route, item_lookup=lc.item_lookup)
+                                    lc.temperature, ctx.neg_generator, route=lc.route, item_lookup=lc.item_lookup,
+                                    compile=lc.compile)
     seq_emb, vecs = model(p.batch, p.lookup_ids, p.input_index)  # [T, D], [U, D]
     # prepare_batch looked up ids 0..N (row = id) or the sorted unique ids it needs: the same rule decides here
     lookup_all = lookup_all_items(lc.route, lc.item_lookup, ctx.num_items, lc.num_negatives,
                                   ctx.cfg.model.embedding_dim)
     return sampled_softmax_loss(seq_emb, p.labels, p.valid, None, ctx.num_items, lc.num_negatives,
                                 lc.temperature, negatives=p.negatives, route=lc.route, table=vecs,
-                                table_ids=None if lookup_all else p.lookup_ids)
+                                table_ids=None if lookup_all else p.lookup_ids, compile=lc.compile)
 
 
 def _non_finite(state: TrainState, ctx: TrainContext, loss: float) -> NonFiniteLossError:
