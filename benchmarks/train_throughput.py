@@ -57,6 +57,9 @@ SMOKE_OVERRIDES = ["data.name=synthetic", "data.synthetic.num_users=64", "data.s
                    "model.linear_dim=16"]
 BASELINE_COMMIT = "c95601a"
 PEER_DIR = os.path.join(ROOT, "..", "shared", "peers", "generative-recommenders")
+# what each change bought: this tree with one switch turned back (HSTU research config only)
+ABLATIONS = {"loss.route=all_items (the old ML-1M loss route)": ["loss.route=all_items"],
+             "loss.compile=false (eager table gradient)": ["loss.compile=false"]}
 PHASES = ("batch_prep", "embedding_lookup", "attention", "rest_of_layers", "loss", "backward", "optimizer")
 
 
@@ -367,6 +370,7 @@ def main(argv=None) -> Dict[str, Any]:
     ap.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data", "ml-1m"))
     ap.add_argument("--override", action="append", default=[], help="config override for every worker")
     ap.add_argument("--out", default=None, help="output directory (default benchmarks/results)")
+    ap.add_argument("--name", default="train_throughput.json", help="output file name")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -398,10 +402,14 @@ def main(argv=None) -> Dict[str, Any]:
         for name in names:
             cfg_path = CONFIGS[name]
             new_runs, base_runs = [], []
-            for _ in range(repeats):  # interleaved A/B
+            ablations = ABLATIONS if name == "hstu" and not smoke else {}
+            abl_runs: Dict[str, List[Dict[str, Any]]] = {k: [] for k in ablations}
+            for _ in range(repeats):  # interleaved A/B (/C ...)
                 new_runs.append(run_worker(ROOT, cfg_path, args))
                 if base_tree:
                     base_runs.append(run_worker(base_tree, cfg_path, args))
+                for label, extra in ablations.items():
+                    abl_runs[label].append(run_worker(ROOT, cfg_path, args, extra))
             row = {"config": name, "tokens_per_s": _median_of(new_runs, "tokens_per_s"),
                    "ms_per_step": _median_of(new_runs, "ms_per_step_median"),
                    "needed_gflops_per_s": _median_of(new_runs, "needed_gflops_per_s"),
@@ -413,6 +421,11 @@ def main(argv=None) -> Dict[str, Any]:
                                    "phases_ms": _median_phases(base_runs), "runs": base_runs}
                 if row["tokens_per_s"] and row["baseline"]["tokens_per_s"]:
                     row["speedup_vs_baseline"] = row["tokens_per_s"] / row["baseline"]["tokens_per_s"]
+            if abl_runs:
+                row["ablations"] = [{"variant": label, "tokens_per_s": _median_of(runs, "tokens_per_s"),
+                                     "ms_per_step": _median_of(runs, "ms_per_step_median"),
+                                     "phases_ms": _median_phases(runs), "runs": runs}
+                                    for label, runs in abl_runs.items()]
             rows.append(row)
             print(f"{name}: {row.get('tokens_per_s')} tokens/s (baseline "
                   f"{row.get('baseline', {}).get('tokens_per_s')}) load {os.getloadavg()}", flush=True)
@@ -447,10 +460,10 @@ def main(argv=None) -> Dict[str, Any]:
     out_dir = args.out
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "train_throughput.json"), "w") as f:
+        with open(os.path.join(out_dir, args.name), "w") as f:
             json.dump(payload, f, indent=2)
     else:
-        write_json("train_throughput.json", payload)
+        write_json(args.name, payload)
     return payload
 
 
