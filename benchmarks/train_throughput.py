@@ -36,6 +36,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def worker(args) -> Dict[str, Any]:
     overrides = ["train.progress=false", "train.tensorboard=false"] + list(args.override)
     if not args.smoke:
         overrides.append(f"data.data_dir={args.data_dir}")
-    cfg = load_config(os.path.join(ROOT, args.config) if not os.path.isabs(args.config) else args.config, overrides)
+    cfg = load_config(os.path.abspath(args.config), overrides)  # relative to the worker's tree (its cwd)
     torch.manual_seed(cfg.train.seed)
     env = hd.DistEnv()
     task = make_task(cfg)
@@ -394,6 +395,7 @@ def main(argv=None) -> Dict[str, Any]:
                                "baseline_commit": args.baseline or None, "steps": args.steps,
                                "warmup": args.warmup, "phase_steps": args.phase_steps, "repeats": repeats,
                                "loadavg_start": list(os.getloadavg())}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still removes its worktree
     peak = [matmul_gflops(args.threads)]
     workdir = tempfile.mkdtemp(prefix="hstu-throughput-")
     base_tree = make_baseline_tree(args.baseline, workdir) if args.baseline else None
