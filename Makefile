@@ -6,10 +6,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/synthetic/hstu-small.yaml
 RUN_DIR ?= runs/default
-# jemalloc roughly halves CPU epoch time (stack-notes.md); used when the Debian package is present.
+# Allocator: jemalloc (Debian libjemalloc2) when present, else glibc malloc told to keep freed memory (no
+# mmap per large tensor, no trimming), which removes most page faults. Since the sampled loss route the training
+# step no longer materialises [V, N] temporaries and barely depends on it (docs/performance.md "Training step").
 JEMALLOC := $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2)
 ifneq ($(JEMALLOC),)
 FAST_ENV := LD_PRELOAD=$(firstword $(JEMALLOC)) MALLOC_CONF="oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+else
+FAST_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=268435456
 endif
 PYTEST_ARGS ?=
 

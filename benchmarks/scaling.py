@@ -53,15 +53,15 @@ def layer_flops_per_token(D: int, H: int, dqk: int, dv: int, keys: float, varian
 
 
 def train_flops_per_batch(model_cfg, lengths: Sequence[int], num_items: int, num_negatives: int,
-                          mode: str = "useful") -> Dict[str, float]:
+                          mode: str = "useful", route: str = "sampled") -> Dict[str, float]:
     """Forward+backward FLOPs of one training batch of sequences ``lengths`` (×3: backward = 2× forward).
 
     mode "useful": the causal triangle (position i attends to i+1 keys, Σ = L(L+1)/2 per sequence) and the
     sampled-softmax logits 2·D·(1+R) per labelled position (every position but the last of each sequence).
     mode "executed": what the PyTorch reference runs on CPU — full padded squares per length group
-    (ops/pytorch/hstu_attention.length_groups) and, when num_items+1 <= R·D, the all-items logit matmul
-    2·D·(num_items+1) per labelled position (the other loss route is a gather + elementwise product that
-    FlopCounterMode does not count). Embedding lookups, norms, SiLU and other elementwise work count 0.
+    (ops/pytorch/hstu_attention.length_groups) and, for ``route`` all_items (loss.route), the all-items logit
+    matmul 2·D·(num_items+1) per labelled position (the sampled route's sampled_addmm / embedding_bag and the
+    gather route's elementwise product are not counted by FlopCounterMode). Embedding lookups, norms, SiLU and other elementwise work count 0.
     Returns {"linear", "attention", "loss", "total"}."""
     if model_cfg.arch != "hstu":
         raise ValueError(f"the formula covers HSTU only, got model.arch={model_cfg.arch!r}")
@@ -78,7 +78,7 @@ def train_flops_per_batch(model_cfg, lengths: Sequence[int], num_items: int, num
         from hstu.ops.pytorch.hstu_attention import length_groups
 
         pairs = sum(len(members) * L * L for L, members in length_groups(lengths))
-        loss = 2.0 * D * (num_items + 1) * labelled if num_items + 1 <= num_negatives * D else 0.0
+        loss = 2.0 * D * (num_items + 1) * labelled if route == "all_items" else 0.0
     else:
         raise ValueError(f"mode must be useful | executed, got {mode!r}")
     layers = model_cfg.num_layers
@@ -88,7 +88,7 @@ def train_flops_per_batch(model_cfg, lengths: Sequence[int], num_items: int, num
     return {"linear": linear, "attention": attention, "loss": loss, "total": linear + attention + loss}
 
 
-def measure_step_flops(model, batch, num_items: int, num_negatives: int) -> int:
+def measure_step_flops(model, batch, num_items: int, num_negatives: int, route: str = "sampled") -> int:
     """FLOPs FlopCounterMode counts for one forward + backward of the sampled-softmax loss on ``batch``."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -98,7 +98,8 @@ def measure_step_flops(model, batch, num_items: int, num_negatives: int) -> int:
     with FlopCounterMode(display=False) as counter:
         seq = model.encode(batch)
         labels, valid = next_item_labels(batch.item_ids, batch.offsets)
-        loss = sampled_softmax_loss(seq, labels, valid, model.item_vectors, num_items, num_negatives, 0.05, gen)
+        loss = sampled_softmax_loss(seq, labels, valid, model.item_vectors, num_items, num_negatives, 0.05, gen,
+                                    route=route)
         loss.backward()
     return int(counter.get_total_flops())
 

@@ -11,16 +11,17 @@ N = max_seq_len (a constant, so outputs never depend on how sequences are batche
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hstu.ops.backend import BackendLike, resolve_backend
+from hstu.ops.backend import Backend, BackendLike, resolve_backend
 from hstu.ops.hstu_attention import jagged_hstu_attention
 from hstu.ops.jagged import last_rows, positions_in_sequence, sequence_ids
-from hstu.ops.pytorch.hstu_attention import max_pos_from_table, relative_position_ids, time_bucket_ids
+from hstu.ops.pytorch.hstu_attention import (attention_plan, max_pos_from_table, relative_position_ids,
+                                             time_bucket_ids)
 
 if TYPE_CHECKING:  # typing only: modules never import the trainer at runtime
     from hstu.trainer.config import ModelConfig
@@ -111,8 +112,9 @@ class ResearchHSTULayer(CachedLayerMixin, nn.Module):
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, max_len: int, timestamps: Optional[torch.Tensor],
                 query_timestamps: Optional[torch.Tensor] = None, num_targets: Optional[torch.Tensor] = None,
-                contextual_len: int = 0) -> torch.Tensor:
-        """num_targets [B] / contextual_len: candidate and contextual-prefix masks of the op (ranking)."""
+                contextual_len: int = 0, plan: Any = None) -> torch.Tensor:
+        """num_targets [B] / contextual_len: candidate and contextual-prefix masks of the op (ranking); plan:
+        the batch's attention plan (``attention_plan_for``), shared by the layers of a stack."""
         T = x.shape[0]
         H, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
         u, v, q, k = self.project(x)
@@ -123,7 +125,7 @@ class ResearchHSTULayer(CachedLayerMixin, nn.Module):
             timestamps=timestamps if self.time_weights is not None else None,
             query_timestamps=query_timestamps if self.time_weights is not None else None,
             time_bucket_base=self.time_bucket_base, num_targets=num_targets, contextual_len=contextual_len,
-            backend=self.backend,
+            backend=self.backend, plan=plan,
         ).reshape(T, H * dv)
         return self.finish(x, u, attn)
 
@@ -177,15 +179,16 @@ class ProductionHSTULayer(CachedLayerMixin, nn.Module):
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, max_len: int, timestamps: Optional[torch.Tensor] = None,
                 query_timestamps: Optional[torch.Tensor] = None, num_targets: Optional[torch.Tensor] = None,
-                contextual_len: int = 0) -> torch.Tensor:
-        """num_targets [B] / contextual_len: candidate and contextual-prefix masks of the op (ranking)."""
+                contextual_len: int = 0, plan: Any = None) -> torch.Tensor:
+        """num_targets [B] / contextual_len: candidate and contextual-prefix masks of the op (ranking); plan:
+        the batch's attention plan (``attention_plan_for``), shared by the layers of a stack."""
         T = x.size(0)
         H, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
         u, v, q, k = self.project(x)
         attn = jagged_hstu_attention(
             q.reshape(T, H, dqk), k.reshape(T, H, dqk), v.reshape(T, H, dv), offsets, max_len,
             alpha=1.0 / math.sqrt(dqk), norm=float(self.max_seq_len), causal=True, num_targets=num_targets,
-            contextual_len=contextual_len, backend=self.backend,
+            contextual_len=contextual_len, backend=self.backend, plan=plan,
         ).reshape(T, H * dv)
         return self.finish(x, u, attn)
 
@@ -204,6 +207,25 @@ class ProductionHSTULayer(CachedLayerMixin, nn.Module):
         """attn = A·V [N, H·dv] -> Dropout(cat[U, A·V, U ⊙ LN(A·V)]) · W_o + X."""
         y = torch.cat([u, attn, u * self.output_norm(attn)], dim=1)
         return torch.addmm(x, F.dropout(y, p=self.dropout, training=self.training), self.output_weight)
+
+
+def attention_plan_for(layers, offsets: torch.Tensor, num_tokens: int, timestamps: Optional[torch.Tensor],
+                       query_timestamps: Optional[torch.Tensor] = None, num_targets: Optional[torch.Tensor] = None,
+                       contextual_len: int = 0, dtype: torch.dtype = torch.float32):
+    """The attention plan (length groups, rab bucket indices, masks) of one batch for a stack of identical
+    layers, built once instead of in every layer; None for a non-PyTorch backend (it plans itself)."""
+    first = layers[0] if len(layers) else None
+    if first is None or first.backend != Backend.PYTORCH:
+        return None
+    pos_w, time_w = getattr(first, "pos_weights", None), getattr(first, "time_weights", None)
+    return attention_plan(
+        offsets, norm=float(first.max_seq_len), causal=True,
+        pos_table_size=None if pos_w is None else pos_w.numel(),
+        time_table_size=None if time_w is None else time_w.numel(),
+        timestamps=timestamps if time_w is not None else None,
+        query_timestamps=query_timestamps if time_w is not None else None,
+        time_bucket_base=getattr(first, "time_bucket_base", 0.301), num_targets=num_targets,
+        contextual_len=contextual_len, dtype=dtype, num_tokens=num_tokens)
 
 
 class HSTUEncoder(nn.Module):
@@ -255,8 +277,9 @@ class HSTUEncoder(nn.Module):
                 raise ValueError("the production HSTU variant needs timestamps")
             q_time = self._query_times(timestamps, offsets, query_timestamps)[sequence_ids(offsets, T)]
         h = self.input_dropout(self.input_embeddings(x, positions_in_sequence(offsets, T), timestamps, q_time))
+        plan = attention_plan_for(self.layers, offsets, T, timestamps, query_timestamps)
         for layer in self.layers:
-            h = layer(h, offsets, int(max_len), timestamps, query_timestamps)
+            h = layer(h, offsets, int(max_len), timestamps, query_timestamps, plan=plan)
         return h
 
     def input_embeddings(self, x: torch.Tensor, pos: torch.Tensor, timestamps: Optional[torch.Tensor],

@@ -8,7 +8,7 @@ reference every other backend is tested against.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -55,6 +55,7 @@ def jagged_hstu_attention(
     num_targets: Optional[torch.Tensor] = None,
     contextual_len: int = 0,
     backend: BackendLike = Backend.PYTORCH,
+    plan: Any = None,
 ) -> torch.Tensor:
     """Jagged HSTU attention.
 
@@ -68,6 +69,8 @@ def jagged_hstu_attention(
         contextual_len: the first min(contextual_len, n − num_targets) rows of each sequence are a contextual
             prefix visible to every query (and to each other, even under the causal mask).
         backend: Backend / "pytorch" / "triton" / OpsConfig.
+        plan: PyTorch backend, the batch's precomputed ``attention_plan`` (groups, rab indices, masks) shared by
+            a stack of layers; ignored by other backends.
     Returns:
         [T, H, dv], differentiable w.r.t. q, k, v, pos_weights, time_weights.
     """
@@ -91,4 +94,4 @@ def jagged_hstu_attention(
         return triton_jagged_hstu_attention(q, k, v, offsets, max_len, **kwargs)
     from hstu.ops.pytorch.hstu_attention import pytorch_jagged_hstu_attention
 
-    return pytorch_jagged_hstu_attention(q, k, v, offsets, max_len, **kwargs)
+    return pytorch_jagged_hstu_attention(q, k, v, offsets, max_len, plan=plan, **kwargs)

@@ -338,3 +338,34 @@ def test_reproduce_ml1m_smoke_multi_seed_keeps_historical(tmp_path):
     assert "| hstu | item_id | validation | 1, 2 |" in text and " ± " in text
     assert "Historical — old protocol" in text and "tie_order" in text and "must be rerun" in text
     assert os.stat(real).st_mtime_ns == before  # the real results file is untouched
+
+
+# ------------------------------------------------------------------------------------------ train_throughput.py
+
+def test_train_throughput_smoke_writes_phases_and_flops(tmp_path):
+    bench = _load("train_throughput")
+    payload = bench.main(["--smoke", "--out", str(tmp_path)])
+    with open(tmp_path / "train_throughput.json") as f:
+        assert json.load(f)["rows"][0]["config"] == payload["rows"][0]["config"] == "hstu"
+    for key in PROVENANCE_KEYS + ("threads", "allocator", "matmul_peak_gflops", "rows"):
+        assert payload.get(key), key
+    row = payload["rows"][0]
+    assert row["runs"][0]["status"] == "ok", row["runs"]
+    assert _positive(row["tokens_per_s"]) and _positive(row["needed_gflops_per_s"])
+    assert 0 < row["fraction_of_peak"] < 1
+    assert set(row["phases_ms"]) == set(bench.PHASES) and all(v >= 0 for v in row["phases_ms"].values())
+    assert row["phases_ms"]["attention"] > 0 and row["phases_ms"]["loss"] > 0
+    assert "baseline" not in row and "paper_code" not in payload  # smoke: this tree only
+
+
+def test_train_throughput_needed_flops_by_hand():
+    bench = _load("train_throughput")
+    from hstu.trainer.config import ModelConfig
+
+    cfg = ModelConfig(arch="hstu", variant="research", embedding_dim=4, num_layers=1, num_heads=1,
+                      attention_dim=2, linear_dim=3)
+    f = bench.needed_flops(cfg, [2, 0, 1], num_negatives=5)
+    # 3 tokens; per token 2·4·(2·3+2·2)·1 + 2·1·3·4 = 80 + 24 = 104; pairs 3 + 1 = 4 -> 2·4·(2+3) = 40
+    # labelled positions 1 -> 2·4·6 = 48; everything ×3 (forward + backward)
+    assert f["layers"] == 3 * 104 * 3 and f["attention"] == 3 * 40 and f["loss"] == 3 * 48
+    assert f["total"] == f["layers"] + f["attention"] + f["loss"]

@@ -3,6 +3,7 @@
 import math
 
 import torch
+import pytest
 import torch.nn.functional as F
 
 import hstu.modules.losses as losses
@@ -110,3 +111,93 @@ def test_negatives_are_uniform_in_range():
     assert int(neg.min()) == 1 and int(neg.max()) == 7
     freq = torch.bincount(neg.flatten(), minlength=8)[1:].double() / neg.numel()
     assert torch.allclose(freq, torch.full((7,), 1 / 7, dtype=torch.float64), atol=0.01)
+
+
+# ------------------------------------------------------------------ routes: sampled (fast) vs the reference routes
+
+def _route_case(V=37, R=9, D=6, N=23, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(V, D, generator=g)
+    table = torch.randn(N + 1, D, generator=g)
+    pos = torch.randint(1, N + 1, (V,), generator=g)
+    valid = torch.rand(V, generator=g) > 0.2
+    return q, table, pos, valid
+
+
+def _loss_and_grads(route, item_lookup="auto", seed=0, **kw):
+    q, table, pos, valid = _route_case(seed=seed)
+    q.requires_grad_(True)
+    table.requires_grad_(True)
+    fn = lambda ids: F.normalize(table[ids], dim=-1)  # noqa: E731  (the model's L2-normalised item vectors)
+    loss = sampled_softmax_loss(q, pos, valid, fn, 23, 9, 0.05, torch.Generator().manual_seed(3), route=route,
+                                item_lookup=item_lookup, **kw)
+    loss.backward()
+    return loss.detach(), q.grad, table.grad
+
+
+def test_sampled_route_matches_reference_routes_value_and_gradients():
+    # same generator -> same negatives (drawn per position, uniform), same loss and gradients on every route
+    ref = _loss_and_grads("gather")
+    for route, lookup in (("all_items", "auto"), ("sampled", "all"), ("sampled", "unique"), ("sampled", "auto")):
+        got = _loss_and_grads(route, lookup)
+        assert torch.allclose(got[0], ref[0], rtol=1e-5, atol=1e-5), (route, lookup)
+        assert torch.allclose(got[1], ref[1], rtol=1e-4, atol=1e-5), (route, lookup)
+        assert torch.allclose(got[2], ref[2], rtol=1e-4, atol=1e-5), (route, lookup)
+    got = _loss_and_grads("sampled", "all", compile=True)  # loss.compile: the same loss and gradients
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(got, ref))
+    assert ref[2].abs().sum() > 0 and ref[1].abs().sum() > 0
+
+
+def test_sampled_dot_against_explicit_gather_forward_backward():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(41, 5, generator=g, requires_grad=True)  # 41 > GRAD_CHUNK_POSITIONS: several blocks
+    table = torch.randn(13, 5, generator=g, requires_grad=True)
+    idx = torch.randint(0, 13, (41, 7), generator=g)
+    idx[0, :3] = 4  # repeated rows inside one position accumulate
+    w = torch.randn(41, 7, generator=g)
+    out = losses.sampled_dot(q, table, idx)
+    (out * w).sum().backward()
+    q2, t2 = q.detach().clone().requires_grad_(True), table.detach().clone().requires_grad_(True)
+    ref = (t2[idx] * q2.unsqueeze(1)).sum(-1)
+    (ref * w).sum().backward()
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(q.grad, q2.grad, atol=1e-5)
+    assert torch.allclose(table.grad, t2.grad, atol=1e-5)
+
+
+def test_sampled_route_with_given_table_and_ids():
+    # the sharded path hands over looked-up vectors of sorted unique ids (table_ids) or of all ids (row = id)
+    q, table, pos, valid = _route_case(seed=2)
+    neg = sample_negatives(int(valid.sum()), 9, 23, torch.Generator().manual_seed(5))
+    ids = torch.unique(torch.cat([pos, neg.flatten()]))
+    ref = sampled_softmax_loss(q, pos, valid, lambda i: table[i], 23, 9, 0.1, negatives=neg, route="gather")
+    sub = sampled_softmax_loss(q, pos, valid, None, 23, 9, 0.1, negatives=neg, table=table[ids], table_ids=ids)
+    full = sampled_softmax_loss(q, pos, valid, None, 23, 9, 0.1, negatives=neg, table=table)
+    assert torch.allclose(sub, ref, atol=1e-5) and torch.allclose(full, ref, atol=1e-5)
+
+
+def test_lookup_all_items_is_explicit():
+    assert losses.lookup_all_items("all_items", "unique", 10**6, 128, 50)  # all_items always scores all
+    assert losses.lookup_all_items("sampled", "all", 10**6, 128, 50)
+    assert not losses.lookup_all_items("sampled", "unique", 10, 128, 50)
+    assert losses.lookup_all_items("sampled", "auto", 3953, 128, 50)
+    assert not losses.lookup_all_items("sampled", "auto", 7000, 128, 50)
+    with pytest.raises(ValueError, match="loss.route"):
+        losses.lookup_all_items("fast", "auto", 10, 1, 1)
+
+
+def test_sampled_dot_compiled_table_gradient_matches_eager():
+    # loss.compile: the item-table gradient through torch.compile (inductor) equals the eager blocked index_add_
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(53, 6, generator=g)
+    table = torch.randn(17, 6, generator=g)
+    idx = torch.randint(0, 17, (53, 5), generator=g)
+    w = torch.randn(53, 5, generator=g)
+    grads = []
+    for compiled in (False, True):
+        qq, tt = q.clone().requires_grad_(True), table.clone().requires_grad_(True)
+        (losses.sampled_dot(qq, tt, idx, compiled) * w).sum().backward()
+        grads.append((qq.grad, tt.grad))
+    ref = torch.zeros_like(table).index_put_((idx,), w.unsqueeze(2) * q.unsqueeze(1), accumulate=True)
+    assert torch.allclose(grads[0][1], ref, atol=1e-5) and torch.allclose(grads[1][1], ref, atol=1e-5)
+    assert torch.allclose(grads[0][0], grads[1][0])

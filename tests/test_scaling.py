@@ -21,9 +21,11 @@ def scaling():
     return mod
 
 
-@pytest.mark.parametrize("variant,num_negatives", [("research", 32), ("research", 4), ("production", 32)])
-def test_formula_equals_flop_counter_on_one_step(scaling, tmp_path, variant, num_negatives):
-    """num_negatives=32: the loss scores all items with one matmul (counted); 4: gathers (not a matmul)."""
+@pytest.mark.parametrize("variant,num_negatives,route", [("research", 32, "all_items"), ("research", 4, "gather"),
+                                                         ("production", 32, "all_items"), ("research", 32, "sampled")])
+def test_formula_equals_flop_counter_on_one_step(scaling, tmp_path, variant, num_negatives, route):
+    """route all_items: the loss scores all items with one matmul (counted); gather / sampled (default): no matmul
+    FlopCounterMode counts."""
     from hstu.modules.model import build_model
     from hstu.trainer.config import load_config
     from hstu.trainer.data import build_loaders, load_sequences
@@ -38,10 +40,11 @@ def test_formula_equals_flop_counter_on_one_step(scaling, tmp_path, variant, num
     batch = next(iter(build_loaders(cfg.data, seqs)[0]))
     lengths = batch.lengths.tolist()
     assert len(set(lengths)) > 3  # a real jagged batch
-    measured = scaling.measure_step_flops(build_model(cfg, seqs.num_items), batch, seqs.num_items, num_negatives)
-    executed = scaling.train_flops_per_batch(cfg.model, lengths, seqs.num_items, num_negatives, "executed")
+    measured = scaling.measure_step_flops(build_model(cfg, seqs.num_items), batch, seqs.num_items, num_negatives,
+                                          route)
+    executed = scaling.train_flops_per_batch(cfg.model, lengths, seqs.num_items, num_negatives, "executed", route)
     assert measured == pytest.approx(executed["total"], rel=1e-9), (measured, executed)
-    assert (executed["loss"] > 0) == (num_negatives == 32)
+    assert (executed["loss"] > 0) == (route == "all_items")
     useful = scaling.train_flops_per_batch(cfg.model, lengths, seqs.num_items, num_negatives, "useful")
     assert useful["linear"] == executed["linear"]
     assert useful["attention"] < executed["attention"]  # causal triangle vs padded squares

@@ -92,6 +92,16 @@ class LossConfig:
     name: str = "sampled_softmax"
     num_negatives: int = 128
     temperature: float = 0.05
+    # how the R + 1 logits per position are computed (same value and gradients, modules/losses.py):
+    # sampled = R + 1 dot products per position (fast default); all_items = score every item, gather;
+    # gather = materialise [V, R, D] (reference)
+    route: str = "sampled"
+    # which item vectors the loss looks up: all = ids 0..N, unique = ids it needs, auto = all when
+    # num_items + 1 <= num_negatives * embedding_dim (route all_items always looks up all)
+    item_lookup: str = "auto"
+    # route sampled: the item-table gradient through torch.compile (inductor, C++; ~4x faster than the eager
+    # blocked index_add_ on CPU, one ~10 s compile per process); false = eager, identical sums
+    compile: bool = False
 
 
 @dataclass

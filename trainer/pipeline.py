@@ -3,7 +3,7 @@ model sees it, and the data position a checkpoint must record.
 
 ``prepare_batch``: Stochastic Length (``ctx.sl_generator``) → device; on the sharded path also next-item
 labels, the negatives (``ctx.neg_generator``) and the ids of the ONE table lookup of the step:
-``lookup_ids`` = all ids 0..N when the loss scores every item (``all_items_route``), else the unique ids of the
+``lookup_ids`` = all ids 0..N when the loss uses the whole table (``lookup_all_items``), else the unique ids of the
 batch and its negatives; ``input_index`` [T] maps each batch item into lookup_ids.
 
 ``BatchStream`` iterates one epoch of prepared batches. With ``prefetch`` (sharded path, pipeline=prefetch)
@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, Optional
 
 import torch
 
-from hstu.modules.losses import all_items_route, next_item_labels, sample_negatives
+from hstu.modules.losses import lookup_all_items, next_item_labels, sample_negatives
 from hstu.trainer.stochastic_length import apply_stochastic_length
 
 
@@ -69,7 +69,7 @@ def prepare_batch(batch: Any, ctx: Any) -> PreparedBatch:
     labels, valid = next_item_labels(batch.item_ids, batch.offsets)
     lc, n = cfg.loss, ctx.num_items
     negatives = sample_negatives(int(valid.sum()), lc.num_negatives, n, ctx.neg_generator, ctx.device)
-    if all_items_route(n, lc.num_negatives, cfg.model.embedding_dim):
+    if lookup_all_items(lc.route, lc.item_lookup, n, lc.num_negatives, cfg.model.embedding_dim):
         lookup_ids, input_index = torch.arange(n + 1, device=ctx.device), batch.item_ids
     else:
         lookup_ids, inverse = torch.unique(torch.cat([batch.item_ids, negatives.flatten()]), return_inverse=True)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hstu.modules.losses import next_item_labels, sampled_softmax_loss
+from hstu.modules.losses import lookup_all_items, next_item_labels, sampled_softmax_loss
 from hstu.trainer import checkpoint as ckpt
 from hstu.trainer import distributed as hd
 from hstu.trainer import run_dir as rd
@@ -186,14 +186,15 @@ def compute_loss(model: torch.nn.Module, batch: Any, ctx: TrainContext) -> torch
         seq_emb = model.encode(p.batch)  # [T, D]
         labels, valid = next_item_labels(p.batch.item_ids, p.batch.offsets)
         return sampled_softmax_loss(seq_emb, labels, valid, model.item_vectors, ctx.num_items, lc.num_negatives,
-                                    lc.temperature, ctx.neg_generator)
+                                    lc.temperature, ctx.neg_generator, route=lc.route, item_lookup=lc.item_lookup,
+                                    compile=lc.compile)
     seq_emb, vecs = model(p.batch, p.lookup_ids, p.input_index)  # [T, D], [U, D]
-    if vecs.shape[0] == ctx.num_items + 1:  # lookup_ids = 0..N
-        item_vectors = vecs.__getitem__
-    else:
-        item_vectors = lambda ids: vecs[torch.searchsorted(p.lookup_ids, ids)]  # noqa: E731
-    return sampled_softmax_loss(seq_emb, p.labels, p.valid, item_vectors, ctx.num_items, lc.num_negatives,
-                                lc.temperature, negatives=p.negatives)
+    # prepare_batch looked up ids 0..N (row = id) or the sorted unique ids it needs: the same rule decides here
+    lookup_all = lookup_all_items(lc.route, lc.item_lookup, ctx.num_items, lc.num_negatives,
+                                  ctx.cfg.model.embedding_dim)
+    return sampled_softmax_loss(seq_emb, p.labels, p.valid, None, ctx.num_items, lc.num_negatives,
+                                lc.temperature, negatives=p.negatives, route=lc.route, table=vecs,
+                                table_ids=None if lookup_all else p.lookup_ids, compile=lc.compile)
 
 
 def _non_finite(state: TrainState, ctx: TrainContext, loss: float) -> NonFiniteLossError:

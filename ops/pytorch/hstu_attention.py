@@ -10,6 +10,7 @@ group runs as one batched matmul [G, H, L, L]. Remaining padding: see ops/README
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -94,62 +95,146 @@ class _ScatterRows(torch.autograd.Function):
         return torch.cat([grad, grad.new_zeros((1,) + grad.shape[1:])]).index_select(0, rows), None, None
 
 
-def _group_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rows: torch.Tensor,
-    lengths: torch.Tensor,
-    L: int,
+class _TableGather(torch.autograd.Function):
+    """table [n] gathered at idx (any shape, int64 in 0..n-1) -> [idx.shape]; backward is one 1-D scatter_add_
+    into the n scalars (~5x faster on CPU than ``index_put_`` accumulate or a weighted bincount)."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.n = table.numel()
+        return table.take(idx)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.n).scatter_add_(0, idx.reshape(-1), grad.reshape(-1)), None
+
+
+@dataclass
+class GroupPlan:
+    """One length group: L padded length, idx [G] member sequences, lens [G], rows [G, L] token index (padding
+    -> T), pos_idx [L, L] Toeplitz index (None without a position table), time_idx [G, L, L] time-bucket index
+    (None without a time table), weights [1|G, L, L] = valid(i, j) / norm in the score dtype."""
+
+    L: int
+    idx: torch.Tensor
+    lens: torch.Tensor
+    rows: torch.Tensor
+    pos_idx: Optional[torch.Tensor]
+    time_idx: Optional[torch.Tensor]
+    weights: torch.Tensor
+
+
+@dataclass
+class AttentionPlan:
+    """What a jagged batch's attention needs besides q, k, v and the rab tables: the jagged -> grouped-padded
+    permutation (all_rows [P], inverse [T], sizes) and every group's indices and mask. It depends only on the
+    batch and the config, so a layer stack builds it once per batch (:func:`attention_plan`)."""
+
+    T: int
+    groups: List[GroupPlan]
+    all_rows: torch.Tensor
+    inverse: torch.Tensor
+    sizes: List[int]
+    pos_table_size: Optional[int]
+    time_table_size: Optional[int]
+
+
+def attention_plan(
+    offsets: torch.Tensor,
     *,
-    alpha: float,
     norm: float,
-    causal: bool,
-    pos_weights: Optional[torch.Tensor],
-    time_weights: Optional[torch.Tensor],
-    ts_ext: Optional[torch.Tensor],
-    t_next_ext: Optional[torch.Tensor],
-    time_bucket_base: float,
-    num_targets: Optional[torch.Tensor],
+    causal: bool = True,
+    pos_table_size: Optional[int] = None,
+    time_table_size: Optional[int] = None,
+    timestamps: Optional[torch.Tensor] = None,
+    query_timestamps: Optional[torch.Tensor] = None,
+    time_bucket_base: float = 0.301,
+    num_targets: Optional[torch.Tensor] = None,
     contextual_len: int = 0,
-) -> torch.Tensor:
-    """One length group: q/k [G*L, H, dqk], v [G*L, H, dv] already gathered (padding rows are zero);
-    rows [G, L] token index (padding -> T) for the time bias. Returns [G, L, H, dv] (padded rows are garbage)."""
-    G = rows.size(0)
+    dtype: torch.dtype = torch.float32,
+    num_tokens: Optional[int] = None,
+) -> Optional[AttentionPlan]:
+    """Plan of a jagged batch (offsets [B+1], num_tokens T rows, default offsets[-1]) for tables of
+    pos_table_size = 2P − 1 / time_table_size = num_buckets + 1 values (None: no such bias); None when the batch
+    has no token."""
+    lengths_t = (offsets[1:] - offsets[:-1]).long()
+    lengths = lengths_t.tolist()
+    T = num_tokens if num_tokens is not None else (int(offsets[-1]) if offsets.numel() > 0 else 0)
+    if T == 0 or not lengths:
+        return None
+    device = offsets.device
+    ts_ext = t_next_ext = None
+    if time_table_size is not None:
+        if timestamps is None:
+            raise ValueError("time_weights given without timestamps")
+        zero = lambda x: torch.cat([x, x.new_zeros((1,) + x.shape[1:])])  # noqa: E731  append padding row T
+        ts_ext = zero(timestamps.long())
+        t_next_ext = zero(next_timestamps(timestamps, offsets, query_timestamps))
+    P = None
+    if pos_table_size is not None:
+        if pos_table_size % 2 != 1:
+            raise ValueError(f"pos_weights must have 2*max_pos-1 (odd) values, got {pos_table_size}")
+        P = (pos_table_size + 1) // 2
+    starts = offsets[:-1].long()
+    groups: List[GroupPlan] = []
+    for L, members in length_groups(lengths):
+        idx = torch.tensor(members, device=device)
+        lens = lengths_t[idx]
+        G = len(members)
+        pos = torch.arange(L, device=device)
+        valid = pos.view(1, L) < lens.view(-1, 1)  # [G, L]
+        rows = torch.where(valid, starts[idx].view(-1, 1) + pos.view(1, L), torch.full_like(valid, T, dtype=torch.long))
+        pos_idx = relative_position_ids(pos.view(L, 1), pos.view(1, L), P) if P is not None else None
+        time_idx = None
+        if ts_ext is not None:
+            delta = t_next_ext[rows].unsqueeze(2) - ts_ext[rows].unsqueeze(1)  # [G, L, L]
+            time_idx = time_bucket_ids(delta, time_bucket_base, time_table_size - 1)
+        # valid(i, j): causal (j <= i) or, non-causal, j inside the sequence; candidates don't see other candidates
+        if causal:
+            mask = (pos.view(L, 1) >= pos.view(1, L)).unsqueeze(0)  # [1, L, L]
+        else:
+            mask = (pos.view(1, L) < lens.view(G, 1)).unsqueeze(1)  # [G, 1, L]
+        nt = None if num_targets is None else num_targets.long()[idx]
+        if nt is not None:
+            cand = pos.view(1, L) >= (lens - nt).view(G, 1)  # [G, L]
+            cross = cand.unsqueeze(2) & cand.unsqueeze(1) & (pos.view(L, 1) != pos.view(1, L))
+            mask = mask & ~cross
+        if contextual_len > 0:  # prefix of C = min(contextual_len, n - num_targets) rows visible to every query
+            hist = lens - nt if nt is not None else lens
+            C = hist.clamp(min=0, max=contextual_len)
+            mask = mask | (pos.view(1, 1, L) < C.view(G, 1, 1))
+        groups.append(GroupPlan(L, idx, lens, rows, pos_idx, time_idx, mask.to(dtype) * (1.0 / norm)))
+    # One permutation jagged -> grouped-padded for q, k, v (and back for the output).
+    all_rows = torch.cat([g.rows.reshape(-1) for g in groups])
+    inverse = torch.empty(T, dtype=torch.long, device=device)
+    real = all_rows < T
+    inverse[all_rows[real]] = torch.arange(all_rows.numel(), device=device)[real]
+    return AttentionPlan(T, groups, all_rows, inverse, [g.rows.numel() for g in groups], pos_table_size,
+                         time_table_size)
+
+
+def _group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: GroupPlan, alpha: float,
+                     pos_weights: Optional[torch.Tensor], time_weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """One length group: q/k [G*L, H, dqk], v [G*L, H, dv] already gathered (padding rows are zero).
+    Returns [G, L, H, dv] (padded rows are garbage)."""
+    L = g.L
+    G = g.rows.size(0)
     H = q.size(1)
     q = q.view(G, L, H, -1).transpose(1, 2)  # [G, H, L, dqk]
     k = k.view(G, L, H, -1).transpose(1, 2)
     v = v.view(G, L, H, -1).transpose(1, 2)  # [G, H, L, dv]
     scores = torch.matmul(q * alpha if alpha != 1.0 else q, k.transpose(-1, -2))  # [G, H, L, L]
-
-    pos = torch.arange(L, device=rows.device)
     bias: Optional[torch.Tensor] = None
     if pos_weights is not None:
-        P = max_pos_from_table(pos_weights)
-        bias = pos_weights[relative_position_ids(pos.view(L, 1), pos.view(1, L), P)]  # [L, L]
+        bias = _TableGather.apply(pos_weights, g.pos_idx)  # [L, L]
     if time_weights is not None:
-        assert ts_ext is not None and t_next_ext is not None
-        delta = t_next_ext[rows].unsqueeze(2) - ts_ext[rows].unsqueeze(1)  # [G, L, L]
-        tb = time_weights[time_bucket_ids(delta, time_bucket_base, time_weights.numel() - 1)]
+        tb = _TableGather.apply(time_weights, g.time_idx)  # [G, L, L]
         bias = tb if bias is None else bias + tb
     if bias is not None:
         scores = scores + bias.to(scores.dtype).unsqueeze(-3)
-
-    # valid(i, j): causal (j <= i) or, non-causal, j inside the sequence; candidates don't see other candidates.
-    if causal:
-        mask = (pos.view(L, 1) >= pos.view(1, L)).unsqueeze(0)  # [1, L, L]
-    else:
-        mask = (pos.view(1, L) < lengths.view(G, 1)).unsqueeze(1)  # [G, 1, L]
-    if num_targets is not None:
-        cand = pos.view(1, L) >= (lengths - num_targets).view(G, 1)  # [G, L]
-        cross = cand.unsqueeze(2) & cand.unsqueeze(1) & (pos.view(L, 1) != pos.view(1, L))
-        mask = mask & ~cross
-    if contextual_len > 0:  # prefix of C = min(contextual_len, n - num_targets) rows visible to every query
-        hist = lengths - num_targets if num_targets is not None else lengths
-        C = hist.clamp(min=0, max=contextual_len)
-        mask = mask | (pos.view(1, 1, L) < C.view(G, 1, 1))
-    weights = mask.to(scores.dtype) * (1.0 / norm)
-    attn = F.silu(scores) * weights.unsqueeze(-3)  # [G, H, L, L]
+    attn = F.silu(scores) * g.weights.to(scores.dtype).unsqueeze(-3)  # [G, H, L, L]
     return torch.matmul(attn, v).transpose(1, 2)  # [G, L, H, dv]
 
 
@@ -170,44 +255,27 @@ def pytorch_jagged_hstu_attention(
     time_bucket_base: float = 0.301,
     num_targets: Optional[torch.Tensor] = None,
     contextual_len: int = 0,
+    plan: Optional[AttentionPlan] = None,
 ) -> torch.Tensor:
     """Jagged HSTU attention, q/k [T, H, dqk], v [T, H, dv], offsets [B+1] -> [T, H, dv] (autograd to q, k, v,
-    pos_weights, time_weights). ``max_len`` is only an upper bound here (lengths are read from offsets)."""
+    pos_weights, time_weights). ``max_len`` is only an upper bound here (lengths are read from offsets).
+    ``plan``: the batch's :class:`AttentionPlan` (built by the caller once for a stack of layers; it must come
+    from the same offsets / timestamps / masks / norm); None builds it here."""
     T, H, dv = v.shape
-    lengths_t = (offsets[1:] - offsets[:-1]).long()
-    lengths = lengths_t.tolist()
-    if T == 0 or not lengths:
+    if plan is None:
+        plan = attention_plan(
+            offsets, norm=norm, causal=causal,
+            pos_table_size=None if pos_weights is None else pos_weights.numel(),
+            time_table_size=None if time_weights is None else time_weights.numel(),
+            timestamps=timestamps, query_timestamps=query_timestamps, time_bucket_base=time_bucket_base,
+            num_targets=num_targets, contextual_len=contextual_len, dtype=q.dtype, num_tokens=T)
+    if plan is None:
         return v.new_zeros(T, H, dv) + 0.0 * (q.sum() + k.sum() + v.sum())
-    zero = lambda x: torch.cat([x, x.new_zeros((1,) + x.shape[1:])])  # noqa: E731  append padding row T
-    ts_ext = t_next_ext = None
-    if time_weights is not None:
-        if timestamps is None:
-            raise ValueError("time_weights given without timestamps")
-        ts_ext = zero(timestamps.long())
-        t_next_ext = zero(next_timestamps(timestamps, offsets, query_timestamps))
-    starts = offsets[:-1].long()
-    plan = []  # (L, member index, lengths, rows [G, L], valid [G, L])
-    for L, members in length_groups(lengths):
-        idx = torch.tensor(members, device=offsets.device)
-        lens = lengths_t[idx]
-        pos = torch.arange(L, device=offsets.device)
-        valid = pos.view(1, L) < lens.view(-1, 1)  # [G, L]
-        rows = torch.where(valid, starts[idx].view(-1, 1) + pos.view(1, L), torch.full_like(valid, T, dtype=torch.long))
-        plan.append((L, idx, lens, rows, valid))
-    # One permutation jagged -> grouped-padded for q, k, v (and back for the output).
-    all_rows = torch.cat([rows.reshape(-1) for _, _, _, rows, _ in plan])
-    inverse = torch.empty(T, dtype=torch.long, device=offsets.device)
-    real = all_rows < T
-    inverse[all_rows[real]] = torch.arange(all_rows.numel(), device=offsets.device)[real]
-    qa, ka, va = (_GatherRows.apply(x, all_rows, inverse) for x in (q, k, v))
-    sizes = [rows.numel() for _, _, _, rows, _ in plan]  # split (not slicing): its backward is one cat
+    if plan.T != T or plan.pos_table_size != (None if pos_weights is None else pos_weights.numel()) or \
+            plan.time_table_size != (None if time_weights is None else time_weights.numel()):
+        raise ValueError("attention plan does not match the inputs (tokens or rab tables differ)")
+    qa, ka, va = (_GatherRows.apply(x, plan.all_rows, plan.inverse) for x in (q, k, v))
     outs: List[torch.Tensor] = []
-    for (L, idx, lens, rows, valid), qg, kg, vg in zip(plan, qa.split(sizes), ka.split(sizes), va.split(sizes)):
-        out = _group_attention(
-            qg, kg, vg, rows, lens, L,
-            alpha=alpha, norm=norm, causal=causal, pos_weights=pos_weights, time_weights=time_weights,
-            ts_ext=ts_ext, t_next_ext=t_next_ext, time_bucket_base=time_bucket_base,
-            num_targets=None if num_targets is None else num_targets.long()[idx], contextual_len=contextual_len,
-        )
-        outs.append(out.reshape(-1, H, dv))
-    return _ScatterRows.apply(torch.cat(outs), all_rows, inverse)
+    for g, qg, kg, vg in zip(plan.groups, qa.split(plan.sizes), ka.split(plan.sizes), va.split(plan.sizes)):
+        outs.append(_group_attention(qg, kg, vg, g, alpha, pos_weights, time_weights).reshape(-1, H, dv))
+    return _ScatterRows.apply(torch.cat(outs), plan.all_rows, plan.inverse)
