@@ -243,31 +243,37 @@ def export_model(model, config: Dict[str, Any], out: str, *, embedding_dtype: st
 
 def export_run(run_dir: str, out: str, *, embedding_dtype: str = "fp32", checkpoint: Optional[str] = None,
                overwrite: bool = False, overrides: Sequence[str] = ()) -> Dict[str, Any]:
-    """RUN_DIR (config.yaml + best.pt or a DCP checkpoint) -> artifact at ``out``; returns the manifest."""
-    from hstu.modules.model import build_model
-    from hstu.trainer.config import ConfigError, load_config, to_dict
+    """RUN_DIR (config.yaml + best.pt or a DCP checkpoint) -> artifact at ``out``; returns the manifest. The
+    run's task spec (trainer/tasks/) writes it: :func:`export_retrieval_state` | export_ranking.py."""
+    from hstu.trainer.config import ConfigError, load_config
+    from hstu.trainer.tasks import get_task
 
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(cfg_path):
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(cfg_path, overrides)
-    task = getattr(cfg, "task", "retrieval")
-    if task not in ("retrieval", "ranking"):
-        raise ConfigError(f"{cfg_path}: task {task!r}: hstu export supports retrieval | ranking runs")
+    task = get_task(cfg)
     if cfg.model.arch != "hstu":
         raise ConfigError(f"{cfg_path}: model.arch {cfg.model.arch!r}: hstu export supports hstu only (sasrec and "
                           "dlrm have no cached serving path)")
     cfg.ops.backend = "pytorch"  # the exported programs use plain torch ops; never needs Triton
-    from hstu.trainer.plain_weights import check_fits, read_plain_state
+    from hstu.trainer.plain_weights import read_plain_state
 
     ckpt, state = read_plain_state(resolve_checkpoint(run_dir, checkpoint, cfg.checkpoint.dir or None),
                                    "hstu export", verify=False)
     source = {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(ckpt), "config": cfg_path}
-    if task == "ranking":
-        from hstu.serving.export_ranking import export_ranking_state
+    return task.export(state, ckpt, out, embedding_dtype=embedding_dtype, overwrite=overwrite, source=source)
 
-        return export_ranking_state(cfg, state, out, embedding_dtype=embedding_dtype, overwrite=overwrite,
-                                    source=source)
+
+def export_retrieval_state(cfg, state: Dict[str, torch.Tensor], ckpt: str, out: str, *,
+                           embedding_dtype: str = "fp32", overwrite: bool = False,
+                           source: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """A retrieval run's plain weights ``state`` (read from ``ckpt``) -> artifact at ``out``; returns the
+    manifest (the retrieval task's export hook, trainer/tasks/retrieval.py)."""
+    from hstu.modules.model import build_model
+    from hstu.trainer.config import ConfigError, to_dict
+    from hstu.trainer.plain_weights import check_fits
+
     if ITEM_KEY not in state:
         raise ConfigError(f"{ckpt}: no {ITEM_KEY} (not a RetrievalModel checkpoint?)")
     model = build_model(cfg, int(state[ITEM_KEY].shape[0]) - 1)

@@ -1,7 +1,8 @@
-"""The one train loop: ``train(cfg) -> TrainResult``; what it trains is the run's task (``cfg.task``, trainer/tasks.py):
-retrieval (sampled softmax, full-ranking eval; the functions below) or ranking (docs/ranking.md).
+"""The one train loop: ``train(cfg) -> TrainResult``; what it trains is the run's task (``cfg.task``): a task spec
+from trainer/tasks/ (retrieval: sampled softmax, full-ranking eval; ranking: docs/ranking.md) supplies the data,
+model, batch preparation, loss, evaluation, baseline and the sharded tables — nothing here depends on the task.
 
-Per run: seed → data (load_sequences / build_loaders) → model (build_model) → AdamW (+ linear warmup) →
+Per run: seed → data (``task.build_data``) → model (``task.build_model``) → AdamW (+ linear warmup) →
 epochs of ``train_one_epoch`` (optional Stochastic Length) with ``run_evaluation`` every
 ``train.eval_every_epochs`` epochs and after the last one. Each evaluation scores every split the task has
 (retrieval: validation = second-to-last item, test = last item; ranking: test only); the best epoch is the one
@@ -34,16 +35,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hstu.modules.losses import next_item_labels, sampled_softmax_loss
 from hstu.trainer import checkpoint as ckpt
 from hstu.trainer import distributed as hd
 from hstu.trainer import run_dir as rd
 from hstu.trainer.config import ConfigError, RunConfig, save_config, to_dict
 from hstu.trainer.config_checks import check_resources
-from hstu.trainer.evaluate import evaluate, evaluate_popularity, popularity_counts
 from hstu.trainer.metrics_log import MetricsLogger, setup_logging
 from hstu.trainer.pipeline import BatchStream, PreparedBatch, prepare_batch, restore_position
-from hstu.trainer.tasks import make_task
+from hstu.trainer.tasks import get_task
 
 log = logging.getLogger("hstu")
 
@@ -90,7 +89,7 @@ class TrainContext:
     sl_generator: torch.Generator  # Stochastic Length
     env: hd.DistEnv = field(default_factory=hd.DistEnv)  # rank / world / device / sharded
     item_embeddings: Any = None  # the CollectionItemEmbeddings of a sharded model (prefetch), else None
-    task: Any = None  # the run's task (trainer/tasks.py): loss, evaluation, metric names
+    task: Any = None  # the run's TaskSpec (trainer/tasks/): batch preparation, loss, evaluation, metric names
     valid_loader: Any = None  # the validation split (retrieval), None when the task has none
 
 
@@ -131,13 +130,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def metric_names(eval_cfg) -> list:
-    return [f"hr@{k}" for k in eval_cfg.ks] + [f"ndcg@{k}" for k in eval_cfg.ndcg_ks] + ["mrr"]
-
-
 def check_train_config(cfg: RunConfig) -> None:
     """Checks that need more than config.validate: the selection metric must be one evaluation produces."""
-    task = make_task(cfg)
+    task = get_task(cfg)
     task.check_config()
     names = task.metric_names()
     if cfg.eval.selection_metric not in names:
@@ -175,25 +170,6 @@ def _autocast(cfg: RunConfig, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------------- training
-
-
-def compute_loss(model: torch.nn.Module, batch: Any, ctx: TrainContext) -> torch.Tensor:
-    """Sampled-softmax next-item loss of one batch on the device: a JaggedBatch, or a PreparedBatch (whose
-    ``lookup_ids`` on the sharded path make ONE call of the (DMP) model do both item lookups)."""
-    lc = ctx.cfg.loss
-    p = batch if isinstance(batch, PreparedBatch) else PreparedBatch(batch, int(batch.item_ids.numel()))
-    if p.lookup_ids is None:
-        seq_emb = model.encode(p.batch)  # [T, D]
-        labels, valid = next_item_labels(p.batch.item_ids, p.batch.offsets)
-        return sampled_softmax_loss(seq_emb, labels, valid, model.item_vectors, ctx.num_items, lc.num_negatives,
-                                    lc.temperature, ctx.neg_generator)
-    seq_emb, vecs = model(p.batch, p.lookup_ids, p.input_index)  # [T, D], [U, D]
-    if vecs.shape[0] == ctx.num_items + 1:  # lookup_ids = 0..N
-        item_vectors = vecs.__getitem__
-    else:
-        item_vectors = lambda ids: vecs[torch.searchsorted(p.lookup_ids, ids)]  # noqa: E731
-    return sampled_softmax_loss(seq_emb, p.labels, p.valid, item_vectors, ctx.num_items, lc.num_negatives,
-                                lc.temperature, negatives=p.negatives)
 
 
 def _non_finite(state: TrainState, ctx: TrainContext, loss: float) -> NonFiniteLossError:
@@ -369,37 +345,6 @@ def resolve_run_dir(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, run_dir=rd.default_run_dir(f"{cfg.data.name}-{cfg.model.arch}"))
 
 
-def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1, with_validation: bool = False):
-    """(seqs, train_loader, test_loader) — or (seqs, train_loader, valid_loader, test_loader) with
-    ``with_validation`` — from the data package (progress bars follow train.progress); the train sequences end
-    before each user's validation item either way; the loaders read this rank's slice of every global batch."""
-    from hstu.trainer.data import build_loaders, load_sequences
-
-    seqs = load_sequences(cfg.data, progress=cfg.train.progress and rank == 0)
-    train_loader, valid_loader, test_loader = build_loaders(cfg.data, seqs, rank, world_size)
-    if with_validation:
-        return seqs, train_loader, valid_loader, test_loader
-    return seqs, train_loader, test_loader
-
-
-def build_model_for(cfg: RunConfig, num_items: int, device: torch.device) -> torch.nn.Module:
-    from hstu.modules.model import build_model
-
-    return build_model(cfg, num_items).to(device)
-
-
-def _popularity_baseline(cfg: RunConfig, seqs, eval_loader, metrics: MetricsLogger,
-                         env: hd.DistEnv) -> Dict[str, float]:
-    if not cfg.eval.popularity_baseline:
-        return {}
-    counts = popularity_counts(torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets), seqs.num_items)
-    base = evaluate_popularity(counts, eval_loader, cfg.eval, reduce=env.all_reduce_sum if env.world_size > 1
-                               else None)
-    metrics.log("baseline", 0, epoch=0, name="most_popular", **base)
-    log.info("most-popular baseline: %s", ", ".join(f"{k} {base[k]:.4f}" for k in metric_names(cfg.eval)))
-    return base
-
-
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -502,7 +447,7 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
     device = env.device
-    task = make_task(cfg)
+    task = get_task(cfg)
     data = task.build_data(env)
     if cfg.eval.select_on not in task.eval_splits():
         log.warning("eval.select_on=%s: task=%s has no %s split here; the best epoch is selected on the test split",
@@ -532,7 +477,7 @@ def _run(cfg: RunConfig, env: hd.DistEnv, data: Any, model: torch.nn.Module, tas
     """The run after its directory is prepared: sharding, optimizers, resume, the epoch loop, results.json."""
     sparse_optimizer = sparse_scheduler = None
     if env.sharded:
-        model, sparse_optimizer = hd.shard_model(model, cfg, env)
+        model, sparse_optimizer = hd.shard_model(model, cfg, env, task)
         sparse_scheduler = warmup_schedule(sparse_optimizer, cfg.optim)
         if env.world_size > 1:
             torch.manual_seed(hd.rank_seed(cfg.train.seed, env))  # rank-local dropout masks
