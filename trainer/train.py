@@ -38,10 +38,11 @@ from tqdm import tqdm
 from hstu.trainer import checkpoint as ckpt
 from hstu.trainer import distributed as hd
 from hstu.trainer import run_dir as rd
-from hstu.trainer.config import ConfigError, RunConfig, save_config, to_dict
+from hstu.trainer.config import ConfigError, RunConfig, to_dict
 from hstu.trainer.config_checks import check_resources
-from hstu.trainer.metrics_log import MetricsLogger, setup_logging
+from hstu.trainer.metrics_log import MetricsLogger
 from hstu.trainer.pipeline import BatchStream, PreparedBatch, prepare_batch, restore_position
+from hstu.trainer.run_lifecycle import EarlyLog, commit, resume_point, start
 from hstu.trainer.tasks import get_task
 
 log = logging.getLogger("hstu")
@@ -88,7 +89,7 @@ class TrainContext:
     neg_generator: torch.Generator  # negatives for the sampled softmax
     sl_generator: torch.Generator  # Stochastic Length
     env: hd.DistEnv = field(default_factory=hd.DistEnv)  # rank / world / device / sharded
-    item_embeddings: Any = None  # the CollectionItemEmbeddings of a sharded model (prefetch), else None
+    item_embeddings: Any = None  # sharded path: the task's table prefetcher (task.prefetcher), else None
     task: Any = None  # the run's TaskSpec (trainer/tasks/): batch preparation, loss, evaluation, metric names
     valid_loader: Any = None  # the validation split (retrieval), None when the task has none
 
@@ -224,7 +225,7 @@ def save_checkpoint(state: TrainState, ctx: TrainContext, position: Any) -> None
     cfg = ctx.cfg
     t0 = time.perf_counter()
     path = ckpt.save(ckpt.checkpoint_dir(cfg), state, ctx.env, _meta(state), position, cfg.checkpoint.keep_last)
-    _commit(cfg, ctx.env)
+    commit(cfg, ctx.env)
     state.save_pending = False
     ctx.metrics.log("checkpoint", state.step, epoch=state.epoch, path=path, seconds=time.perf_counter() - t0)
 
@@ -325,7 +326,7 @@ def run_evaluation(state: TrainState, ctx: TrainContext) -> Dict[str, float]:
                 rd.save_tensors(tensors, best)
         else:
             rd.save_state_dict(state.model, best)
-        _commit(cfg, env)
+        commit(cfg, env)
     state.final_metrics, state.final_validation, state.final_epoch = dict(metrics), dict(validation), state.epoch
     for split, m in by_split.items():
         ctx.metrics.log(SPLIT_LOG_KIND[split], state.step, epoch=state.epoch, **m, split=split, is_best=is_best,
@@ -338,94 +339,8 @@ def run_evaluation(state: TrainState, ctx: TrainContext) -> Dict[str, float]:
 # ---------------------------------------------------------------------------------------------------- assembly
 
 
-def resolve_run_dir(cfg: RunConfig) -> RunConfig:
-    """Copy of cfg whose run_dir is set (default runs/<data.name>-<arch>-<timestamp>)."""
-    if cfg.run_dir:
-        return cfg
-    return dataclasses.replace(cfg, run_dir=rd.default_run_dir(f"{cfg.data.name}-{cfg.model.arch}"))
-
-
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
-
-
-class _EarlyLog:
-    """Console logging before the run directory exists; ``replay()`` writes the records it buffered into the
-    train.log that ``_start`` opened (the console already showed them)."""
-
-    class _Collect(logging.Handler):
-        def __init__(self) -> None:
-            super().__init__()
-            self.records = []  # kept when setup_logging closes this handler
-
-        def emit(self, record: logging.LogRecord) -> None:
-            self.records.append(record)
-
-    def __init__(self, env: hd.DistEnv) -> None:
-        setup_logging(None, level=logging.INFO if env.is_main else logging.WARNING)
-        self.collect = self._Collect()
-        log.addHandler(self.collect)
-
-    def replay(self) -> None:
-        for h in (h for h in log.handlers if isinstance(h, logging.FileHandler)):
-            for record in self.collect.records:
-                h.handle(record)
-
-
-def _resume_point(cfg: RunConfig, env: hd.DistEnv):
-    """Rank 0's run_dir for all ranks and its resume decision. Returns (cfg, checkpoint path to resume from or
-    None, the Resolution behind it). Reads only, except that a previous-run swap a kill interrupted is finished
-    first (run_dir.recover). The checkpoint is the newest that verifies (trainer/integrity.py), found by
-    scanning; when checkpoints exist but none verifies, every rank raises the same one-line CheckpointError."""
-    cfg = dataclasses.replace(cfg, run_dir=env.broadcast_object(resolve_run_dir(cfg).run_dir))
-    found: Any = None
-    if env.is_main:
-        ckpt_dir = ckpt.checkpoint_dir(cfg)
-        if os.path.isdir(cfg.run_dir):
-            done = rd.recover(cfg.run_dir, ckpt_dir)
-            if done:
-                log.warning("run_dir %s: an interrupted replacement of a previous run was %s", cfg.run_dir,
-                            "completed" if done == "committed" else "undone (the previous run is back)")
-        if cfg.train.resume:
-            try:
-                found = ckpt.resolve_resume(ckpt_dir)
-            except ckpt.CheckpointError as e:
-                found = e
-    found = env.broadcast_object(found)
-    if isinstance(found, Exception):
-        raise ckpt.CheckpointError(f"{found} — nothing was deleted; repair them, or start over with "
-                                   "train.resume=false (the old run is kept until the new one has a checkpoint)")
-    if found is not None and env.is_main:
-        found.warn()
-    return cfg, (found.path if found is not None else None), found
-
-
-def _start(cfg: RunConfig, env: hd.DistEnv, resume_from: Optional[str], found: Any = None) -> None:
-    """run_dir / checkpoint dir preparation (rank 0), config.yaml, train.log. A fresh run moves a previous
-    run's files aside (run_dir.stash_previous); they are deleted once this run has a checkpoint or result."""
-    ckpt_dir = ckpt.checkpoint_dir(cfg)
-    moved, damaged = [], []
-    if env.is_main:
-        moved = rd.prepare_run_dir(cfg.run_dir, keep=resume_from is not None, ckpt_dir=ckpt_dir)
-        ckpt.clean_dir(ckpt_dir)
-        if resume_from:  # what the resumed run logs again is dropped
-            if found is not None and found.skipped:
-                damaged = ckpt.set_aside(ckpt_dir, found.skipped)
-            ckpt.rewind_metrics(os.path.join(cfg.run_dir, rd.METRICS_FILE), ckpt.checkpoint_step(resume_from))
-        save_config(cfg, os.path.join(cfg.run_dir, rd.CONFIG_FILE))
-    env.barrier()
-    setup_logging(cfg.run_dir if env.is_main else None, level=logging.INFO if env.is_main else logging.WARNING)
-    if moved:
-        log.warning("run_dir %s held a previous run: its %s moved to %s until this run has a checkpoint or result",
-                    cfg.run_dir, ", ".join(moved), rd.PREVIOUS)
-    for path in damaged:
-        log.warning("unusable checkpoint kept as %s (not resumed from, never pruned)", path)
-
-
-def _commit(cfg: RunConfig, env: hd.DistEnv) -> None:
-    """Rank 0, once this run has its own checkpoint or result: drop a stashed previous run."""
-    if env.is_main and rd.commit_run(cfg.run_dir, ckpt.checkpoint_dir(cfg)):
-        log.info("previous run's files in %s removed (this run has a checkpoint or result now)", cfg.run_dir)
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -441,8 +356,8 @@ def train(cfg: RunConfig) -> TrainResult:
 def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
     # data, model and init weights first: bad input fails here, before the run directory is created or a
     # previous run's files in it are replaced; what they log is kept and written to train.log once it exists
-    early = _EarlyLog(env)
-    cfg, resume_from, found = _resume_point(cfg, env)
+    early = EarlyLog(env)
+    cfg, resume_from, found = resume_point(cfg, env)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
@@ -462,7 +377,7 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
     elif cfg.train.init_from:
         log.info("train.init_from ignored: resuming from %s", resume_from)
     try:
-        _start(cfg, env, resume_from, found)
+        start(cfg, env, resume_from, found)
         early.replay()
         return _run(cfg, env, data, model, task, device, resume_from)
     except BaseException:
@@ -490,9 +405,7 @@ def _run(cfg: RunConfig, env: hd.DistEnv, data: Any, model: torch.nn.Module, tas
                        torch.Generator().manual_seed(hd.rank_seed(cfg.train.seed + 2, env)), env, task=task,
                        valid_loader=getattr(data, "valid_loader", None))
     if env.sharded:
-        from hstu.trainer.parallel.item_embeddings import find_item_embeddings
-
-        ctx.item_embeddings = find_item_embeddings(model)
+        ctx.item_embeddings = task.prefetcher(model)
     state = TrainState(model, optimizer, scheduler, sparse_optimizer, sparse_scheduler)
     if resume_from:
         resume(state, ctx, resume_from)
@@ -519,7 +432,7 @@ def _run(cfg: RunConfig, env: hd.DistEnv, data: Any, model: torch.nn.Module, tas
         metrics.log("best", state.step, epoch=state.best_epoch, select_on=result.select_on, **state.best_metrics)
     if env.is_main:
         rd.write_json({**result.to_dict(), "config": to_dict(cfg)}, os.path.join(cfg.run_dir, rd.RESULTS_FILE))
-        _commit(cfg, env)
+        commit(cfg, env)
     log.info("done: epoch %d selected on %s %s; test %s %.4f there, %.4f at the final epoch %d; results in %s",
              state.best_epoch, result.select_on, cfg.eval.selection_metric, cfg.eval.selection_metric,
              state.best_metrics.get(cfg.eval.selection_metric, float("nan")),

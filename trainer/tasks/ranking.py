@@ -147,6 +147,10 @@ class RankingTask:
 
         model.tables = CollectionRankingTables(model.tables, weight_dtype)
 
+    def prefetcher(self, model: torch.nn.Module) -> Any:
+        """None: no input-dist prefetch for the ranking tables (``sharding.pipeline=prefetch`` is rejected)."""
+        return None
+
     def prepare_batch(self, prepared: Any, ctx: Any) -> Any:
         """Nothing to add: the model does its one table lookup itself (sharded or not)."""
         return prepared

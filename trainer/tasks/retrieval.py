@@ -138,6 +138,13 @@ class RetrievalTask:
 
         model.item_embeddings = CollectionItemEmbeddings(model.item_embeddings, weight_dtype)
 
+    def prefetcher(self, model: torch.nn.Module) -> Any:
+        """The sharded model's CollectionItemEmbeddings: ``prefetch(lookup_ids)`` starts the input all-to-all of
+        the next batch (``sharding.pipeline=prefetch``, trainer/pipeline.py)."""
+        from hstu.trainer.parallel.item_embeddings import find_item_embeddings
+
+        return find_item_embeddings(model)
+
     def prepare_batch(self, prepared: PreparedBatch, ctx: Any) -> PreparedBatch:
         """Plain path: as is (the loss draws its negatives itself); sharded: :func:`prepare_sharded_batch`."""
         return prepare_sharded_batch(prepared, ctx) if ctx.env.sharded else prepared
