@@ -114,6 +114,30 @@ def test_state_at_epoch_end_and_mismatch(train_view):
         other.load_state_dict(loader.state_dict())
 
 
+def test_sequence_and_ranking_loaders_share_one_resumable_plan(train_view):
+    """Both loaders plan through ResumableBatchPlan: the same users and seed give the same batches (the seeded
+    permutation cut into batch_size pieces, an independent reference) and the same position bookkeeping."""
+    from hstu.trainer.data.ranking_batch import RankingLoader
+
+    seq = SequenceLoader(train_view, 8, shuffle=True, seed=3)
+    none = np.zeros(seq.rows.size, dtype=np.int64)
+    rank = RankingLoader(None, seq.rows, none, none, none, 8, predict="history", shuffle=True, seed=3)
+    for epoch in (0, 2):
+        order = seq.rows[np.random.default_rng(3 + epoch).permutation(seq.rows.size)]
+        expected = [order[i : i + 8].tolist() for i in range(0, order.size, 8)]
+        assert [b.tolist() for b in seq.plan(epoch)] == expected
+        assert [seq.rows[b].tolist() for b in rank.plan(epoch)] == expected
+    for loader in (seq, rank):
+        loader.load_state_dict({"epoch": 1, "batches_consumed": len(loader)})  # a finished epoch 1 ...
+        assert loader.state_dict()["epoch"] == 2 and loader.state_dict()["batches_consumed"] == 0  # ... is 2
+        loader.set_epoch(2)
+        loader.load_state_dict({"epoch": 2, "batches_consumed": 3})
+        loader.set_epoch(2)  # already inside epoch 2: keeps the position
+        assert loader.state_dict()["batches_consumed"] == 3
+        with pytest.raises(DataError, match="seed=4"):
+            loader.load_state_dict({"epoch": 0, "batches_consumed": 0, "seed": 4})
+
+
 def test_build_loaders_train_and_eval(tmp_path):
     syn = SyntheticConfig(num_users=20, num_items=40, num_interests=4, min_seq_len=3, max_seq_len=10)
     seqs = generate(syn)
