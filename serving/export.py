@@ -12,8 +12,8 @@ Artifact directory (written into a hidden temp dir next to OUT, then renamed; fo
 
 The dense programs are exported for ONE user with dynamic sizes (new rows M >= 1, cached rows N >= 0) from plain
 torch ops (``HSTUEncoder.forward_cached``: dense single-sequence attention, no jagged op, no custom op), so they
-load and run with torch alone. Checkpoints come through :func:`iter_full_tensors`, the hook for sharded (DCP)
-checkpoints: it yields full unsharded tensors whatever wrote them.
+load and run with torch alone. Checkpoints are read through trainer/plain_weights.py (``read_plain_state``): full
+unsharded tensors of best.pt or a DCP checkpoint, whatever world size and sharding wrote them.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import logging
 import os
 import shutil
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
 from hstu.serving.mfalcon import DenseStep
 from hstu.serving.retrieval import EMBEDDING_DTYPES, ItemTable, brute_force_topk
-from hstu.trainer.plain_weights import ITEM_KEY, iter_plain_tensors
+from hstu.trainer.plain_weights import ITEM_KEY
 
 FORMAT, FORMAT_VERSION = "hstu-serving", 2  # 2: manifest.task (retrieval | ranking); 1 = retrieval
 MANIFEST, CONFIG_YAML, CONFIG_JSON = "manifest.json", "config.yaml", "config.json"
@@ -44,12 +44,6 @@ RECORD_TOPK = 10
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def iter_full_tensors(source: str) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(name, full tensor) of every model tensor in ``source`` (best.pt or a DCP checkpoint directory of any
-    world size/sharding), named as the plain model's state_dict: trainer/plain_weights.py."""
-    return iter_plain_tensors(source)
-
-
 def resolve_checkpoint(run_dir: str, checkpoint: Optional[str] = None, ckpt_dir: Optional[str] = None) -> str:
     """checkpoint: None (RUN_DIR/best.pt, else the latest DCP checkpoint), "best" (RUN_DIR/best.pt), "latest"
     (the newest checkpoint in ``ckpt_dir`` — the run's checkpoint.dir, default RUN_DIR/checkpoints — that

@@ -1,4 +1,4 @@
-"""JaggedBatch layout, collate, KJT conversion, loader determinism and exact resume (in-process and 1 worker)."""
+"""JaggedBatch layout, KJT conversion, loader determinism and exact resume (in-process and 1 worker)."""
 
 import dataclasses
 
@@ -8,7 +8,7 @@ import torch
 
 from hstu.trainer.config import DataConfig, SyntheticConfig
 from hstu.trainer.data import build_loaders
-from hstu.trainer.data.batch import JaggedBatch, batch_from_sequences, collate
+from hstu.trainer.data.batch import JaggedBatch, batch_from_sequences
 from hstu.trainer.data.errors import DataError
 from hstu.trainer.data.loader import SequenceLoader
 from hstu.trainer.data.sequences import build_user_sequences, leave_one_out
@@ -36,18 +36,6 @@ def test_batch_layout_offsets_and_labels():
 
     assert next_item_labels(b.item_ids, b.offsets)[0].tolist() == [2, 3, 4, 0, 6, 7, 0]
     assert b.batch_size == 2 and b.num_events == 7
-
-
-def test_collate_matches_vectorised_gather():
-    s = _seqs()
-    rows = [1, 2]
-    examples = [dict(user_id=int(s.user_ids[r]), item_ids=s.user(r),
-                     timestamps=s.timestamps[s.offsets[r]:s.offsets[r + 1]],
-                     ratings=s.ratings[s.offsets[r]:s.offsets[r + 1]]) for r in rows]
-    a, b = collate(examples), batch_from_sequences(s, np.array(rows))
-    for f in dataclasses.fields(JaggedBatch):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        assert (x is None and y is None) or (torch.equal(x, y) if torch.is_tensor(x) else x == y), f.name
 
 
 def test_to_device_and_kjt():

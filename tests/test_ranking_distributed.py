@@ -257,11 +257,12 @@ def test_cli_two_process_sharded_run_best_pt_reproduces_with_hstu_eval(tmp_path)
     # the sharded DCP checkpoint of the best epoch reads back (one process, no group) as exactly best.pt, and
     # `hstu export --checkpoint <it>` / `--checkpoint latest` build artifacts from the sharded checkpoints
     import hstu.serving
-    from hstu.serving.export import iter_full_tensors, resolve_checkpoint
+    from hstu.serving.export import resolve_checkpoint
     from hstu.trainer.cli import main
+    from hstu.trainer.plain_weights import iter_plain_tensors
 
     best_ckpt = os.path.join(run_dir, "checkpoints", f"step_{5 * result['best_epoch']:08d}")
-    from_dcp = dict(iter_full_tensors(best_ckpt))
+    from_dcp = dict(iter_plain_tensors(best_ckpt))
     assert from_dcp.keys() == state.keys()
     for k, v in state.items():
         torch.testing.assert_close(from_dcp[k].float(), v.float(), rtol=0, atol=0, msg=k)
