@@ -82,15 +82,8 @@ def jagged_hstu_attention(
     )
     backend = resolve_backend(backend)
     if backend == Backend.TRITON:
-        try:
-            from hstu.ops.triton.hstu_attention import triton_jagged_hstu_attention
-        except ModuleNotFoundError as e:
-            if e.name is not None and e.name.startswith("hstu.ops.triton"):
-                raise NotImplementedError(
-                    "jagged_hstu_attention: backend 'triton' is not implemented yet "
-                    "(module hstu.ops.triton.hstu_attention not found); use ops.backend=pytorch"
-                ) from e
-            raise
+        from hstu.ops.triton.hstu_attention import triton_jagged_hstu_attention
+
         return triton_jagged_hstu_attention(q, k, v, offsets, max_len, **kwargs)
     from hstu.ops.pytorch.hstu_attention import pytorch_jagged_hstu_attention
 

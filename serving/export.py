@@ -12,8 +12,8 @@ Artifact directory (written into a hidden temp dir next to OUT, then renamed; fo
 
 The dense programs are exported for ONE user with dynamic sizes (new rows M >= 1, cached rows N >= 0) from plain
 torch ops (``HSTUEncoder.forward_cached``: dense single-sequence attention, no jagged op, no custom op), so they
-load and run with torch alone. Checkpoints come through :func:`iter_full_tensors`, the hook for sharded (DCP)
-checkpoints: it yields full unsharded tensors whatever wrote them.
+load and run with torch alone. Checkpoints are read through trainer/plain_weights.py (``read_plain_state``): full
+unsharded tensors of best.pt or a DCP checkpoint, whatever world size and sharding wrote them.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import logging
 import os
 import shutil
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
 from hstu.serving.mfalcon import DenseStep
 from hstu.serving.retrieval import EMBEDDING_DTYPES, ItemTable, brute_force_topk
-from hstu.trainer.plain_weights import ITEM_KEY, iter_plain_tensors
+from hstu.trainer.plain_weights import ITEM_KEY
 
 FORMAT, FORMAT_VERSION = "hstu-serving", 2  # 2: manifest.task (retrieval | ranking); 1 = retrieval
 MANIFEST, CONFIG_YAML, CONFIG_JSON = "manifest.json", "config.yaml", "config.json"
@@ -44,12 +44,6 @@ RECORD_TOPK = 10
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def iter_full_tensors(source: str) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(name, full tensor) of every model tensor in ``source`` (best.pt or a DCP checkpoint directory of any
-    world size/sharding), named as the plain model's state_dict: trainer/plain_weights.py."""
-    return iter_plain_tensors(source)
-
-
 def resolve_checkpoint(run_dir: str, checkpoint: Optional[str] = None, ckpt_dir: Optional[str] = None) -> str:
     """checkpoint: None (RUN_DIR/best.pt, else the latest DCP checkpoint), "best" (RUN_DIR/best.pt), "latest"
     (the newest checkpoint in ``ckpt_dir`` — the run's checkpoint.dir, default RUN_DIR/checkpoints — that
@@ -243,31 +237,37 @@ def export_model(model, config: Dict[str, Any], out: str, *, embedding_dtype: st
 
 def export_run(run_dir: str, out: str, *, embedding_dtype: str = "fp32", checkpoint: Optional[str] = None,
                overwrite: bool = False, overrides: Sequence[str] = ()) -> Dict[str, Any]:
-    """RUN_DIR (config.yaml + best.pt or a DCP checkpoint) -> artifact at ``out``; returns the manifest."""
-    from hstu.modules.model import build_model
-    from hstu.trainer.config import ConfigError, load_config, to_dict
+    """RUN_DIR (config.yaml + best.pt or a DCP checkpoint) -> artifact at ``out``; returns the manifest. The
+    run's task spec (trainer/tasks/) writes it: :func:`export_retrieval_state` | export_ranking.py."""
+    from hstu.trainer.config import ConfigError, load_config
+    from hstu.trainer.tasks import get_task
 
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(cfg_path):
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(cfg_path, overrides)
-    task = getattr(cfg, "task", "retrieval")
-    if task not in ("retrieval", "ranking"):
-        raise ConfigError(f"{cfg_path}: task {task!r}: hstu export supports retrieval | ranking runs")
+    task = get_task(cfg)
     if cfg.model.arch != "hstu":
         raise ConfigError(f"{cfg_path}: model.arch {cfg.model.arch!r}: hstu export supports hstu only (sasrec and "
                           "dlrm have no cached serving path)")
     cfg.ops.backend = "pytorch"  # the exported programs use plain torch ops; never needs Triton
-    from hstu.trainer.plain_weights import check_fits, read_plain_state
+    from hstu.trainer.plain_weights import read_plain_state
 
     ckpt, state = read_plain_state(resolve_checkpoint(run_dir, checkpoint, cfg.checkpoint.dir or None),
                                    "hstu export", verify=False)
     source = {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(ckpt), "config": cfg_path}
-    if task == "ranking":
-        from hstu.serving.export_ranking import export_ranking_state
+    return task.export(state, ckpt, out, embedding_dtype=embedding_dtype, overwrite=overwrite, source=source)
 
-        return export_ranking_state(cfg, state, out, embedding_dtype=embedding_dtype, overwrite=overwrite,
-                                    source=source)
+
+def export_retrieval_state(cfg, state: Dict[str, torch.Tensor], ckpt: str, out: str, *,
+                           embedding_dtype: str = "fp32", overwrite: bool = False,
+                           source: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """A retrieval run's plain weights ``state`` (read from ``ckpt``) -> artifact at ``out``; returns the
+    manifest (the retrieval task's export hook, trainer/tasks/retrieval.py)."""
+    from hstu.modules.model import build_model
+    from hstu.trainer.config import ConfigError, to_dict
+    from hstu.trainer.plain_weights import check_fits
+
     if ITEM_KEY not in state:
         raise ConfigError(f"{ckpt}: no {ITEM_KEY} (not a RetrievalModel checkpoint?)")
     model = build_model(cfg, int(state[ITEM_KEY].shape[0]) - 1)

@@ -44,7 +44,7 @@ def ranking_spec_from_state(cfg, state: Dict[str, torch.Tensor]):
     shapes, task names and options from the config (no data loading)."""
     from hstu.modules.ranking import RankingSpec
     from hstu.trainer.config import ConfigError
-    from hstu.trainer.tasks import RANKING_DATASETS
+    from hstu.trainer.config_checks import RANKING_DATASETS
 
     def rows(key: str) -> int:
         if key not in state:

@@ -109,12 +109,13 @@ def test_prepare_synthetic_summary(capsys, tmp_path):
 
 
 def test_nan_loss_exits_1_with_message(capsys, tmp_path, monkeypatch):
-    import hstu.trainer.train as train_mod
+    from hstu.trainer import tasks
 
-    def nan_loss(model, batch, ctx):
-        return model.embed_items(batch.item_ids).sum() * float("nan")
+    class NanLossRetrieval(tasks.RetrievalTask):  # the retrieval task spec with a NaN loss
+        def compute_loss(self, model, batch, ctx):
+            return model.embed_items(batch.item_ids).sum() * float("nan")
 
-    monkeypatch.setattr(train_mod, "compute_loss", nan_loss)
+    monkeypatch.setitem(tasks.TASK_REGISTRY, "retrieval", NanLossRetrieval)
     code, _, err = run_main(capsys, "train", "--run-dir", str(tmp_path / "r"), f"data.cache_dir={tmp_path / 'c'}",
                             *TINY)
     assert code == 1 and "non-finite loss" in err and "step 1, epoch 1" in err and "Traceback" not in err

@@ -1,4 +1,4 @@
-"""JaggedBatch layout, collate, KJT conversion, loader determinism and exact resume (in-process and 1 worker)."""
+"""JaggedBatch layout, KJT conversion, loader determinism and exact resume (in-process and 1 worker)."""
 
 import dataclasses
 
@@ -8,7 +8,7 @@ import torch
 
 from hstu.trainer.config import DataConfig, SyntheticConfig
 from hstu.trainer.data import build_loaders
-from hstu.trainer.data.batch import JaggedBatch, batch_from_sequences, collate
+from hstu.trainer.data.batch import JaggedBatch, batch_from_sequences
 from hstu.trainer.data.errors import DataError
 from hstu.trainer.data.loader import SequenceLoader
 from hstu.trainer.data.sequences import build_user_sequences, leave_one_out
@@ -36,18 +36,6 @@ def test_batch_layout_offsets_and_labels():
 
     assert next_item_labels(b.item_ids, b.offsets)[0].tolist() == [2, 3, 4, 0, 6, 7, 0]
     assert b.batch_size == 2 and b.num_events == 7
-
-
-def test_collate_matches_vectorised_gather():
-    s = _seqs()
-    rows = [1, 2]
-    examples = [dict(user_id=int(s.user_ids[r]), item_ids=s.user(r),
-                     timestamps=s.timestamps[s.offsets[r]:s.offsets[r + 1]],
-                     ratings=s.ratings[s.offsets[r]:s.offsets[r + 1]]) for r in rows]
-    a, b = collate(examples), batch_from_sequences(s, np.array(rows))
-    for f in dataclasses.fields(JaggedBatch):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        assert (x is None and y is None) or (torch.equal(x, y) if torch.is_tensor(x) else x == y), f.name
 
 
 def test_to_device_and_kjt():
@@ -112,6 +100,30 @@ def test_state_at_epoch_end_and_mismatch(train_view):
     other = SequenceLoader(train_view, 16, shuffle=True, seed=3)
     with pytest.raises(DataError, match="batch_size"):
         other.load_state_dict(loader.state_dict())
+
+
+def test_sequence_and_ranking_loaders_share_one_resumable_plan(train_view):
+    """Both loaders plan through ResumableBatchPlan: the same users and seed give the same batches (the seeded
+    permutation cut into batch_size pieces, an independent reference) and the same position bookkeeping."""
+    from hstu.trainer.data.ranking_batch import RankingLoader
+
+    seq = SequenceLoader(train_view, 8, shuffle=True, seed=3)
+    none = np.zeros(seq.rows.size, dtype=np.int64)
+    rank = RankingLoader(None, seq.rows, none, none, none, 8, predict="history", shuffle=True, seed=3)
+    for epoch in (0, 2):
+        order = seq.rows[np.random.default_rng(3 + epoch).permutation(seq.rows.size)]
+        expected = [order[i : i + 8].tolist() for i in range(0, order.size, 8)]
+        assert [b.tolist() for b in seq.plan(epoch)] == expected
+        assert [seq.rows[b].tolist() for b in rank.plan(epoch)] == expected
+    for loader in (seq, rank):
+        loader.load_state_dict({"epoch": 1, "batches_consumed": len(loader)})  # a finished epoch 1 ...
+        assert loader.state_dict()["epoch"] == 2 and loader.state_dict()["batches_consumed"] == 0  # ... is 2
+        loader.set_epoch(2)
+        loader.load_state_dict({"epoch": 2, "batches_consumed": 3})
+        loader.set_epoch(2)  # already inside epoch 2: keeps the position
+        assert loader.state_dict()["batches_consumed"] == 3
+        with pytest.raises(DataError, match="seed=4"):
+            loader.load_state_dict({"epoch": 0, "batches_consumed": 0, "seed": 4})
 
 
 def test_build_loaders_train_and_eval(tmp_path):

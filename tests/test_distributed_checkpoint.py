@@ -17,7 +17,8 @@ import torch
 import hstu.trainer.checkpoint as ckpt
 from hstu.trainer.config import load_config
 from hstu.trainer.metrics_log import read_metrics
-from hstu.trainer.train import TrainState, build_data, build_model_for, build_optimizer, train
+from hstu.trainer.tasks.retrieval import build_data, build_model_for
+from hstu.trainer.train import TrainState, build_optimizer, train
 
 pytestmark = pytest.mark.timeout(240)
 

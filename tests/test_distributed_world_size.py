@@ -56,7 +56,8 @@ def _outputs_after_load(cfg: Any, path: str) -> Dict[str, Any]:
     its eval slice (with user ids) and all item vectors."""
     from hstu.trainer import checkpoint as ckpt
     from hstu.trainer import distributed as hd
-    from hstu.trainer.train import TrainState, build_data, build_model_for, build_optimizer, warmup_schedule
+    from hstu.trainer.tasks.retrieval import build_data, build_model_for
+    from hstu.trainer.train import TrainState, build_optimizer, warmup_schedule
 
     env = hd.setup(cfg)
     seqs, _, eval_loader = build_data(cfg, env.rank, env.world_size)
@@ -102,7 +103,7 @@ def _best(run_dir: str) -> Dict[str, torch.Tensor]:
 
 def _plain_outputs(run_dir: str, cache: str, user_ids: torch.Tensor) -> Dict[str, torch.Tensor]:
     """The saving run's model as a plain RetrievalModel (best.pt) on the same users."""
-    from hstu.trainer.train import build_data, build_model_for
+    from hstu.trainer.tasks.retrieval import build_data, build_model_for
 
     cfg = _cfg(run_dir, cache)
     seqs, _, eval_loader = build_data(cfg)

@@ -9,7 +9,7 @@ from hstu.trainer.data.errors import DataError
 from hstu.trainer.data.ranking import chronological_split, load_ranking_data, read_users_dat
 from hstu.trainer.data.synthetic_ranking import build_world, concat_ranking, generate_ranking, iter_ranking_users
 from hstu.trainer.ranking_config import SyntheticRankingConfig
-from hstu.trainer.tasks import make_task
+from hstu.trainer.tasks import get_task
 
 USERS = b"1::F::1::10::48067\n2::M::56::16::70072\n3::M::25::15::55117-1234\n"
 RATINGS = b"".join(f"{u}::{i}::{r}::{t}\n".encode() for u, i, r, t in [
@@ -110,9 +110,9 @@ def test_ranking_config_errors():
         (["train.stochastic_length.enabled=true"], "not supported with task=ranking"),
     ]:
         with pytest.raises(ConfigError, match=match):
-            make_task(cfg(*overrides)).check_config()
+            get_task(cfg(*overrides)).check_config()
     with pytest.raises(ConfigError, match="needs task=ranking"):
-        make_task(load_config(None, ["model.arch=dlrm"])).check_config()
+        get_task(load_config(None, ["model.arch=dlrm"])).check_config()
     with pytest.raises(ConfigError, match="'task'"):
         load_config(None, ["task=regression"])
 

@@ -75,11 +75,11 @@ def _train_crashing(cfg: Any, crash_before_step: Optional[int]) -> None:
 def _evaluate_plain(rank: int, world: int, run_dir: str) -> Dict[str, Any]:
     """best.pt of ``run_dir`` in the plain model, evaluated by this rank's eval slice (gathered on rank 0)."""
     from hstu.trainer.distributed import DistEnv
-    from hstu.trainer.tasks import make_task
+    from hstu.trainer.tasks import get_task
 
     cfg = _cfg(run_dir + "-eval")
     env = DistEnv(rank, world, rank, torch.device("cpu"), sharded=False)
-    task = make_task(cfg)
+    task = get_task(cfg)
     task.build_data(env)
     model = task.build_model(torch.device("cpu"))
     model.load_state_dict(torch.load(os.path.join(run_dir, "best.pt"), weights_only=True))
@@ -127,7 +127,7 @@ def test_sharded_world_1_equals_plain_model_with_rowwise_adamw_reference(tmp_pat
     """(a) The sharded loop in one process (train()) against a hand-written plain loop with the same math."""
     from hstu.trainer.parallel.rowwise_adamw import rowwise_adamw_reference_step
     from hstu.trainer.train import seed_everything, train
-    from hstu.trainer.tasks import make_task
+    from hstu.trainer.tasks import get_task
 
     cfg = _cfg(str(tmp_path / "sharded"), *SHARDED, "train.epochs=1", "train.max_steps=5", "optim.warmup_steps=0")
     train(cfg)
@@ -137,7 +137,7 @@ def test_sharded_world_1_equals_plain_model_with_rowwise_adamw_reference(tmp_pat
     assert _losses(plain_cfg.run_dir)[1] == got[1]  # same init and batch: bit-identical first loss
 
     seed_everything(cfg.train.seed)
-    task = make_task(cfg)
+    task = get_task(cfg)
     data = task.build_data()
     model = task.build_model(torch.device("cpu"))
     tables = model.tables
@@ -212,13 +212,13 @@ def test_two_process_crash_and_resume_is_bit_identical(runs):
 
 def test_eval_on_two_ranks_gathers_exactly_what_one_rank_predicts(runs):
     """(d) the same (plain) model evaluated by 2 ranks, predictions gathered on rank 0, vs 1 rank."""
-    from hstu.trainer.tasks import make_task
+    from hstu.trainer.tasks import get_task
 
     run_dir = runs["dirs"]["w2_row"]
     two = runs["eval2"]
     assert two[0]["predictions"] is not None and two[1]["predictions"] is None  # gathered on rank 0 only
     assert two[0]["metrics"] == two[1]["metrics"]  # broadcast
-    task = make_task(_cfg(run_dir + "-eval1"))
+    task = get_task(_cfg(run_dir + "-eval1"))
     task.build_data()
     model = task.build_model(torch.device("cpu"))
     model.load_state_dict(_best(run_dir))
@@ -257,11 +257,12 @@ def test_cli_two_process_sharded_run_best_pt_reproduces_with_hstu_eval(tmp_path)
     # the sharded DCP checkpoint of the best epoch reads back (one process, no group) as exactly best.pt, and
     # `hstu export --checkpoint <it>` / `--checkpoint latest` build artifacts from the sharded checkpoints
     import hstu.serving
-    from hstu.serving.export import iter_full_tensors, resolve_checkpoint
+    from hstu.serving.export import resolve_checkpoint
     from hstu.trainer.cli import main
+    from hstu.trainer.plain_weights import iter_plain_tensors
 
     best_ckpt = os.path.join(run_dir, "checkpoints", f"step_{5 * result['best_epoch']:08d}")
-    from_dcp = dict(iter_full_tensors(best_ckpt))
+    from_dcp = dict(iter_plain_tensors(best_ckpt))
     assert from_dcp.keys() == state.keys()
     for k, v in state.items():
         torch.testing.assert_close(from_dcp[k].float(), v.float(), rtol=0, atol=0, msg=k)
@@ -308,9 +309,9 @@ def test_collection_tables_copy_the_plain_tables_and_names_map_back():
     """Unsharded CollectionRankingTables: same lookups as the plain tables (one KJT, id 0 = zero row), and
     plain_name maps every collection weight onto the plain model's state_dict entry it was copied from."""
     from hstu.trainer.parallel.ranking_embeddings import CollectionRankingTables, plain_name
-    from hstu.trainer.tasks import make_task
+    from hstu.trainer.tasks import get_task
 
-    task = make_task(_cfg("unused"))
+    task = get_task(_cfg("unused"))
     task.build_data()
     model = task.build_model(torch.device("cpu"))
     plain_sd = model.state_dict()

@@ -185,13 +185,13 @@ def test_config_errors_name_key_and_value(overrides, match):
 
 
 def test_check_config_refuses_a_mutated_config():
-    from hstu.trainer.tasks import make_task
+    from hstu.trainer.tasks import get_task
 
     cfg = _cfg(*STREAM, *TRAIN)
-    make_task(cfg).check_config()
+    get_task(cfg).check_config()
     cfg.ranking.synthetic.eval_users = 0
     with pytest.raises(ConfigError, match="eval_users"):
-        make_task(cfg).check_config()
+        get_task(cfg).check_config()
 
 
 # ------------------------------------------------------------------------------------------------ train()
@@ -210,7 +210,7 @@ def _strip(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def test_train_streaming_equals_materialised_and_evaluates_eval_users(tmp_path):
-    from hstu.trainer.tasks import make_task
+    from hstu.trainer.tasks import get_task
     from hstu.trainer.train import train
 
     dirs = {k: str(tmp_path / k) for k in ("mat", "stream", "part")}
@@ -230,7 +230,7 @@ def test_train_streaming_equals_materialised_and_evaluates_eval_users(tmp_path):
     assert _losses(dirs["part"]) == _losses(dirs["mat"])
     ev = _log(dirs["part"], "eval")
     assert [e["num_impressions"] for e in ev] == [k[:10].sum()] * 2 and [e["num_users"] for e in ev] == [10, 10]
-    task = make_task(_cfg(*TRAIN, *STREAM, "ranking.synthetic.eval_users=10"))
+    task = get_task(_cfg(*TRAIN, *STREAM, "ranking.synthetic.eval_users=10"))
     task.build_data()
     model = task.build_model(torch.device("cpu"))
     model.load_state_dict(torch.load(os.path.join(dirs["part"], "best.pt"), weights_only=True))

@@ -43,6 +43,10 @@ def test_hstu_ranker_beats_dlrm_on_synthetic(tmp_path):
     assert hstu["best_epoch"] in (2, 4, 6, 8, 10, 12) and hstu["select_on"] == "validation" and hstu["config"]["task"] == "ranking"
     state = torch.load(os.path.join(run_d, "best.pt"), weights_only=True)
     assert any(k.startswith("tables.actions") for k in state)
-    # `hstu eval` of the DLRM run reproduces its best evaluation from best.pt
-    again = evaluate_run(run_d)["metrics"]
+    # `hstu eval --baseline` of the DLRM run reproduces its best evaluation from best.pt, and the task's
+    # baseline (item rate) the run logged
+    out = evaluate_run(run_d, baseline=True)
+    again = out["metrics"]
     assert abs(again["ne_mean"] - d["ne_mean"]) < 1e-6 and again["num_impressions"] == 10_000
+    base_d = read_metrics(os.path.join(run_d, "metrics.jsonl"), kind="baseline")[0]
+    assert all(out["baseline"][k] == base_d[k] for k in ("ne_mean", "auc_mean", "gauc_mean", "num_impressions"))

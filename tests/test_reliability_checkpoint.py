@@ -124,7 +124,8 @@ def test_missing_rng_file_in_a_directly_loaded_checkpoint_warns_accurately(runs,
     """ckpt.load on a checkpoint whose rng file is gone (resolve_resume refuses it; a direct load may not):
     the warning says the file is missing and determinism is lost — not 'written by 1 processes, this run has 1'."""
     from hstu.trainer.config import load_config
-    from hstu.trainer.train import TrainState, build_data, build_model_for, build_optimizer
+    from hstu.trainer.tasks.retrieval import build_data, build_model_for
+    from hstu.trainer.train import TrainState, build_optimizer
 
     run = copy_of(runs, tmp_path)
     os.remove(_newest(run) / "rng_rank0.pt")

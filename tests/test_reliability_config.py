@@ -71,10 +71,10 @@ def test_sasrec_heads_must_divide_the_width_and_ranking_rules_are_in_the_same_pa
         load_config(None, ["model.arch=dlrm"])
     with pytest.raises(ConfigError, match="'ranking.tasks'"):
         load_config(None, ["task=ranking", "ranking.tasks=[nope]"])
-    from hstu.trainer.tasks import make_task
+    from hstu.trainer.tasks import get_task
 
     with pytest.raises(ConfigError, match="'ranking.regression_weight'"):  # synthetic has no regression target
-        make_task(load_config(None, ["task=ranking", "ranking.regression_weight=1.0"])).check_config()
+        get_task(load_config(None, ["task=ranking", "ranking.regression_weight=1.0"])).check_config()
     load_config(None, ["task=ranking", "data.max_seq_len=1"])  # a ranking history event is itself a target
 
 

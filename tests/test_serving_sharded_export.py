@@ -36,7 +36,8 @@ def _train_and_outputs(rank: int, world: int, run_dir: str, cache: str) -> Dict[
     this rank's eval slice (histories, query times) with the sharded model's user vectors and all item vectors."""
     from hstu.trainer import checkpoint as ckpt
     from hstu.trainer import distributed as hd
-    from hstu.trainer.train import TrainState, build_data, build_model_for, build_optimizer, train
+    from hstu.trainer.tasks.retrieval import build_data, build_model_for
+    from hstu.trainer.train import TrainState, build_optimizer, train
 
     train(_cfg(run_dir, cache))
     cfg = _cfg(run_dir + "-load", cache)

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import hstu.trainer.train as train_mod
+from hstu.trainer import tasks
 from hstu.trainer.config import load_config
 from hstu.trainer.metrics_log import read_metrics
+from hstu.trainer.tasks.retrieval import build_data
 from hstu.trainer.train import NonFiniteLossError, train
 
 TINY = [
@@ -82,7 +84,7 @@ def test_max_steps_and_stochastic_length(tmp_path, cache_dir):
     assert result.steps == 4 and result.epochs_run == 1
     assert result.final_metrics["num_users"] == 400 and result.baseline_metrics == {}
     # SL (threshold floor(40**0.6) = 9) cut some sequences: fewer tokens than the raw batches hold
-    _, loader, _ = train_mod.build_data(cfg)
+    _, loader, _ = build_data(cfg)
     loader.set_epoch(0)
     raw_tokens = sum(b.item_ids.numel() for _, b in zip(range(4), loader))
     assert 4 * 32 * 2 <= result.train_tokens < raw_tokens
@@ -90,15 +92,15 @@ def test_max_steps_and_stochastic_length(tmp_path, cache_dir):
 
 def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, cache_dir, monkeypatch):
     run = str(tmp_path / "run")
-    real = train_mod.compute_loss
     calls = {"n": 0}
 
-    def flaky(model, batch, ctx):
-        calls["n"] += 1
-        loss = real(model, batch, ctx)
-        return loss * float("nan") if calls["n"] == 13 + 3 else loss  # 3rd step of epoch 2
+    class FlakyRetrieval(tasks.RetrievalTask):  # the retrieval task spec, NaN at one step
+        def compute_loss(self, model, batch, ctx):
+            calls["n"] += 1
+            loss = super().compute_loss(model, batch, ctx)
+            return loss * float("nan") if calls["n"] == 13 + 3 else loss  # 3rd step of epoch 2
 
-    monkeypatch.setattr(train_mod, "compute_loss", flaky)
+    monkeypatch.setitem(tasks.TASK_REGISTRY, "retrieval", FlakyRetrieval)
     saved = []
     real_save = train_mod.rd.save_state_dict
 

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", metavar="DIR", help="raw dataset directory, if it moved since training")
     p.add_argument("--device", metavar="DEV", help="cpu | cuda[:N] (default: the run's train.device)")
     p.add_argument("--output", metavar="FILE", help="where to write the metrics JSON (default RUN_DIR/eval.json)")
-    p.add_argument("--baseline", action="store_true", help="also evaluate the most-popular baseline")
+    p.add_argument("--baseline", action="store_true",
+                   help="also evaluate the task's baseline (retrieval: most-popular, ranking: item rate)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides applied on top of the saved config, e.g. eval.remove_history=false")
     p.set_defaults(func=cmd_eval)
@@ -134,15 +135,11 @@ def _load(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from hstu.trainer.data import prepare, summary_lines
+    from hstu.trainer.data import summary_lines
+    from hstu.trainer.tasks import get_task
 
     cfg = _load(args)
-    if cfg.task == "ranking":  # the ranking cache entry + every other file it reads (users.dat), validated
-        from hstu.trainer.data.ranking import prepare_ranking
-
-        summary = prepare_ranking(cfg, progress=cfg.train.progress)
-    else:
-        summary = prepare(cfg.data, progress=cfg.train.progress)
+    summary = get_task(cfg).prepare(progress=cfg.train.progress)  # the task's cache entry + files it reads
     print("\n".join(summary_lines(summary)))
     return 0
 
@@ -254,9 +251,9 @@ def format_result(result: Dict[str, Any]) -> str:
 def evaluate_run(run_dir: str, overrides: Sequence[str] = (), checkpoint: Optional[str] = None,
                  data_dir: Optional[str] = None, device: Optional[str] = None,
                  baseline: bool = False) -> Dict[str, Any]:
-    """Evaluate a trained run: {"metrics": {...}, "baseline": {...}?, "checkpoint", "run_dir"}."""
-    from hstu.trainer.evaluate import evaluate, evaluate_popularity, popularity_counts
-    from hstu.trainer.train import build_data, build_model_for
+    """Evaluate a trained run on its test split: {"metrics": {...}, "baseline": {...}?, "checkpoint", "run_dir"}
+    (the run's task spec, trainer/tasks/, builds its data and model, evaluates and computes the baseline)."""
+    from hstu.trainer.tasks import get_task
 
     cfg_path = os.path.join(run_dir, rd.CONFIG_FILE)
     if not os.path.exists(cfg_path):
@@ -275,26 +272,14 @@ def evaluate_run(run_dir: str, overrides: Sequence[str] = (), checkpoint: Option
     ckpt, state = read_plain_state(resolve_run_checkpoint(run_dir, checkpoint, cfg.checkpoint.dir or None),
                                    "hstu eval", verify=False)
     dev = torch.device(cfg.train.device)
-
-    def load_into(model: torch.nn.Module) -> torch.nn.Module:
-        check_fits(model.state_dict(), state, ckpt, "hstu eval")
-        model.load_state_dict(state)
-        return model.to(dev)
-
-    if cfg.task != "retrieval":  # e.g. ranking: the task builds its data/model and evaluates (trainer/tasks.py)
-        from hstu.trainer.tasks import make_task
-
-        task = make_task(cfg)
-        task.build_data()
-        model = load_into(task.build_model(dev))
-        return {"run_dir": run_dir, "checkpoint": ckpt, "metrics": task.evaluate(model, dev)}
-    seqs, _, eval_loader = build_data(cfg)  # the test split
-    model = load_into(build_model_for(cfg, seqs.num_items, dev))
-    out: Dict[str, Any] = {"run_dir": run_dir, "checkpoint": ckpt,
-                           "metrics": evaluate(model, eval_loader, seqs.num_items, cfg.eval, dev)}
+    task = get_task(cfg)
+    task.build_data()
+    model = task.build_model(dev)
+    check_fits(model.state_dict(), state, ckpt, "hstu eval")
+    model.load_state_dict(state)
+    out: Dict[str, Any] = {"run_dir": run_dir, "checkpoint": ckpt, "metrics": task.evaluate(model.to(dev), dev)}
     if baseline:
-        counts = popularity_counts(torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets), seqs.num_items)
-        out["baseline"] = evaluate_popularity(counts, eval_loader, cfg.eval)
+        out["baseline"] = task.baseline_metrics()
     return out
 
 

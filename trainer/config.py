@@ -182,7 +182,7 @@ class RunConfig:
     """Everything a run needs. ``run_dir`` holds config.yaml, metrics.jsonl, TensorBoard events and logs."""
 
     run_dir: Optional[str] = None
-    task: str = "retrieval"  # retrieval | ranking (trainer/tasks.py; ranking: docs/ranking.md)
+    task: str = "retrieval"  # retrieval | ranking (trainer/tasks/; ranking: docs/ranking.md)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -5,7 +5,7 @@ positive, probabilities in their interval, names one of the allowed choices belo
 that need no data (arch vs task, ranking tasks vs dataset, streaming synthetic data). It runs inside
 ``load_config``, i.e. before any data is read or a run directory is touched; a failure is a one-line
 :class:`ConfigError` naming the key, the value and the allowed range or choices. The lists of allowed values are
-defined here once (``trainer/data``, ``trainer/tasks.py`` import them).
+defined here once (``trainer/data``, ``trainer/tasks/`` import them).
 
 Checks that need the machine (:func:`check_resources`: CUDA present, the sampled-softmax logits fit in memory)
 run when training starts (``train.check_train_config``), not when a saved config is read back for eval/export.

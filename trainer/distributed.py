@@ -5,7 +5,7 @@ process group, the run has that world; otherwise one process. ``sharding.enabled
 process group (a private world of 1 when started as a plain process), world sizes > 1 require it.
 Backend: gloo on CPU, nccl on CUDA; device ``cuda:LOCAL_RANK`` when ``train.device`` is cuda.
 
-``shard_model(model, cfg, env)`` swaps the plain item table (task=ranking: all the ranking tables) for a TorchRec
+``shard_model(model, cfg, env, task)`` has the task (trainer/tasks/) swap its plain tables for a TorchRec
 EmbeddingCollection and wraps the model in DistributedModelParallel: the tables are sharded by the planner
 (``sharding.sharding_type``) and trained by the fused rowwise AdamW; every other parameter (the dense tower) is
 replicated and synchronised by DDP.
@@ -116,23 +116,21 @@ def teardown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def shard_model(model: torch.nn.Module, cfg: RunConfig, env: DistEnv) -> Tuple[torch.nn.Module, Any]:
-    """RetrievalModel | ranking model -> (DistributedModelParallel, fused rowwise-AdamW optimizer of the tables).
+def shard_model(model: torch.nn.Module, cfg: RunConfig, env: DistEnv,
+                task: Any = None) -> Tuple[torch.nn.Module, Any]:
+    """The task's plain model -> (DistributedModelParallel, fused rowwise-AdamW optimizer of the tables).
 
-    Retrieval: the item table becomes a CollectionItemEmbeddings; task=ranking: all of ``model.tables`` (item,
-    action, contextual, side) become ONE CollectionRankingTables (trainer/parallel/ranking_embeddings.py).
-    Rowwise AdamW hyper-parameters left None in ``sharding.*`` come from ``optim.*``."""
+    The task (``task``, default the config's: trainer/tasks/) swaps its plain tables for TorchRec collections
+    (retrieval: the item table; ranking: all its tables as one collection); DMP shards them. Rowwise AdamW
+    hyper-parameters left None in ``sharding.*`` come from ``optim.*``."""
     from hstu.trainer.parallel.sharding import shard_embedding_collection
 
     logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)  # notices about dry-run planning
-    if getattr(cfg, "task", "retrieval") == "ranking":
-        from hstu.trainer.parallel.ranking_embeddings import CollectionRankingTables
+    if task is None:
+        from hstu.trainer.tasks import get_task
 
-        model.tables = CollectionRankingTables(model.tables, cfg.sharding.weight_dtype)
-    else:
-        from hstu.trainer.parallel.item_embeddings import CollectionItemEmbeddings
-
-        model.item_embeddings = CollectionItemEmbeddings(model.item_embeddings, cfg.sharding.weight_dtype)
+        task = get_task(cfg)
+    task.wrap_sharded_tables(model, cfg.sharding.weight_dtype)
     o = cfg.optim
     sharding = cfg.sharding.resolved(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     dmp = shard_embedding_collection(model, sharding, device=env.device)

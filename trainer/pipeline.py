@@ -1,10 +1,9 @@
 """Batch preparation and the train pipeline (``sharding.pipeline``): what happens to a loader batch before the
 model sees it, and the data position a checkpoint must record.
 
-``prepare_batch``: Stochastic Length (``ctx.sl_generator``) → device; on the sharded path also next-item
-labels, the negatives (``ctx.neg_generator``) and the ids of the ONE table lookup of the step:
-``lookup_ids`` = all ids 0..N when the loss uses the whole table (``lookup_all_items``), else the unique ids of the
-batch and its negatives; ``input_index`` [T] maps each batch item into lookup_ids.
+``prepare_batch``: Stochastic Length (``ctx.sl_generator``) → device → the task's part (``ctx.task.prepare_batch``,
+trainer/tasks/): retrieval on the sharded path adds next-item labels, the negatives (``ctx.neg_generator``) and
+the ids of the ONE table lookup of the step (``lookup_ids``, ``input_index``).
 
 ``BatchStream`` iterates one epoch of prepared batches. With ``prefetch`` (sharded path, pipeline=prefetch)
 batch k+1 is prepared and its input dist (the ids all-to-all) started *before* batch k is trained, so the
@@ -22,7 +21,6 @@ from typing import Any, Dict, Iterator, Optional
 
 import torch
 
-from hstu.modules.losses import lookup_all_items, next_item_labels, sample_negatives
 from hstu.trainer.stochastic_length import apply_stochastic_length
 
 
@@ -64,19 +62,7 @@ def prepare_batch(batch: Any, ctx: Any) -> PreparedBatch:
                                         ctx.sl_generator)
     batch = batch.to(ctx.device)
     out = PreparedBatch(batch=batch, tokens=batch.num_events)  # JaggedBatch: items; RankingBatch: tokens
-    if not ctx.env.sharded or getattr(ctx.task, "name", "retrieval") != "retrieval":
-        return out  # plain path: the loss draws its negatives itself; ranking: the model does its one lookup
-    labels, valid = next_item_labels(batch.item_ids, batch.offsets)
-    lc, n = cfg.loss, ctx.num_items
-    negatives = sample_negatives(int(valid.sum()), lc.num_negatives, n, ctx.neg_generator, ctx.device)
-    if lookup_all_items(lc.route, lc.item_lookup, n, lc.num_negatives, cfg.model.embedding_dim):
-        lookup_ids, input_index = torch.arange(n + 1, device=ctx.device), batch.item_ids
-    else:
-        lookup_ids, inverse = torch.unique(torch.cat([batch.item_ids, negatives.flatten()]), return_inverse=True)
-        input_index = inverse[: batch.item_ids.numel()]
-    out.labels, out.valid, out.negatives, out.lookup_ids, out.input_index = (labels, valid, negatives,
-                                                                            lookup_ids, input_index)
-    return out
+    return ctx.task.prepare_batch(out, ctx)  # the task's part (retrieval, sharded: labels, negatives, lookup ids)
 
 
 def capture_position(loader: Any, ctx: Any) -> Dict[str, Any]:

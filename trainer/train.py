@@ -1,7 +1,8 @@
-"""The one train loop: ``train(cfg) -> TrainResult``; what it trains is the run's task (``cfg.task``, trainer/tasks.py):
-retrieval (sampled softmax, full-ranking eval; the functions below) or ranking (docs/ranking.md).
+"""The one train loop: ``train(cfg) -> TrainResult``; what it trains is the run's task (``cfg.task``): a task spec
+from trainer/tasks/ (retrieval: sampled softmax, full-ranking eval; ranking: docs/ranking.md) supplies the data,
+model, batch preparation, loss, evaluation, baseline and the sharded tables — nothing here depends on the task.
 
-Per run: seed → data (load_sequences / build_loaders) → model (build_model) → AdamW (+ linear warmup) →
+Per run: seed → data (``task.build_data``) → model (``task.build_model``) → AdamW (+ linear warmup) →
 epochs of ``train_one_epoch`` (optional Stochastic Length) with ``run_evaluation`` every
 ``train.eval_every_epochs`` epochs and after the last one. Each evaluation scores every split the task has
 (retrieval: validation = second-to-last item, test = last item; ranking: test only); the best epoch is the one
@@ -34,16 +35,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hstu.modules.losses import lookup_all_items, next_item_labels, sampled_softmax_loss
 from hstu.trainer import checkpoint as ckpt
 from hstu.trainer import distributed as hd
 from hstu.trainer import run_dir as rd
-from hstu.trainer.config import ConfigError, RunConfig, save_config, to_dict
+from hstu.trainer.config import ConfigError, RunConfig, to_dict
 from hstu.trainer.config_checks import check_resources
-from hstu.trainer.evaluate import evaluate, evaluate_popularity, popularity_counts
-from hstu.trainer.metrics_log import MetricsLogger, setup_logging
+from hstu.trainer.metrics_log import MetricsLogger
 from hstu.trainer.pipeline import BatchStream, PreparedBatch, prepare_batch, restore_position
-from hstu.trainer.tasks import make_task
+from hstu.trainer.run_lifecycle import EarlyLog, commit, resume_point, start
+from hstu.trainer.tasks import get_task
 
 log = logging.getLogger("hstu")
 
@@ -89,8 +89,8 @@ class TrainContext:
     neg_generator: torch.Generator  # negatives for the sampled softmax
     sl_generator: torch.Generator  # Stochastic Length
     env: hd.DistEnv = field(default_factory=hd.DistEnv)  # rank / world / device / sharded
-    item_embeddings: Any = None  # the CollectionItemEmbeddings of a sharded model (prefetch), else None
-    task: Any = None  # the run's task (trainer/tasks.py): loss, evaluation, metric names
+    item_embeddings: Any = None  # sharded path: the task's table prefetcher (task.prefetcher), else None
+    task: Any = None  # the run's TaskSpec (trainer/tasks/): batch preparation, loss, evaluation, metric names
     valid_loader: Any = None  # the validation split (retrieval), None when the task has none
 
 
@@ -131,13 +131,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def metric_names(eval_cfg) -> list:
-    return [f"hr@{k}" for k in eval_cfg.ks] + [f"ndcg@{k}" for k in eval_cfg.ndcg_ks] + ["mrr"]
-
-
 def check_train_config(cfg: RunConfig) -> None:
     """Checks that need more than config.validate: the selection metric must be one evaluation produces."""
-    task = make_task(cfg)
+    task = get_task(cfg)
     task.check_config()
     names = task.metric_names()
     if cfg.eval.selection_metric not in names:
@@ -175,26 +171,6 @@ def _autocast(cfg: RunConfig, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------------- training
-
-
-def compute_loss(model: torch.nn.Module, batch: Any, ctx: TrainContext) -> torch.Tensor:
-    """Sampled-softmax next-item loss of one batch on the device: a JaggedBatch, or a PreparedBatch (whose
-    ``lookup_ids`` on the sharded path make ONE call of the (DMP) model do both item lookups)."""
-    lc = ctx.cfg.loss
-    p = batch if isinstance(batch, PreparedBatch) else PreparedBatch(batch, int(batch.item_ids.numel()))
-    if p.lookup_ids is None:
-        seq_emb = model.encode(p.batch)  # [T, D]
-        labels, valid = next_item_labels(p.batch.item_ids, p.batch.offsets)
-        return sampled_softmax_loss(seq_emb, labels, valid, model.item_vectors, ctx.num_items, lc.num_negatives,
-                                    lc.temperature, ctx.neg_generator, route=lc.route, item_lookup=lc.item_lookup,
-                                    compile=lc.compile)
-    seq_emb, vecs = model(p.batch, p.lookup_ids, p.input_index)  # [T, D], [U, D]
-    # prepare_batch looked up ids 0..N (row = id) or the sorted unique ids it needs: the same rule decides here
-    lookup_all = lookup_all_items(lc.route, lc.item_lookup, ctx.num_items, lc.num_negatives,
-                                  ctx.cfg.model.embedding_dim)
-    return sampled_softmax_loss(seq_emb, p.labels, p.valid, None, ctx.num_items, lc.num_negatives,
-                                lc.temperature, negatives=p.negatives, route=lc.route, table=vecs,
-                                table_ids=None if lookup_all else p.lookup_ids, compile=lc.compile)
 
 
 def _non_finite(state: TrainState, ctx: TrainContext, loss: float) -> NonFiniteLossError:
@@ -249,7 +225,7 @@ def save_checkpoint(state: TrainState, ctx: TrainContext, position: Any) -> None
     cfg = ctx.cfg
     t0 = time.perf_counter()
     path = ckpt.save(ckpt.checkpoint_dir(cfg), state, ctx.env, _meta(state), position, cfg.checkpoint.keep_last)
-    _commit(cfg, ctx.env)
+    commit(cfg, ctx.env)
     state.save_pending = False
     ctx.metrics.log("checkpoint", state.step, epoch=state.epoch, path=path, seconds=time.perf_counter() - t0)
 
@@ -350,7 +326,7 @@ def run_evaluation(state: TrainState, ctx: TrainContext) -> Dict[str, float]:
                 rd.save_tensors(tensors, best)
         else:
             rd.save_state_dict(state.model, best)
-        _commit(cfg, env)
+        commit(cfg, env)
     state.final_metrics, state.final_validation, state.final_epoch = dict(metrics), dict(validation), state.epoch
     for split, m in by_split.items():
         ctx.metrics.log(SPLIT_LOG_KIND[split], state.step, epoch=state.epoch, **m, split=split, is_best=is_best,
@@ -363,125 +339,8 @@ def run_evaluation(state: TrainState, ctx: TrainContext) -> Dict[str, float]:
 # ---------------------------------------------------------------------------------------------------- assembly
 
 
-def resolve_run_dir(cfg: RunConfig) -> RunConfig:
-    """Copy of cfg whose run_dir is set (default runs/<data.name>-<arch>-<timestamp>)."""
-    if cfg.run_dir:
-        return cfg
-    return dataclasses.replace(cfg, run_dir=rd.default_run_dir(f"{cfg.data.name}-{cfg.model.arch}"))
-
-
-def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1, with_validation: bool = False):
-    """(seqs, train_loader, test_loader) — or (seqs, train_loader, valid_loader, test_loader) with
-    ``with_validation`` — from the data package (progress bars follow train.progress); the train sequences end
-    before each user's validation item either way; the loaders read this rank's slice of every global batch."""
-    from hstu.trainer.data import build_loaders, load_sequences
-
-    seqs = load_sequences(cfg.data, progress=cfg.train.progress and rank == 0)
-    train_loader, valid_loader, test_loader = build_loaders(cfg.data, seqs, rank, world_size)
-    if with_validation:
-        return seqs, train_loader, valid_loader, test_loader
-    return seqs, train_loader, test_loader
-
-
-def build_model_for(cfg: RunConfig, num_items: int, device: torch.device) -> torch.nn.Module:
-    from hstu.modules.model import build_model
-
-    return build_model(cfg, num_items).to(device)
-
-
-def _popularity_baseline(cfg: RunConfig, seqs, eval_loader, metrics: MetricsLogger,
-                         env: hd.DistEnv) -> Dict[str, float]:
-    if not cfg.eval.popularity_baseline:
-        return {}
-    counts = popularity_counts(torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets), seqs.num_items)
-    base = evaluate_popularity(counts, eval_loader, cfg.eval, reduce=env.all_reduce_sum if env.world_size > 1
-                               else None)
-    metrics.log("baseline", 0, epoch=0, name="most_popular", **base)
-    log.info("most-popular baseline: %s", ", ".join(f"{k} {base[k]:.4f}" for k in metric_names(cfg.eval)))
-    return base
-
-
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
-
-
-class _EarlyLog:
-    """Console logging before the run directory exists; ``replay()`` writes the records it buffered into the
-    train.log that ``_start`` opened (the console already showed them)."""
-
-    class _Collect(logging.Handler):
-        def __init__(self) -> None:
-            super().__init__()
-            self.records = []  # kept when setup_logging closes this handler
-
-        def emit(self, record: logging.LogRecord) -> None:
-            self.records.append(record)
-
-    def __init__(self, env: hd.DistEnv) -> None:
-        setup_logging(None, level=logging.INFO if env.is_main else logging.WARNING)
-        self.collect = self._Collect()
-        log.addHandler(self.collect)
-
-    def replay(self) -> None:
-        for h in (h for h in log.handlers if isinstance(h, logging.FileHandler)):
-            for record in self.collect.records:
-                h.handle(record)
-
-
-def _resume_point(cfg: RunConfig, env: hd.DistEnv):
-    """Rank 0's run_dir for all ranks and its resume decision. Returns (cfg, checkpoint path to resume from or
-    None, the Resolution behind it). Reads only, except that a previous-run swap a kill interrupted is finished
-    first (run_dir.recover). The checkpoint is the newest that verifies (trainer/integrity.py), found by
-    scanning; when checkpoints exist but none verifies, every rank raises the same one-line CheckpointError."""
-    cfg = dataclasses.replace(cfg, run_dir=env.broadcast_object(resolve_run_dir(cfg).run_dir))
-    found: Any = None
-    if env.is_main:
-        ckpt_dir = ckpt.checkpoint_dir(cfg)
-        if os.path.isdir(cfg.run_dir):
-            done = rd.recover(cfg.run_dir, ckpt_dir)
-            if done:
-                log.warning("run_dir %s: an interrupted replacement of a previous run was %s", cfg.run_dir,
-                            "completed" if done == "committed" else "undone (the previous run is back)")
-        if cfg.train.resume:
-            try:
-                found = ckpt.resolve_resume(ckpt_dir)
-            except ckpt.CheckpointError as e:
-                found = e
-    found = env.broadcast_object(found)
-    if isinstance(found, Exception):
-        raise ckpt.CheckpointError(f"{found} — nothing was deleted; repair them, or start over with "
-                                   "train.resume=false (the old run is kept until the new one has a checkpoint)")
-    if found is not None and env.is_main:
-        found.warn()
-    return cfg, (found.path if found is not None else None), found
-
-
-def _start(cfg: RunConfig, env: hd.DistEnv, resume_from: Optional[str], found: Any = None) -> None:
-    """run_dir / checkpoint dir preparation (rank 0), config.yaml, train.log. A fresh run moves a previous
-    run's files aside (run_dir.stash_previous); they are deleted once this run has a checkpoint or result."""
-    ckpt_dir = ckpt.checkpoint_dir(cfg)
-    moved, damaged = [], []
-    if env.is_main:
-        moved = rd.prepare_run_dir(cfg.run_dir, keep=resume_from is not None, ckpt_dir=ckpt_dir)
-        ckpt.clean_dir(ckpt_dir)
-        if resume_from:  # what the resumed run logs again is dropped
-            if found is not None and found.skipped:
-                damaged = ckpt.set_aside(ckpt_dir, found.skipped)
-            ckpt.rewind_metrics(os.path.join(cfg.run_dir, rd.METRICS_FILE), ckpt.checkpoint_step(resume_from))
-        save_config(cfg, os.path.join(cfg.run_dir, rd.CONFIG_FILE))
-    env.barrier()
-    setup_logging(cfg.run_dir if env.is_main else None, level=logging.INFO if env.is_main else logging.WARNING)
-    if moved:
-        log.warning("run_dir %s held a previous run: its %s moved to %s until this run has a checkpoint or result",
-                    cfg.run_dir, ", ".join(moved), rd.PREVIOUS)
-    for path in damaged:
-        log.warning("unusable checkpoint kept as %s (not resumed from, never pruned)", path)
-
-
-def _commit(cfg: RunConfig, env: hd.DistEnv) -> None:
-    """Rank 0, once this run has its own checkpoint or result: drop a stashed previous run."""
-    if env.is_main and rd.commit_run(cfg.run_dir, ckpt.checkpoint_dir(cfg)):
-        log.info("previous run's files in %s removed (this run has a checkpoint or result now)", cfg.run_dir)
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -497,13 +356,13 @@ def train(cfg: RunConfig) -> TrainResult:
 def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
     # data, model and init weights first: bad input fails here, before the run directory is created or a
     # previous run's files in it are replaced; what they log is kept and written to train.log once it exists
-    early = _EarlyLog(env)
-    cfg, resume_from, found = _resume_point(cfg, env)
+    early = EarlyLog(env)
+    cfg, resume_from, found = resume_point(cfg, env)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
     device = env.device
-    task = make_task(cfg)
+    task = get_task(cfg)
     data = task.build_data(env)
     if cfg.eval.select_on not in task.eval_splits():
         log.warning("eval.select_on=%s: task=%s has no %s split here; the best epoch is selected on the test split",
@@ -518,7 +377,7 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
     elif cfg.train.init_from:
         log.info("train.init_from ignored: resuming from %s", resume_from)
     try:
-        _start(cfg, env, resume_from, found)
+        start(cfg, env, resume_from, found)
         early.replay()
         return _run(cfg, env, data, model, task, device, resume_from)
     except BaseException:
@@ -533,7 +392,7 @@ def _run(cfg: RunConfig, env: hd.DistEnv, data: Any, model: torch.nn.Module, tas
     """The run after its directory is prepared: sharding, optimizers, resume, the epoch loop, results.json."""
     sparse_optimizer = sparse_scheduler = None
     if env.sharded:
-        model, sparse_optimizer = hd.shard_model(model, cfg, env)
+        model, sparse_optimizer = hd.shard_model(model, cfg, env, task)
         sparse_scheduler = warmup_schedule(sparse_optimizer, cfg.optim)
         if env.world_size > 1:
             torch.manual_seed(hd.rank_seed(cfg.train.seed, env))  # rank-local dropout masks
@@ -546,9 +405,7 @@ def _run(cfg: RunConfig, env: hd.DistEnv, data: Any, model: torch.nn.Module, tas
                        torch.Generator().manual_seed(hd.rank_seed(cfg.train.seed + 2, env)), env, task=task,
                        valid_loader=getattr(data, "valid_loader", None))
     if env.sharded:
-        from hstu.trainer.parallel.item_embeddings import find_item_embeddings
-
-        ctx.item_embeddings = find_item_embeddings(model)
+        ctx.item_embeddings = task.prefetcher(model)
     state = TrainState(model, optimizer, scheduler, sparse_optimizer, sparse_scheduler)
     if resume_from:
         resume(state, ctx, resume_from)
@@ -575,7 +432,7 @@ def _run(cfg: RunConfig, env: hd.DistEnv, data: Any, model: torch.nn.Module, tas
         metrics.log("best", state.step, epoch=state.best_epoch, select_on=result.select_on, **state.best_metrics)
     if env.is_main:
         rd.write_json({**result.to_dict(), "config": to_dict(cfg)}, os.path.join(cfg.run_dir, rd.RESULTS_FILE))
-        _commit(cfg, env)
+        commit(cfg, env)
     log.info("done: epoch %d selected on %s %s; test %s %.4f there, %.4f at the final epoch %d; results in %s",
              state.best_epoch, result.select_on, cfg.eval.selection_metric, cfg.eval.selection_metric,
              state.best_metrics.get(cfg.eval.selection_metric, float("nan")),

@@ -15,7 +15,7 @@ import numpy as np
 
 from hstu.trainer.config import DataConfig
 from hstu.trainer.config_checks import DATASETS
-from hstu.trainer.data.batch import JaggedBatch, collate
+from hstu.trainer.data.batch import JaggedBatch
 from hstu.trainer.data.cache import cache_key, load_or_build
 from hstu.trainer.data.errors import DataError
 from hstu.trainer.data.loader import SequenceLoader
@@ -26,7 +26,7 @@ AMAZON_CORE = 5
 
 __all__ = [
     "DATASETS", "DataError", "EvalSequences", "JaggedBatch", "SequenceLoader", "UserSequences",
-    "build_loaders", "build_user_sequences", "collate", "leave_one_out", "leave_one_out_split", "load_sequences",
+    "build_loaders", "build_user_sequences", "leave_one_out", "leave_one_out_split", "load_sequences",
     "prepare",
 ]
 

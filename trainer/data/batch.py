@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -82,37 +82,4 @@ def batch_from_sequences(
         target_timestamps=None if target_timestamps is None else _tensor(target_timestamps[rows]),
         ratings=_tensor(take(seqs.ratings)),
         action_types=_tensor(take(seqs.action_types)),
-    )
-
-
-def collate(examples: Sequence[Dict[str, Any]]) -> JaggedBatch:
-    """List of per-user examples -> JaggedBatch.
-
-    Each example: user_id int, item_ids [n], timestamps [n], and optionally ratings [n], action_types [n],
-    target_id int, target_timestamp int (all present or all absent across examples)."""
-
-    def cat(key: str, dtype) -> Optional[torch.Tensor]:
-        if any(ex.get(key) is None for ex in examples):
-            return None
-        return torch.from_numpy(np.concatenate([np.asarray(ex[key], dtype=dtype) for ex in examples]))
-
-    def vec(key: str) -> Optional[torch.Tensor]:
-        if any(ex.get(key) is None for ex in examples):
-            return None
-        return torch.tensor([int(ex[key]) for ex in examples], dtype=torch.int64)
-
-    lengths = torch.tensor([len(ex["item_ids"]) for ex in examples], dtype=torch.int64)
-    offsets = torch.zeros(len(examples) + 1, dtype=torch.int64)
-    torch.cumsum(lengths, 0, out=offsets[1:])
-    return JaggedBatch(
-        item_ids=cat("item_ids", np.int64) if examples else torch.zeros(0, dtype=torch.int64),
-        timestamps=cat("timestamps", np.int64) if examples else torch.zeros(0, dtype=torch.int64),
-        offsets=offsets,
-        lengths=lengths,
-        max_len=int(lengths.max()) if len(examples) else 0,
-        user_ids=vec("user_id") if examples else torch.zeros(0, dtype=torch.int64),
-        target_ids=vec("target_id") if examples else None,
-        target_timestamps=vec("target_timestamp") if examples else None,
-        ratings=cat("ratings", np.int8) if examples else None,
-        action_types=cat("action_types", np.int8) if examples else None,
     )

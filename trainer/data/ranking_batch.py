@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from hstu.trainer.data.errors import DataError
-from hstu.trainer.data.loader import global_batch_slices, num_global_batches
+from hstu.trainer.data.batch_plan import ResumableBatchPlan
 from hstu.trainer.data.sequences import gather_ranges
 from hstu.trainer.data.sequentialize import window_side_tokens
 
@@ -176,80 +176,32 @@ def build_ranking_batch(data, rows: np.ndarray, starts: np.ndarray, ends: np.nda
     )
 
 
-class RankingLoader:
+class RankingLoader(ResumableBatchPlan):
     """Iterable of RankingBatch over fixed per-user windows; one ``for`` loop = (the rest of) one epoch.
 
     rows [U'] (row indices into data), starts/ends [U'] (history windows), num_candidates [U'] (eval),
     predict "history" | "candidates". shuffle: users permuted by np.random.default_rng(seed + epoch); then the
-    loader is resumable: ``state_dict()`` = (epoch, batches consumed), as SequenceLoader.
-    rank / world_size: as SequenceLoader, batches are GLOBAL batches of ``batch_size`` users (the same plan for
-    every world size); rank r reads the r-th of ``world_size`` contiguous slices of each, so every rank has the
-    same number of batches (with world_size > 1 a last global batch smaller than world_size is merged into the
-    one before: no rank gets an empty batch). The position counts global batches (world-size independent)."""
+    loader is resumable: ``state_dict()`` = (epoch, batches consumed). rank / world_size: this rank's slice of
+    every GLOBAL batch of ``batch_size`` users. Plan, slicing and position: ResumableBatchPlan (batch_plan.py)."""
 
     def __init__(self, data, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, num_candidates: np.ndarray,
                  batch_size: int, *, predict: str, shuffle: bool, seed: int = 0, max_side_tokens: int = 32,
                  rank: int = 0, world_size: int = 1) -> None:
-        if batch_size <= 0:
-            raise DataError(f"batch_size must be > 0, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+        super().__init__(rows, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
         if world_size > 1 and len(rows) < world_size:
             raise DataError(f"{len(rows)} users cannot be split over {world_size} processes (each needs >= 1)")
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.data, self.batch_size, self.predict, self.shuffle, self.seed = data, int(batch_size), predict, shuffle, seed
-        self.rows, self.starts, self.ends = (np.asarray(a, dtype=np.int64) for a in (rows, starts, ends))
+        self.data, self.predict = data, predict
+        self.starts, self.ends = (np.asarray(a, dtype=np.int64) for a in (starts, ends))
         self.num_candidates = np.asarray(num_candidates, dtype=np.int64)
         self.max_side_tokens = int(max_side_tokens)
-        self.epoch, self.batches_consumed = 0, 0
-
-    def __len__(self) -> int:
-        """Batches per epoch (the same on every rank)."""
-        return num_global_batches(self.rows.size, self.batch_size, self.world_size)
-
-    @property
-    def num_sequences(self) -> int:
-        return int(self.rows.size)
 
     def plan(self, epoch: int) -> List[np.ndarray]:
         """Index arrays (into self.rows) of this rank's slice of every global batch of ``epoch``."""
-        idx = np.arange(self.rows.size)
-        if self.shuffle:
-            idx = np.random.default_rng(self.seed + epoch).permutation(self.rows.size)
-        return global_batch_slices(idx, self.batch_size, self.rank, self.world_size)
+        return self.batch_indices(epoch)
 
     def batch(self, sel: np.ndarray) -> RankingBatch:
         return build_ranking_batch(self.data, self.rows[sel], self.starts[sel], self.ends[sel],
                                    self.num_candidates[sel], self.predict, self.max_side_tokens)
 
-    def set_epoch(self, epoch: int) -> None:
-        self._normalize()
-        if epoch != self.epoch:
-            self.epoch, self.batches_consumed = int(epoch), 0
-
-    def _normalize(self) -> None:
-        if self.batches_consumed >= len(self) > 0:
-            self.epoch, self.batches_consumed = self.epoch + 1, 0
-
-    def state_dict(self) -> Dict[str, int]:
-        self._normalize()
-        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "seed": self.seed,
-                "batch_size": self.batch_size, "num_sequences": self.num_sequences, "world_size": self.world_size}
-
-    def load_state_dict(self, state: Dict[str, int]) -> None:
-        for key in ("seed", "batch_size", "num_sequences"):
-            if key in state and int(state[key]) != getattr(self, key):
-                raise DataError(f"loader state has {key}={state[key]}, this loader has {getattr(self, key)}")
-        self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
-        self._normalize()
-
     def __iter__(self) -> Iterator[RankingBatch]:
-        if not self.shuffle:
-            for sel in self.plan(0):
-                yield self.batch(sel)
-            return
-        self._normalize()
-        for sel in self.plan(self.epoch)[self.batches_consumed:]:
-            self.batches_consumed += 1
-            yield self.batch(sel)
-        self._normalize()
+        yield from self._consume(self.batch(sel) for sel in self._pending())

@@ -96,8 +96,7 @@ class StreamingRankingLoader(RankingLoader):
         if self.prefetch_batches <= 0:
             yield from super().__iter__()
             return
-        self._normalize()
-        todo = self.plan(self.epoch)[self.batches_consumed:]
+        todo = self._pending()
         q: "queue.Queue" = queue.Queue(maxsize=self.prefetch_batches)
         stop = threading.Event()
 
@@ -120,17 +119,18 @@ class StreamingRankingLoader(RankingLoader):
 
         worker = threading.Thread(target=produce, name="ranking-stream-prefetch", daemon=True)
         worker.start()
-        try:
+        def received() -> Iterator[RankingBatch]:
             for _ in range(len(todo)):
                 item = q.get()
                 if isinstance(item, BaseException):
                     raise item
-                self.batches_consumed += 1
                 yield item
+
+        try:
+            yield from self._consume(received())
         finally:
             stop.set()
             worker.join()
-        self._normalize()
 
 
 def build_streaming_ranking_data(cfg, rank: int = 0, world_size: int = 1

@@ -10,7 +10,7 @@ events are kept. :func:`leave_one_out_split` holds out the last event as the tes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -271,8 +271,3 @@ def concat_sequences(parts: Sequence[UserSequences]) -> UserSequences:
         num_items=max(p.num_items for p in parts),
         action_types=cat("action_types"),
     )
-
-
-def with_num_items(seqs: UserSequences, num_items: int) -> UserSequences:
-    """Copy of ``seqs`` with a different ``num_items`` (e.g. the catalogue size of a generator)."""
-    return replace(seqs, num_items=int(num_items))

@@ -45,11 +45,6 @@ STATE_BYTES_PER_VALUE = 4  # momentum1 and momentum2 are fp32
 _DTYPES = {"float32": (torch.float32, DataType.FP32), "bfloat16": (torch.bfloat16, DataType.BF16)}
 
 
-def default_backend() -> str:
-    """nccl when CUDA is available, else gloo."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
 def make_item_embedding_collection(num_embeddings: int, dim: int, weight_dtype: str = "float32",
                                    device: Optional[torch.device] = None, init_range: float = 0.05,
                                    seed: Optional[int] = None) -> EmbeddingCollection:
@@ -201,7 +196,7 @@ def shard_embedding_collection(module: nn.Module, cfg: ShardingConfig, pg: Optio
     """
     cfg.validate()
     pg = pg or dist.GroupMember.WORLD
-    assert pg is not None, "init the process group first (hstu.trainer.parallel.sharding.default_backend())"
+    assert pg is not None, "init the process group first (gloo on CPU, nccl on GPU: trainer/distributed.py setup)"
     if device is None:
         device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                   else torch.device("cpu"))
@@ -247,7 +242,7 @@ def element_bytes(dmp: nn.Module) -> Dict[str, Any]:
 
 
 __all__ = [
-    "TABLE_NAME", "FEATURE_NAME", "default_backend", "make_item_embedding_collection", "rowwise_adamw_fused_params",
+    "TABLE_NAME", "FEATURE_NAME", "make_item_embedding_collection", "rowwise_adamw_fused_params",
     "RowwiseAdamWGroupedEmbeddingsLookup", "RowwiseAdamWShardedEmbeddingCollection",
     "RowwiseAdamWEmbeddingCollectionSharder", "RowwiseAdamWStorageEstimator", "optimizer_state_bytes",
     "build_planner", "shard_embedding_collection", "rowwise_kernels", "element_bytes",

@@ -1,23 +1,9 @@
-"""Tasks: what the ONE train loop (trainer/train.py) trains, selected by ``RunConfig.task``.
+"""The ranking task: generative ranking (docs/ranking.md) — multi-task BCE at item positions (+ an optional
+regression head), NE / AUC / GAUC evaluation over all candidates, an item-rate baseline.
 
-A task is built per run from the RunConfig and supplies the task-specific parts; the loop (epochs, optimizer,
-eval cadence, best epoch, logging, checkpoints) is shared::
-
-    task = make_task(cfg)            # RetrievalTask | RankingTask
-    task.check_config()              # raises ConfigError
-    data = task.build_data(env)      # TaskData(train_loader, eval_loader, num_items, num_users, source, valid_loader)
-    model = task.build_model(device)
-    loss = task.compute_loss(model, batch, ctx)        # batch: the loop's PreparedBatch (on the device)
-    task.eval_splits()                                 # ("validation", "test") | ("test",)
-    metrics = task.evaluate(model, ctx, split="test")  # {name: value}
-    task.data_description()                            # {"tie_order": ..., ...} for results.json
-    task.metric_names(); task.selection_value(metrics) # higher is better
-    task.baseline(metrics_logger, env)                 # logged once per run ({} if none)
-    task.plain_state_dict(model)                       # sharded path: best.pt as the plain model's state_dict
-
-RetrievalTask delegates to the retrieval functions of trainer/train.py (looked up at call time, so their
-behaviour — and any patching of them — stays where it is). RankingTask: docs/ranking.md; in N processes
-(``sharding.enabled``) each rank trains and evaluates its slice of every global batch, its tables are sharded
+Split (chronological): the last ``ranking.num_eval_targets`` events of each user are the test candidates, the K
+before them the validation candidates, training windows end before them (trainer/data/ranking.py). In N processes
+(``sharding.enabled``) each rank trains and evaluates its slice of every global batch, all its tables are sharded
 (trainer/parallel/ranking_embeddings.py) and evaluation gathers all predictions on rank 0 (exact NE/AUC/GAUC).
 """
 
@@ -25,118 +11,17 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hstu.trainer.config import ConfigError, RunConfig
-from hstu.trainer.config_checks import RANKING_DATASETS, TASKS, check_ranking_training
+from hstu.trainer.config import RunConfig
+from hstu.trainer.config_checks import RANKING_DATASETS, check_ranking_training
+from hstu.trainer.tasks.spec import TaskData
 
 log = logging.getLogger("hstu")
-
-
-@dataclass
-class TaskData:
-    """What a task's build_data returns: loaders, catalogue size, user count and the underlying dataset."""
-
-    train_loader: Any
-    eval_loader: Any  # the test split
-    num_items: int
-    num_users: int
-    source: Any = None  # retrieval: UserSequences; ranking: RankingData
-    valid_loader: Any = None  # the validation split (retrieval); None when the task has none
-
-
-def make_task(cfg: RunConfig):
-    """cfg.task -> a fresh task object for this run."""
-    task = getattr(cfg, "task", "retrieval")
-    if task == "retrieval":
-        return RetrievalTask(cfg)
-    if task == "ranking":
-        return RankingTask(cfg)
-    raise ConfigError(f"key 'task' = {task!r} is not one of {list(TASKS)}")
-
-
-# ------------------------------------------------------------------------------------------------ retrieval
-
-
-class RetrievalTask:
-    """Next-item retrieval: sampled softmax, full-ranking evaluation (trainer/train.py, trainer/evaluate.py)."""
-
-    name = "retrieval"
-
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg, self.data = cfg, None
-
-    def check_config(self) -> None:
-        if self.cfg.model.arch == "dlrm":
-            raise ConfigError("key 'model.arch' = 'dlrm' needs task=ranking")
-
-    def metric_names(self) -> List[str]:
-        from hstu.trainer import train as train_mod
-
-        return train_mod.metric_names(self.cfg.eval)
-
-    def selection_value(self, metrics: Dict[str, float]) -> float:
-        return metrics[self.cfg.eval.selection_metric]
-
-    def eval_splits(self) -> tuple:
-        """Leave-one-out with validation: second-to-last item (validation), last item (test)."""
-        return ("validation", "test")
-
-    def data_description(self) -> Dict[str, Any]:
-        from hstu.trainer.data import tie_options
-
-        return {"split": "leave-one-out (validation: second-to-last item, test: last item)",
-                **tie_options(self.cfg.data)}
-
-    def build_data(self, env=None) -> TaskData:
-        from hstu.trainer import train as train_mod
-
-        rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
-        seqs, train_loader, valid_loader, test_loader = train_mod.build_data(self.cfg, rank, world,
-                                                                             with_validation=True)
-        self.data = TaskData(train_loader, test_loader, seqs.num_items, seqs.num_users, seqs, valid_loader)
-        return self.data
-
-    def build_model(self, device: torch.device) -> torch.nn.Module:
-        from hstu.trainer import train as train_mod
-
-        return train_mod.build_model_for(self.cfg, self.data.num_items, device)
-
-    def compute_loss(self, model, batch, ctx) -> torch.Tensor:
-        from hstu.trainer import train as train_mod
-
-        return train_mod.compute_loss(model, batch, ctx)
-
-    def evaluate(self, model, ctx, split: str = "test") -> Dict[str, float]:
-        """Full-ranking metrics of ``split`` (validation | test); collective with N ranks."""
-        from hstu.trainer import distributed as hd
-        from hstu.trainer.evaluate import evaluate
-
-        env = ctx.env
-        loader = {"test": ctx.eval_loader, "validation": getattr(ctx, "valid_loader", None)}[split]
-        if loader is None:
-            raise ValueError(f"no {split} loader in this context")
-        return evaluate(hd.unwrap(model), loader, ctx.num_items, self.cfg.eval, ctx.device,
-                        reduce=env.all_reduce_sum if env.world_size > 1 else None)
-
-    def baseline(self, metrics, env) -> Dict[str, float]:
-        from hstu.trainer import train as train_mod
-
-        return train_mod._popularity_baseline(self.cfg, self.data.source, self.data.eval_loader, metrics, env)
-
-    def plain_state_dict(self, model) -> Dict[str, torch.Tensor]:
-        """A sharded (DMP) RetrievalModel as the plain model's state_dict; collective."""
-        from hstu.trainer.parallel.item_embeddings import plain_state_dict
-
-        return plain_state_dict(model)
-
-
-# ------------------------------------------------------------------------------------------------ ranking
 
 
 class RankingTask:
@@ -193,6 +78,12 @@ class RankingTask:
         return out
 
     # -- data / model
+    def prepare(self, progress: bool = False) -> Dict[str, Any]:
+        """The ranking cache entry + every other file it reads (users.dat), validated: `hstu prepare`."""
+        from hstu.trainer.data.ranking import prepare_ranking
+
+        return prepare_ranking(self.cfg, progress=progress)
+
     def streaming(self) -> bool:
         """``ranking.synthetic.stream=true`` (synthetic data): train batches are generated per batch."""
         return self.cfg.data.name == "synthetic" and bool(getattr(self.cfg.ranking.synthetic, "stream", False))
@@ -249,6 +140,20 @@ class RankingTask:
 
             model = HSTURankingModel(cfg.model, self.spec, cfg.ops.backend)
         return model.to(device)
+
+    def wrap_sharded_tables(self, model: torch.nn.Module, weight_dtype: str) -> None:
+        """All of ``model.tables`` (item, action, contextual, side) become ONE CollectionRankingTables."""
+        from hstu.trainer.parallel.ranking_embeddings import CollectionRankingTables
+
+        model.tables = CollectionRankingTables(model.tables, weight_dtype)
+
+    def prefetcher(self, model: torch.nn.Module) -> Any:
+        """None: no input-dist prefetch for the ranking tables (``sharding.pipeline=prefetch`` is rejected)."""
+        return None
+
+    def prepare_batch(self, prepared: Any, ctx: Any) -> Any:
+        """Nothing to add: the model does its one table lookup itself (sharded or not)."""
+        return prepared
 
     def _weights(self, device) -> torch.Tensor:
         w = self.cfg.ranking.task_weights or [1.0] * len(self.spec.task_names)
@@ -338,14 +243,25 @@ class RankingTask:
         windows of the eval users only (``ranking.synthetic.eval_users``; the rest is never held)."""
         if not self.cfg.eval.popularity_baseline:
             return {}
-        if env is not None and env.world_size > 1:
-            out = env.broadcast_object(self._item_rate() if env.is_main else None)
-        else:
-            out = self._item_rate()
+        out = self.baseline_metrics(env)
         metrics.log("baseline", 0, epoch=0, name="item_rate", **out)
         log.info("item-rate baseline: %s", ", ".join(f"{k} {out[k]:.4f}" for k in out if k.startswith(("ne_",
                                                                                                          "auc_"))))
         return out
+
+    def baseline_metrics(self, env=None) -> Dict[str, float]:
+        """The item-rate baseline's test metrics (unlogged); collective with N ranks."""
+        if env is not None and env.world_size > 1:
+            return env.broadcast_object(self._item_rate() if env.is_main else None)
+        return self._item_rate()
+
+    def export(self, state: Dict[str, torch.Tensor], ckpt: str, out: str, *, embedding_dtype: str = "fp32",
+               overwrite: bool = False, source: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        """``hstu export`` of the plain weights ``state`` (read from ``ckpt``): serving/export_ranking.py."""
+        from hstu.serving.export_ranking import export_ranking_state
+
+        return export_ranking_state(self.cfg, state, out, embedding_dtype=embedding_dtype, overwrite=overwrite,
+                                    source=source)
 
     def _item_rate(self) -> Dict[str, float]:
         from hstu.trainer.data.sequences import gather_ranges

@@ -1,0 +1,205 @@
+"""The retrieval task: next-item prediction with a sampled softmax over the item catalogue, full-ranking
+evaluation (HR@K / NDCG@K / MRR, trainer/evaluate.py), a most-popular baseline (docs/model.md).
+
+Split (leave-one-out with validation): each user's last item is the test target, the second-to-last the
+validation target, training sequences end before it (trainer/data). Sharded path (``sharding.enabled``): the item
+table is a TorchRec EmbeddingCollection (trainer/parallel/item_embeddings.py); :func:`prepare_sharded_batch` draws
+the negatives up front so that ONE table lookup per step serves the sequence and the negatives.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from hstu.modules.losses import lookup_all_items, next_item_labels, sample_negatives, sampled_softmax_loss
+from hstu.trainer.config import ConfigError, RunConfig
+from hstu.trainer.evaluate import evaluate, evaluate_popularity, popularity_counts
+from hstu.trainer.pipeline import PreparedBatch
+from hstu.trainer.tasks.spec import TaskData
+
+log = logging.getLogger("hstu")
+
+
+def metric_names(eval_cfg) -> list:
+    return [f"hr@{k}" for k in eval_cfg.ks] + [f"ndcg@{k}" for k in eval_cfg.ndcg_ks] + ["mrr"]
+
+
+def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1, with_validation: bool = False):
+    """(seqs, train_loader, test_loader) — or (seqs, train_loader, valid_loader, test_loader) with
+    ``with_validation`` — from the data package (progress bars follow train.progress); the train sequences end
+    before each user's validation item either way; the loaders read this rank's slice of every global batch."""
+    from hstu.trainer.data import build_loaders, load_sequences
+
+    seqs = load_sequences(cfg.data, progress=cfg.train.progress and rank == 0)
+    train_loader, valid_loader, test_loader = build_loaders(cfg.data, seqs, rank, world_size)
+    if with_validation:
+        return seqs, train_loader, valid_loader, test_loader
+    return seqs, train_loader, test_loader
+
+
+def build_model_for(cfg: RunConfig, num_items: int, device: torch.device) -> torch.nn.Module:
+    from hstu.modules.model import build_model
+
+    return build_model(cfg, num_items).to(device)
+
+
+def compute_loss(model: torch.nn.Module, batch: Any, ctx: Any) -> torch.Tensor:
+    """Sampled-softmax next-item loss of one batch on the device: a JaggedBatch, or a PreparedBatch (whose
+    ``lookup_ids`` on the sharded path make ONE call of the (DMP) model do both item lookups)."""
+    lc = ctx.cfg.loss
+    p = batch if isinstance(batch, PreparedBatch) else PreparedBatch(batch, int(batch.item_ids.numel()))
+    if p.lookup_ids is None:
+        seq_emb = model.encode(p.batch)  # [T, D]
+        labels, valid = next_item_labels(p.batch.item_ids, p.batch.offsets)
+        return sampled_softmax_loss(seq_emb, labels, valid, model.item_vectors, ctx.num_items, lc.num_negatives,
+                                    lc.temperature, ctx.neg_generator, route=lc.route, item_lookup=lc.item_lookup,
+                                    compile=lc.compile)
+    seq_emb, vecs = model(p.batch, p.lookup_ids, p.input_index)  # [T, D], [U, D]
+    # prepare_sharded_batch looked up ids 0..N (row = id) or the sorted unique ids it needs: the same rule decides
+    return sampled_softmax_loss(seq_emb, p.labels, p.valid, None, ctx.num_items, lc.num_negatives,
+                                lc.temperature, negatives=p.negatives, route=lc.route, table=vecs,
+                                table_ids=None if _lookup_all(ctx.cfg, ctx.num_items) else p.lookup_ids,
+                                compile=lc.compile)
+
+
+def _lookup_all(cfg: RunConfig, num_items: int) -> bool:
+    """The one rule (``loss.route`` / ``loss.item_lookup``): does the step look up the whole table (ids 0..N)?"""
+    lc = cfg.loss
+    return lookup_all_items(lc.route, lc.item_lookup, num_items, lc.num_negatives, cfg.model.embedding_dim)
+
+
+def prepare_sharded_batch(out: PreparedBatch, ctx: Any) -> PreparedBatch:
+    """Sharded path: next-item labels, the negatives (``ctx.neg_generator``) and the ids of the ONE table lookup
+    of the step: ``lookup_ids`` = all ids 0..N when the loss uses the whole table (``_lookup_all``), else the
+    unique ids of the batch and its negatives; ``input_index`` [T] maps each batch item into lookup_ids."""
+    cfg, batch = ctx.cfg, out.batch
+    labels, valid = next_item_labels(batch.item_ids, batch.offsets)
+    lc, n = cfg.loss, ctx.num_items
+    negatives = sample_negatives(int(valid.sum()), lc.num_negatives, n, ctx.neg_generator, ctx.device)
+    if _lookup_all(cfg, n):
+        lookup_ids, input_index = torch.arange(n + 1, device=ctx.device), batch.item_ids
+    else:
+        lookup_ids, inverse = torch.unique(torch.cat([batch.item_ids, negatives.flatten()]), return_inverse=True)
+        input_index = inverse[: batch.item_ids.numel()]
+    out.labels, out.valid, out.negatives, out.lookup_ids, out.input_index = (labels, valid, negatives,
+                                                                            lookup_ids, input_index)
+    return out
+
+
+def popularity_baseline(cfg: RunConfig, seqs, eval_loader, env: Any = None) -> Dict[str, float]:
+    """Most-popular baseline on ``eval_loader``: items ranked by their count in the training sequences;
+    collective with ``env`` of world size > 1."""
+    counts = popularity_counts(torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets), seqs.num_items)
+    return evaluate_popularity(counts, eval_loader, cfg.eval, reduce=env.all_reduce_sum
+                               if env is not None and env.world_size > 1 else None)
+
+
+class RetrievalTask:
+    """Next-item retrieval: sampled softmax, full-ranking evaluation (see the module docstring)."""
+
+    name = "retrieval"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg, self.data = cfg, None
+
+    # -- config
+    def check_config(self) -> None:
+        if self.cfg.model.arch == "dlrm":
+            raise ConfigError("key 'model.arch' = 'dlrm' needs task=ranking")
+
+    def metric_names(self) -> List[str]:
+        return metric_names(self.cfg.eval)
+
+    def selection_value(self, metrics: Dict[str, float]) -> float:
+        return metrics[self.cfg.eval.selection_metric]
+
+    # -- data
+    def prepare(self, progress: bool = False) -> Dict[str, Any]:
+        from hstu.trainer.data import prepare
+
+        return prepare(self.cfg.data, progress=progress)
+
+    def build_data(self, env=None) -> TaskData:
+        rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
+        seqs, train_loader, valid_loader, test_loader = build_data(self.cfg, rank, world, with_validation=True)
+        self.data = TaskData(train_loader, test_loader, seqs.num_items, seqs.num_users, seqs, valid_loader)
+        return self.data
+
+    def data_description(self) -> Dict[str, Any]:
+        from hstu.trainer.data import tie_options
+
+        return {"split": "leave-one-out (validation: second-to-last item, test: last item)",
+                **tie_options(self.cfg.data)}
+
+    # -- model, sharding, batch, loss
+    def build_model(self, device: torch.device) -> torch.nn.Module:
+        return build_model_for(self.cfg, self.data.num_items, device)
+
+    def wrap_sharded_tables(self, model: torch.nn.Module, weight_dtype: str) -> None:
+        """The item table becomes a CollectionItemEmbeddings (a TorchRec EmbeddingCollection that DMP shards)."""
+        from hstu.trainer.parallel.item_embeddings import CollectionItemEmbeddings
+
+        model.item_embeddings = CollectionItemEmbeddings(model.item_embeddings, weight_dtype)
+
+    def prefetcher(self, model: torch.nn.Module) -> Any:
+        """The sharded model's CollectionItemEmbeddings: ``prefetch(lookup_ids)`` starts the input all-to-all of
+        the next batch (``sharding.pipeline=prefetch``, trainer/pipeline.py)."""
+        from hstu.trainer.parallel.item_embeddings import find_item_embeddings
+
+        return find_item_embeddings(model)
+
+    def prepare_batch(self, prepared: PreparedBatch, ctx: Any) -> PreparedBatch:
+        """Plain path: as is (the loss draws its negatives itself); sharded: :func:`prepare_sharded_batch`."""
+        return prepare_sharded_batch(prepared, ctx) if ctx.env.sharded else prepared
+
+    def compute_loss(self, model, batch, ctx) -> torch.Tensor:
+        return compute_loss(model, batch, ctx)
+
+    # -- evaluation
+    def eval_splits(self) -> tuple:
+        """Leave-one-out with validation: second-to-last item (validation), last item (test)."""
+        return ("validation", "test")
+
+    def evaluate(self, model, ctx, split: str = "test") -> Dict[str, float]:
+        """Full-ranking metrics of ``split`` (validation | test; ``ctx``: the TrainContext, or a device);
+        collective with N ranks."""
+        env = getattr(ctx, "env", None)
+        loader = {"test": self.data.eval_loader, "validation": self.data.valid_loader}[split]
+        if loader is None:
+            raise ValueError(f"no {split} loader in this context")
+        if env is not None and env.sharded:
+            from hstu.trainer import distributed as hd
+
+            model = hd.unwrap(model)  # its sharded table stays sharded (collective lookups)
+        return evaluate(model, loader, self.data.num_items, self.cfg.eval, getattr(ctx, "device", ctx),
+                        reduce=env.all_reduce_sum if env is not None and env.world_size > 1 else None)
+
+    def baseline_metrics(self, env=None) -> Dict[str, float]:
+        return popularity_baseline(self.cfg, self.data.source, self.data.eval_loader, env)
+
+    def baseline(self, metrics, env=None) -> Dict[str, float]:
+        """The most-popular baseline on the test split, logged once (eval.popularity_baseline; else {})."""
+        if not self.cfg.eval.popularity_baseline:
+            return {}
+        base = self.baseline_metrics(env)
+        metrics.log("baseline", 0, epoch=0, name="most_popular", **base)
+        log.info("most-popular baseline: %s", ", ".join(f"{k} {base[k]:.4f}" for k in self.metric_names()))
+        return base
+
+    # -- weights and export
+    def plain_state_dict(self, model) -> Dict[str, torch.Tensor]:
+        """A sharded (DMP) RetrievalModel as the plain model's state_dict; collective."""
+        from hstu.trainer.parallel.item_embeddings import plain_state_dict
+
+        return plain_state_dict(model)
+
+    def export(self, state: Dict[str, torch.Tensor], ckpt: str, out: str, *, embedding_dtype: str = "fp32",
+               overwrite: bool = False, source: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        """``hstu export`` of the plain weights ``state`` (read from ``ckpt``): serving/export.py."""
+        from hstu.serving.export import export_retrieval_state
+
+        return export_retrieval_state(self.cfg, state, ckpt, out, embedding_dtype=embedding_dtype,
+                                      overwrite=overwrite, source=source)
