@@ -19,7 +19,6 @@ unsharded tensors of best.pt or a DCP checkpoint, whatever world size and shardi
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ import torch
 
 from hstu.serving.mfalcon import DenseStep
 from hstu.serving.retrieval import EMBEDDING_DTYPES, ItemTable, brute_force_topk
+from hstu.trainer.integrity import sha256_file
 from hstu.trainer.plain_weights import ITEM_KEY
 
 FORMAT, FORMAT_VERSION = "hstu-serving", 2  # 2: manifest.task (retrieval | ranking); 1 = retrieval
@@ -114,14 +114,6 @@ def export_dense_programs(encoder, l2_norm: bool, eps: float):
     return extend, score
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_out(out: str, overwrite: bool) -> str:
     """Absolute --out; refuses an existing one unless overwrite (--force)."""
     out = os.path.abspath(out)
@@ -157,7 +149,7 @@ def write_artifact(out: str, manifest: Dict[str, Any], config: Dict[str, Any],
         with open(os.path.join(tmp, CONFIG_YAML), "w", encoding="utf-8") as f:
             yaml.safe_dump(config, f, sort_keys=False)
         manifest["files"] = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
-                                    "sha256": _sha256(os.path.join(tmp, name))} for name in sorted(os.listdir(tmp))}
+                                    "sha256": sha256_file(os.path.join(tmp, name))} for name in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")

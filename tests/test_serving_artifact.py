@@ -191,7 +191,7 @@ def _copy(out, tmp_path):
 
 def _rewrite(art, name, mutate):
     """Change one JSON file and re-record its checksum (a consistent but wrong artifact)."""
-    from hstu.serving.export import _sha256
+    from hstu.trainer.integrity import sha256_file as _sha256
 
     p = os.path.join(art, name)
     data = json.load(open(p))

@@ -27,6 +27,7 @@ from typing import Dict, Optional, Tuple
 from tqdm import tqdm
 
 from hstu.trainer.data.errors import DataError
+from hstu.trainer.integrity import sha256_file  # noqa: F401 (the one file checksum; re-exported for callers)
 
 ML_BASE = "https://files.grouplens.org/datasets/movielens/"
 
@@ -70,15 +71,6 @@ SOURCES: Dict[str, Source] = {
         "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/ratings_Books.csv", ("ratings_Books.csv",)
     ),
 }
-
-
-def sha256_file(path: "str | Path", chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_bytes), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch(url: str, dest: "str | Path", expected_sha256: Optional[str] = None, progress: bool = True) -> str:
