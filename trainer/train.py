@@ -15,7 +15,8 @@ The same loop runs in 1 or N processes (docs/distributed.md): with ``sharding.en
 all its tables) is a TorchRec EmbeddingCollection sharded by DMP (fused rowwise AdamW) and the dense tower is
 DDP; each rank trains on its slice of every global batch, the loss is the global batch's
 (``distributed.reduce_step``), evaluation is split over ranks. ``checkpoint.every_steps`` writes resumable DCP
-checkpoints (trainer/checkpoint.py) and ``train.resume`` continues from the latest one;
+checkpoints (the state objects ``checkpoint_manager`` registers, trainer/checkpoint_manager.py) and
+``train.resume`` continues from the latest one;
 ``sharding.pipeline=prefetch`` overlaps the next batch's input all-to-all with the current step
 (trainer/pipeline.py).
 """
