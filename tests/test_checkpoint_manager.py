@@ -101,3 +101,5 @@ def test_bad_registrations_fail_with_the_name():
         m.register("x", GlobalRNGState(), "disk")
     with pytest.raises(ValueError, match="flat only"):
         m.register("y", GlobalRNGState(), DCP, flat=True)
+    with pytest.raises(ValueError, match="no checkpoint directory"):
+        m.save(1)

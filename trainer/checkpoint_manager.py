@@ -149,6 +149,8 @@ class CheckpointManager:
         """Collective: write ``step_<step>`` atomically (tmp dir → manifest → rename → ``latest`` → prune);
         returns its path."""
         env, ckpt_dir = self.env, self.ckpt_dir
+        if not ckpt_dir:
+            raise ValueError("CheckpointManager.save: no checkpoint directory (this manager was made for loading)")
         name = f"step_{step:08d}"
         final, tmp = os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, name + ".tmp")
         local_tmp = ckpt.local_path(tmp)

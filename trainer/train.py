@@ -225,7 +225,8 @@ PROGRESS_KEYS = ("step", "epoch", "tokens", "train_seconds", "best_value", "best
 def checkpoint_manager(state: TrainState, env: Any, ctx: Optional[TrainContext] = None) -> CheckpointManager:
     """The run's checkpointed state objects, registered once (trainer/checkpoint_manager.py): model, dense and
     sparse optimizer, LR schedulers, progress, RNG streams and, with ``ctx``, the data position (loader +
-    SL/negative generators). Without ``ctx`` (loading weights outside a run) the data position is left out."""
+    SL/negative generators, ``ctx.data_position``). Without ``ctx`` (loading a checkpoint outside a run) the data
+    position is left out and there is no checkpoint directory to save to."""
     cfg = ctx.cfg if ctx is not None else None
     manager = CheckpointManager(env, ckpt.checkpoint_dir(cfg) if cfg else "", cfg.checkpoint.keep_last if cfg else 0)
     manager.register("model", state.model, DCP).register(
@@ -238,7 +239,6 @@ def checkpoint_manager(state: TrainState, env: Any, ctx: Optional[TrainContext] 
         manager.register("sparse_scheduler", SchedulerState(state.sparse_scheduler), META)
     manager.register("rng", GlobalRNGState(), RANK, flat=True)
     if ctx is not None:
-        ctx.data_position = DataPosition(ctx.train_loader, ctx)
         manager.register("loader", ctx.data_position.loader, META)
         manager.register("generators", ctx.data_position.generators, RANK, flat=True)
     return manager
@@ -430,6 +430,7 @@ def _run(cfg: RunConfig, env: hd.DistEnv, data: Any, model: torch.nn.Module, tas
     if env.sharded:
         ctx.item_embeddings = task.prefetcher(model)
     state = TrainState(model, optimizer, scheduler, sparse_optimizer, sparse_scheduler)
+    ctx.data_position = DataPosition(ctx.train_loader, ctx)
     ctx.checkpoints = checkpoint_manager(state, env, ctx)
     if resume_from:
         resume(state, ctx, resume_from)
