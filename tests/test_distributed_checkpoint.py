@@ -18,7 +18,7 @@ import hstu.trainer.checkpoint as ckpt
 from hstu.trainer.config import load_config
 from hstu.trainer.metrics_log import read_metrics
 from hstu.trainer.tasks.retrieval import build_data, build_model_for
-from hstu.trainer.train import TrainState, build_optimizer, train
+from hstu.trainer.train import TrainState, build_optimizer, checkpoint_manager, train
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -89,7 +89,8 @@ def test_crash_between_save_and_publish_keeps_previous_latest(tmp_path, monkeypa
         seqs, _, _ = build_data(cfg)
         model = build_model_for(cfg, seqs.num_items, torch.device("cpu"))
         opt, sched = build_optimizer(model, cfg.optim)
-        meta = ckpt.load(latest, TrainState(model, opt, sched), type("Env", (), {"rank": 0, "world_size": 1})())
+        env = type("Env", (), {"rank": 0, "world_size": 1})()
+        meta = checkpoint_manager(TrainState(model, opt, sched), env).load(latest)
         step = ckpt.checkpoint_step(latest)
         assert meta["step"] == step and int(opt.state[next(iter(model.parameters()))]["step"]) == step
         assert sched.last_epoch == step and opt.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr)

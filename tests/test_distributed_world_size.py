@@ -54,17 +54,16 @@ def _cfg(run_dir: str, cache: str, *extra: str):
 def _outputs_after_load(cfg: Any, path: str) -> Dict[str, Any]:
     """Build the sharded model as train() does, load checkpoint ``path``, return this rank's user vectors of
     its eval slice (with user ids) and all item vectors."""
-    from hstu.trainer import checkpoint as ckpt
     from hstu.trainer import distributed as hd
     from hstu.trainer.tasks.retrieval import build_data, build_model_for
-    from hstu.trainer.train import TrainState, build_optimizer, warmup_schedule
+    from hstu.trainer.train import TrainState, build_optimizer, checkpoint_manager, warmup_schedule
 
     env = hd.setup(cfg)
     seqs, _, eval_loader = build_data(cfg, env.rank, env.world_size)
     model, sparse = hd.shard_model(build_model_for(cfg, seqs.num_items, env.device), cfg, env)
     opt, sched = build_optimizer(model, cfg.optim)
     state = TrainState(model, opt, sched, sparse, warmup_schedule(sparse, cfg.optim))
-    meta = ckpt.load(path, state, env)
+    meta = checkpoint_manager(state, env).load(path)
     inner = hd.unwrap(model).eval()
     batch = next(iter(eval_loader))
     with torch.no_grad():

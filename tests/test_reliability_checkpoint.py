@@ -121,11 +121,11 @@ def test_no_checkpoint_verifies_is_a_one_line_error_and_deletes_nothing(runs, tm
 
 
 def test_missing_rng_file_in_a_directly_loaded_checkpoint_warns_accurately(runs, tmp_path):
-    """ckpt.load on a checkpoint whose rng file is gone (resolve_resume refuses it; a direct load may not):
+    """loading a checkpoint whose rng file is gone (resolve_resume refuses it; a direct load may not):
     the warning says the file is missing and determinism is lost — not 'written by 1 processes, this run has 1'."""
     from hstu.trainer.config import load_config
     from hstu.trainer.tasks.retrieval import build_data, build_model_for
-    from hstu.trainer.train import TrainState, build_optimizer
+    from hstu.trainer.train import TrainState, build_optimizer, checkpoint_manager
 
     run = copy_of(runs, tmp_path)
     os.remove(_newest(run) / "rng_rank0.pt")
@@ -138,8 +138,8 @@ def test_missing_rng_file_in_a_directly_loaded_checkpoint_warns_accurately(runs,
     handler.emit = lambda record: records.append(record.getMessage())
     logging.getLogger("hstu").addHandler(handler)
     try:
-        meta = ckpt.load(str(_newest(run)), TrainState(model, opt, sched),
-                         type("Env", (), {"rank": 0, "world_size": 1})())
+        env = type("Env", (), {"rank": 0, "world_size": 1})()
+        meta = checkpoint_manager(TrainState(model, opt, sched), env).load(str(_newest(run)))
     finally:
         logging.getLogger("hstu").removeHandler(handler)
     assert meta["rng"] is None and meta["step"] == 10
@@ -165,13 +165,13 @@ def test_keep_last_never_prunes_the_fallback_target_for_a_bad_checkpoint(tmp_pat
     fake(2)
     fake(4, good=False)  # a damaged newer one must not count as one of keep_last
     fake(6)
-    ckpt._prune(str(cdir), keep_last=2, current="step_00000006")
+    ckpt.prune(str(cdir), keep_last=2, current="step_00000006")
     assert sorted(os.listdir(cdir)) == ["step_00000002", "step_00000004", "step_00000006"]
     fake(8)
-    ckpt._prune(str(cdir), keep_last=2, current="step_00000008")
+    ckpt.prune(str(cdir), keep_last=2, current="step_00000008")
     assert sorted(os.listdir(cdir)) == ["step_00000004", "step_00000006", "step_00000008"]
     fake(10, good=False)  # the new one does not verify: nothing is pruned
-    ckpt._prune(str(cdir), keep_last=1, current="step_00000010")
+    ckpt.prune(str(cdir), keep_last=1, current="step_00000010")
     assert "step_00000006" in os.listdir(cdir) and "step_00000008" in os.listdir(cdir)
 
 

@@ -37,7 +37,7 @@ def _train_and_outputs(rank: int, world: int, run_dir: str, cache: str) -> Dict[
     from hstu.trainer import checkpoint as ckpt
     from hstu.trainer import distributed as hd
     from hstu.trainer.tasks.retrieval import build_data, build_model_for
-    from hstu.trainer.train import TrainState, build_optimizer, train
+    from hstu.trainer.train import TrainState, build_optimizer, checkpoint_manager, train
 
     train(_cfg(run_dir, cache))
     cfg = _cfg(run_dir + "-load", cache)
@@ -45,8 +45,8 @@ def _train_and_outputs(rank: int, world: int, run_dir: str, cache: str) -> Dict[
     seqs, _, eval_loader = build_data(cfg, env.rank, env.world_size)
     model, sparse = hd.shard_model(build_model_for(cfg, seqs.num_items, env.device), cfg, env)
     opt, sched = build_optimizer(model, cfg.optim)
-    ckpt.load(ckpt.latest_checkpoint(ckpt.checkpoint_dir(_cfg(run_dir, cache))), TrainState(model, opt, sched, sparse),
-              env)
+    checkpoint_manager(TrainState(model, opt, sched, sparse), env).load(
+        ckpt.latest_checkpoint(ckpt.checkpoint_dir(_cfg(run_dir, cache))))
     inner = hd.unwrap(model).eval()
     batch = next(iter(eval_loader))
     with torch.no_grad():

@@ -6,12 +6,14 @@ Layout of ``checkpoint.dir`` (default ``<run_dir>/checkpoints``)::
     step_00000060.tmp/      being written (or left by a crash): never read, removed by the next run
     latest                  one line, the name of the newest complete checkpoint ("step_00000040")
 
-DCP state: ``model`` (sharded table as ShardedTensor + dense weights, or the plain model), ``dense_optim``
-(AdamW state keyed by parameter name), ``sparse_optim`` (``dmp.fused_optimizer``: momentum1, exp_avg_sq
-sharded like the table, step), ``meta`` (a JSON string: step, epoch, tokens, best/final metrics, LR schedulers,
-loader position). Per rank ``rng_rank<r>.pt``: torch / CUDA / numpy / python RNG states and the negative-
-sampling and Stochastic-Length generator states. Saving is collective; loading works with another world size
-or sharding type (RNG files are then not applied: a warning says so).
+DCP state (written and read by the CheckpointManager, trainer/checkpoint_manager.py, from the state objects
+trainer/train.py ``checkpoint_manager`` registers): ``model`` (sharded table as ShardedTensor + dense weights, or
+the plain model), ``dense_optim`` (AdamW state keyed by parameter name), ``sparse_optim`` (``dmp.fused_optimizer``:
+momentum1, exp_avg_sq sharded like the table, step), ``meta`` (a JSON string: step, epoch, tokens, best/final
+metrics, LR schedulers, loader position, world_size, sharded). Per rank ``rng_rank<r>.pt``: torch / CUDA / numpy /
+python RNG states and the negative-sampling and Stochastic-Length generator states. Saving is collective; loading
+works with another world size or sharding type (RNG files are then not applied: a warning says so). This module
+owns the directory side: layout, resolving, set-aside, publishing, pruning, the compatibility check.
 
 Atomicity and integrity (trainer/integrity.py, docs/reliability.md): every rank writes into ``step_N.tmp/`` and
 hashes the files it wrote; rank 0 gathers the hashes, adds ``.metadata``'s and writes ``manifest.json`` (sizes +
@@ -27,15 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
-import random
 import re
 import shutil
 import warnings
 from typing import Any, Dict, Iterator, List, Optional
 
-import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from iopath.common.file_io import PathManager
@@ -43,7 +42,6 @@ from iopath.common.file_io import PathManager
 from hstu.trainer import integrity
 from hstu.trainer.integrity import CheckpointError
 
-log = logging.getLogger("hstu")
 pm = PathManager()
 LATEST = "latest"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -54,7 +52,7 @@ def _crash_point(stage: str) -> None:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_dcp() -> Iterator[None]:
     """Silence DCP's 'single process' notice and TorchRec 1.8's ShardedTensor deprecation (both expected)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
@@ -71,7 +69,7 @@ def checkpoint_step(path: str) -> int:
     return int(_NAME.match(os.path.basename(os.path.normpath(path))).group(1))
 
 
-def _local(path: str) -> str:
+def local_path(path: str) -> str:
     return pm.get_local_path(path)
 
 
@@ -79,15 +77,15 @@ def _complete(ckpt_dir: str) -> List[str]:
     """Names of checkpoints with a manifest whose files have the recorded sizes (no hashing), oldest first."""
     if not pm.exists(ckpt_dir):
         return []
-    names = [n for n in integrity.step_dirs(_local(ckpt_dir))
-             if integrity.verify_step_dir(_local(os.path.join(ckpt_dir, n)), full=False) is None]
+    names = [n for n in integrity.step_dirs(local_path(ckpt_dir))
+             if integrity.verify_step_dir(local_path(os.path.join(ckpt_dir, n)), full=False) is None]
     return names[::-1]
 
 
 def resolve_resume(ckpt_dir: str) -> integrity.Resolution:
     """The checkpoint to resume from: the newest ``step_*`` that verifies, found by scanning (``latest`` is a
     hint). Raises CheckpointError (one line, naming the directory) when checkpoints exist but none verifies."""
-    return integrity.resolve(_local(ckpt_dir)) if pm.exists(ckpt_dir) else integrity.Resolution(None)
+    return integrity.resolve(local_path(ckpt_dir)) if pm.exists(ckpt_dir) else integrity.Resolution(None)
 
 
 def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
@@ -116,15 +114,11 @@ def clean_dir(ckpt_dir: str) -> None:
         return
     for n in pm.ls(ckpt_dir):
         if n.endswith(".tmp") and n.startswith(("step_", LATEST)):
-            p = _local(os.path.join(ckpt_dir, n))
+            p = local_path(os.path.join(ckpt_dir, n))
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
 
-# ------------------------------------------------------------------------------------------------ state dicts
-def _named_params(model: torch.nn.Module) -> Dict[int, str]:
-    return {id(p): n for n, p in model.named_parameters()}
-
-
+# ------------------------------------------------------------------------------------------------ save steps
 def init_dense_state(optimizer: torch.optim.Optimizer) -> None:
     """Give every parameter of an Adam/AdamW optimizer its (zero) state, as its first step would, so DCP has
     tensors to load into (a fresh torch optimizer has no state and DCP would silently skip it)."""
@@ -141,88 +135,13 @@ def init_dense_state(optimizer: torch.optim.Optimizer) -> None:
 
 def dense_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
     """{parameter name: its optimizer state dict (live tensors)}: world-size independent keys for DCP."""
-    names = _named_params(model)
+    names = {id(p): n for n, p in model.named_parameters()}
     return {names[id(p)]: optimizer.state[p] for g in optimizer.param_groups for p in g["params"]}
 
 
-def _scheduler_state(sched: Any) -> Optional[Dict[str, Any]]:
-    if sched is None:
-        return None
-    return {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
-
-
-def _load_scheduler(sched: Any, state: Optional[Dict[str, Any]]) -> None:
-    """Restore a LambdaLR and put its last LRs into the optimizer's param groups (load_state_dict does not)."""
-    if sched is None or state is None:
-        return
-    sched.load_state_dict({**sched.state_dict(), **state})
-    for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
-        group["lr"] = lr
-
-
-def _rng_state(position: Dict[str, Any], world_size: int) -> Dict[str, Any]:
-    out = {"world_size": world_size, "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-           "python": random.getstate(), "neg_generator": position["neg_generator"],
-           "sl_generator": position["sl_generator"]}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state()
-    return out
-
-
-def _restore_rng(rng: Dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-
-
-def _state(state: Any, meta: str) -> Dict[str, Any]:
-    """The DCP state dict of a TrainState (live tensors: DCP saves from / loads into them)."""
-    out = {"model": state.model.state_dict(), "dense_optim": dense_optimizer_state(state.model, state.optimizer),
-           "meta": meta}
-    if state.sparse_optimizer is not None:
-        out["sparse_optim"] = state.sparse_optimizer.state_dict()
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ save / load
-def save(ckpt_dir: str, state: Any, env: Any, meta: Dict[str, Any], position: Dict[str, Any],
-         keep_last: int) -> str:
-    """Collective save of ``state`` (a TrainState) as ``step_<state.step>``; returns its path (see module doc).
-
-    meta: JSON-able run state (the caller's); position: the data position (pipeline.capture_position)."""
-    name = f"step_{state.step:08d}"
-    final, tmp = os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, name + ".tmp")
-    if env.is_main:
-        if pm.exists(tmp):
-            shutil.rmtree(_local(tmp))
-        pm.mkdirs(tmp)
-    env.barrier()
-    with pm.open(os.path.join(tmp, f"rng_rank{env.rank}.pt"), "wb") as f:
-        torch.save(_rng_state(position, env.world_size), f)
-    init_dense_state(state.optimizer)  # no-op after the first step; a step-0 checkpoint needs it
-    meta = {**meta, "loader": position["loader"], "world_size": env.world_size, "sharded": env.sharded}
-    with _quiet():
-        dcp.save(_state(state, json.dumps(meta)), storage_writer=dcp.FileSystemWriter(_local(tmp)))
-    env.barrier()  # every rank's files are written: each hashes its own, rank 0 writes the manifest last
-    hashes = env.gather_object(integrity.hash_rank_files(_local(tmp), env.rank))
-    if env.is_main:
-        integrity.write_manifest(_local(tmp), state.step, env.world_size, hashes)
-        _crash_point("before_rename")
-        if pm.exists(final):  # a complete but never-published checkpoint of this step (crash before `latest`)
-            shutil.rmtree(_local(final))
-        os.replace(_local(tmp), _local(final))
-        _crash_point("before_latest")
-        _publish(ckpt_dir, name)
-        _prune(ckpt_dir, keep_last, name)
-    env.barrier()
-    return final
-
-
-def _publish(ckpt_dir: str, name: str) -> None:
+def publish(ckpt_dir: str, name: str) -> None:
     """Atomically point ``latest`` at ``name``."""
-    pointer = _local(os.path.join(ckpt_dir, LATEST))
+    pointer = local_path(os.path.join(ckpt_dir, LATEST))
     with open(pointer + ".tmp", "w", encoding="utf-8") as f:
         f.write(name + "\n")
         f.flush()
@@ -230,22 +149,22 @@ def _publish(ckpt_dir: str, name: str) -> None:
     os.replace(pointer + ".tmp", pointer)
 
 
-def _prune(ckpt_dir: str, keep_last: int, current: str) -> None:
+def prune(ckpt_dir: str, keep_last: int, current: str) -> None:
     """Keep ``current`` and the ``keep_last - 1`` newest older checkpoints that verify (sizes); delete older
     ones. Nothing is pruned unless ``current`` itself verifies, and incomplete or newer directories are never
     counted or deleted here, so a fallback target survives until a newer checkpoint is complete."""
-    if keep_last <= 0 or integrity.verify_step_dir(_local(os.path.join(ckpt_dir, current)), full=False):
+    if keep_last <= 0 or integrity.verify_step_dir(local_path(os.path.join(ckpt_dir, current)), full=False):
         return
     step = checkpoint_step(current)
     older = [n for n in _complete(ckpt_dir) if checkpoint_step(n) < step]  # oldest first
     for n in older[: max(0, len(older) - (keep_last - 1))]:
-        shutil.rmtree(_local(os.path.join(ckpt_dir, n)))
+        shutil.rmtree(local_path(os.path.join(ckpt_dir, n)))
 
 
-def _check_compatible(path: str, expected: Dict[str, Any]) -> None:
+def check_compatible(path: str, expected: Dict[str, Any]) -> None:
     """Every tensor this run loads exists in the checkpoint with the same GLOBAL size (else a clear error)."""
     try:
-        stored = dcp.FileSystemReader(_local(path)).read_metadata().state_dict_metadata
+        stored = dcp.FileSystemReader(local_path(path)).read_metadata().state_dict_metadata
     except Exception as e:  # noqa: BLE001 - a damaged .metadata (unpickling) fails in many ways
         raise CheckpointError(f"checkpoint {path}: cannot read .metadata ({type(e).__name__})") from e
     missing = sorted(k for k in expected if k not in stored)
@@ -263,46 +182,6 @@ def _check_compatible(path: str, expected: Dict[str, Any]) -> None:
                     "versa; resume with the saving run's sharding settings, or start fresh (train.resume=false)")
         raise CheckpointError(f"checkpoint {path} does not match this run: global sizes differ (name: checkpoint "
                               f"vs this run) " + "; ".join(f"{k}: {a} vs {b}" for k, a, b in wrong[:5]) + hint)
-
-
-def load(path: str, state: Any, env: Any) -> Dict[str, Any]:
-    """Load a checkpoint into ``state`` (model, both optimizers) in place; returns the meta dict, with
-    ``rng`` = this rank's RNG file content when it was saved with the same world size (else None)."""
-    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-
-    init_dense_state(state.optimizer)
-    target = _state(state, "")
-    _check_compatible(path, flatten_state_dict(target)[0])
-    try:
-        with _quiet():
-            dcp.load(target, storage_reader=dcp.FileSystemReader(_local(path)))
-    except Exception as e:  # noqa: BLE001 - DCP wraps read failures of damaged files in CheckpointException
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {first})") from e
-    state.model.load_state_dict(target["model"])
-    if state.sparse_optimizer is not None:
-        state.sparse_optimizer.load_state_dict(target["sparse_optim"])
-    meta = json.loads(target["meta"])
-    _load_scheduler(state.scheduler, meta.get("scheduler"))
-    _load_scheduler(getattr(state, "sparse_scheduler", None), meta.get("sparse_scheduler"))
-    rng_file = os.path.join(path, f"rng_rank{env.rank}.pt")
-    meta["rng"] = None
-    if meta.get("world_size") != env.world_size:
-        log.warning("checkpoint %s was written by %s processes, this run has %d: model, optimizers, schedule and "
-                    "data position restored; RNG streams start fresh", path, meta.get("world_size"), env.world_size)
-    elif not pm.exists(rng_file):  # resolve_resume refuses this; a checkpoint loaded directly may lack it
-        log.warning("checkpoint %s has no %s: model, optimizers, schedule and data position restored; RNG streams "
-                    "start fresh, so the run is not bit-identical to an uninterrupted one", path,
-                    os.path.basename(rng_file))
-    else:
-        try:
-            with pm.open(rng_file, "rb") as f:
-                meta["rng"] = torch.load(f, weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure of a damaged file
-            raise CheckpointError(f"checkpoint {path}: cannot read {os.path.basename(rng_file)} "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-        _restore_rng(meta["rng"])
-    return meta
 
 
 def rewind_metrics(path: str, step: int) -> None:

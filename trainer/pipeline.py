@@ -71,11 +71,46 @@ def capture_position(loader: Any, ctx: Any) -> Dict[str, Any]:
             "sl_generator": ctx.sl_generator.get_state()}
 
 
-def restore_position(position: Dict[str, Any], loader: Any, ctx: Any, generators: bool = True) -> None:
-    loader.load_state_dict(position["loader"])
-    if generators and "neg_generator" in position:
-        ctx.neg_generator.set_state(position["neg_generator"])
-        ctx.sl_generator.set_state(position["sl_generator"])
+class DataPosition:
+    """The data position as checkpoint state objects (trainer/checkpoint_manager.py): ``loader`` (global, in
+    the checkpoint's meta) and ``generators`` (this rank's SL / negative generator states, in its RNG file).
+    ``saved``: the position the next checkpoint records (set by the loop from ``BatchStream.position()``, which
+    excludes a batch prepared ahead); None: the live one."""
+
+    def __init__(self, loader: Any, ctx: Any) -> None:
+        self.train_loader, self.ctx = loader, ctx
+        self.saved: Optional[Dict[str, Any]] = None
+        self.loader, self.generators = _LoaderView(self), _GeneratorView(self)
+
+    def current(self) -> Dict[str, Any]:
+        return self.saved if self.saved is not None else capture_position(self.train_loader, self.ctx)
+
+
+class _LoaderView:
+    def __init__(self, position: DataPosition) -> None:
+        self.position = position
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.position.current()["loader"]
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.position.train_loader.load_state_dict(state)
+
+
+class _GeneratorView:
+    NAMES = ("neg_generator", "sl_generator")
+
+    def __init__(self, position: DataPosition) -> None:
+        self.position = position
+
+    def state_dict(self) -> Dict[str, Any]:
+        current = self.position.current()
+        return {name: current[name] for name in self.NAMES}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for name in self.NAMES:
+            if name in state:
+                getattr(self.position.ctx, name).set_state(state[name])
 
 
 class BatchStream:

@@ -15,7 +15,8 @@ The same loop runs in 1 or N processes (docs/distributed.md): with ``sharding.en
 all its tables) is a TorchRec EmbeddingCollection sharded by DMP (fused rowwise AdamW) and the dense tower is
 DDP; each rank trains on its slice of every global batch, the loss is the global batch's
 (``distributed.reduce_step``), evaluation is split over ranks. ``checkpoint.every_steps`` writes resumable DCP
-checkpoints (trainer/checkpoint.py) and ``train.resume`` continues from the latest one;
+checkpoints (the state objects ``checkpoint_manager`` registers, trainer/checkpoint_manager.py) and
+``train.resume`` continues from the latest one;
 ``sharding.pipeline=prefetch`` overlaps the next batch's input all-to-all with the current step
 (trainer/pipeline.py).
 """
@@ -41,7 +42,9 @@ from hstu.trainer import run_dir as rd
 from hstu.trainer.config import ConfigError, RunConfig, to_dict
 from hstu.trainer.config_checks import check_resources
 from hstu.trainer.metrics_log import MetricsLogger
-from hstu.trainer.pipeline import BatchStream, PreparedBatch, prepare_batch, restore_position
+from hstu.trainer.checkpoint_manager import (DCP, META, RANK, AttributeState, CheckpointManager,
+                                             DenseOptimizerState, GlobalRNGState, SchedulerState)
+from hstu.trainer.pipeline import BatchStream, DataPosition, PreparedBatch, prepare_batch
 from hstu.trainer.run_lifecycle import EarlyLog, commit, resume_point, start
 from hstu.trainer.tasks import get_task
 
@@ -92,6 +95,8 @@ class TrainContext:
     item_embeddings: Any = None  # sharded path: the task's table prefetcher (task.prefetcher), else None
     task: Any = None  # the run's TaskSpec (trainer/tasks/): batch preparation, loss, evaluation, metric names
     valid_loader: Any = None  # the validation split (retrieval), None when the task has none
+    checkpoints: Any = None  # the CheckpointManager of the run's state objects (checkpoint_manager)
+    data_position: Any = None  # pipeline.DataPosition: the loader / generator state a checkpoint records
 
 
 @dataclass
@@ -211,33 +216,51 @@ def _steps_left(state: TrainState, cfg: RunConfig) -> bool:
     return cfg.train.max_steps <= 0 or state.step < cfg.train.max_steps
 
 
-def _meta(state: TrainState) -> Dict[str, Any]:
-    """JSON-able run state for a checkpoint (see trainer/checkpoint.py)."""
-    keys = ("step", "epoch", "tokens", "train_seconds", "best_value", "best_epoch", "best_metrics",
-            "final_metrics", "best_validation", "final_validation", "final_epoch", "baseline_metrics",
-            "epoch_loss_sum", "epoch_steps")
-    return {**{k: getattr(state, k) for k in keys}, "scheduler": ckpt._scheduler_state(state.scheduler),
-            "sparse_scheduler": ckpt._scheduler_state(state.sparse_scheduler)}
+# TrainState fields a checkpoint records (the top level of its meta: the layout older checkpoints have too)
+PROGRESS_KEYS = ("step", "epoch", "tokens", "train_seconds", "best_value", "best_epoch", "best_metrics",
+                 "final_metrics", "best_validation", "final_validation", "final_epoch", "baseline_metrics",
+                 "epoch_loss_sum", "epoch_steps")
+
+
+def checkpoint_manager(state: TrainState, env: Any, ctx: Optional[TrainContext] = None) -> CheckpointManager:
+    """The run's checkpointed state objects, registered once (trainer/checkpoint_manager.py): model, dense and
+    sparse optimizer, LR schedulers, progress, RNG streams and, with ``ctx``, the data position (loader +
+    SL/negative generators, ``ctx.data_position``). Without ``ctx`` (loading a checkpoint outside a run) the data
+    position is left out and there is no checkpoint directory to save to."""
+    cfg = ctx.cfg if ctx is not None else None
+    manager = CheckpointManager(env, ckpt.checkpoint_dir(cfg) if cfg else "", cfg.checkpoint.keep_last if cfg else 0)
+    manager.register("model", state.model, DCP).register(
+        "dense_optim", DenseOptimizerState(state.model, state.optimizer), DCP)
+    if state.sparse_optimizer is not None:
+        manager.register("sparse_optim", state.sparse_optimizer, DCP)
+    manager.register("progress", AttributeState(state, PROGRESS_KEYS), META, flat=True)
+    manager.register("scheduler", SchedulerState(state.scheduler), META)
+    if state.sparse_scheduler is not None:
+        manager.register("sparse_scheduler", SchedulerState(state.sparse_scheduler), META)
+    manager.register("rng", GlobalRNGState(), RANK, flat=True)
+    if ctx is not None:
+        manager.register("loader", ctx.data_position.loader, META)
+        manager.register("generators", ctx.data_position.generators, RANK, flat=True)
+    return manager
 
 
 def save_checkpoint(state: TrainState, ctx: TrainContext, position: Any) -> None:
     """Collective: write checkpoint step_<state.step> (position: data position after the last trained batch)."""
-    cfg = ctx.cfg
     t0 = time.perf_counter()
-    path = ckpt.save(ckpt.checkpoint_dir(cfg), state, ctx.env, _meta(state), position, cfg.checkpoint.keep_last)
-    commit(cfg, ctx.env)
+    ctx.data_position.saved = position
+    try:
+        path = ctx.checkpoints.save(state.step)
+    finally:
+        ctx.data_position.saved = None
+    commit(ctx.cfg, ctx.env)
     state.save_pending = False
     ctx.metrics.log("checkpoint", state.step, epoch=state.epoch, path=path, seconds=time.perf_counter() - t0)
 
 
 def resume(state: TrainState, ctx: TrainContext, path: str) -> None:
-    """Load checkpoint ``path`` into state / loader / generators / RNGs (see trainer/checkpoint.py)."""
-    meta = ckpt.load(path, state, ctx.env)
-    for k, v in _meta(state).items():
-        if k in meta and not k.endswith("scheduler"):
-            setattr(state, k, meta[k])
-    rng = meta["rng"] or {}
-    restore_position({"loader": meta["loader"], **rng}, ctx.train_loader, ctx)
+    """Load checkpoint ``path`` into every registered state object (model, optimizers, schedulers, progress,
+    loader, generators, RNGs; see trainer/checkpoint_manager.py)."""
+    ctx.checkpoints.load(path)
     log.info("resumed from %s: step %d, epoch %d", path, state.step, state.epoch)
 
 
@@ -407,6 +430,8 @@ def _run(cfg: RunConfig, env: hd.DistEnv, data: Any, model: torch.nn.Module, tas
     if env.sharded:
         ctx.item_embeddings = task.prefetcher(model)
     state = TrainState(model, optimizer, scheduler, sparse_optimizer, sparse_scheduler)
+    ctx.data_position = DataPosition(ctx.train_loader, ctx)
+    ctx.checkpoints = checkpoint_manager(state, env, ctx)
     if resume_from:
         resume(state, ctx, resume_from)
     with MetricsLogger(cfg.run_dir, tensorboard=cfg.train.tensorboard and env.is_main, enabled=env.is_main,
