@@ -6,6 +6,9 @@ research   (GR research/, the public tables): LN(no affine) → X·W_uvqk (no bi
 production (GR modules/stu.py): LN(affine) → X·W + b → SiLU(U) only → A = SiLU(QKᵀ/√d_qk)/N, no rab
            → out = Dropout(cat[U, A·V, U ⊙ LN(A·V)]) · W_o + X; time enters as an input embedding.
 N = max_seq_len (a constant, so outputs never depend on how sequences are batched).
+Both variants run their two fused steps through the ops dispatchers, so ``ops.backend`` picks the PyTorch
+reference or the Triton kernel for each: attention (ops/hstu_attention.py) and U ⊙ LN(A·V) [+ concat] + dropout
+(ops/norm_gating.py, via ``gate_and_dropout``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from hstu.ops.backend import Backend, BackendLike, resolve_backend
 from hstu.ops.hstu_attention import jagged_hstu_attention
 from hstu.ops.jagged import last_rows, positions_in_sequence, sequence_ids
+from hstu.ops.norm_gating import norm_gating
 from hstu.ops.pytorch.hstu_attention import (attention_plan, max_pos_from_table, relative_position_ids,
                                              time_bucket_ids)
 
@@ -27,6 +31,23 @@ if TYPE_CHECKING:  # typing only: modules never import the trainer at runtime
     from hstu.trainer.config import ModelConfig
 
 LN_EPS = 1e-6
+
+
+def gate_and_dropout(attn: torch.Tensor, u: torch.Tensor, weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], *, dropout: float, training: bool, concat: bool,
+                     backend: Backend) -> torch.Tensor:
+    """U ⊙ LN(A·V) (concat: cat[U, A·V, U ⊙ LN(A·V)]) then dropout, through the fused op's dispatcher
+    (ops/norm_gating.py). attn, u [N, H·dv] -> [N, H·dv] | [N, 3·H·dv].
+
+    PyTorch backend: the op without dropout, then torch's ``F.dropout`` — the RNG stream every earlier run used,
+    so fixed-seed training is unchanged. Triton backend: dropout fused in the kernel (a counter-based Philox
+    mask, seed drawn from torch's CPU generator per call), so the same torch seed drops other elements than on
+    the PyTorch backend (same rate and scaling; equal outputs when dropout is 0 or in eval)."""
+    if backend == Backend.TRITON:
+        return norm_gating(attn, u, weight, bias, eps=LN_EPS, dropout_p=dropout, training=training, concat=concat,
+                           backend=backend)
+    y = norm_gating(attn, u, weight, bias, eps=LN_EPS, concat=concat, backend=backend)
+    return F.dropout(y, p=dropout, training=training)
 
 
 def input_time_bucket_ids(delta: torch.Tensor, num_buckets: int, fn: str = "sqrt") -> torch.Tensor:
@@ -139,8 +160,9 @@ class ResearchHSTULayer(CachedLayerMixin, nn.Module):
 
     def finish(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """attn = A·V [N, H·dv] -> Linear_o(Dropout(U ⊙ LN(A·V))) + X."""
-        y = u * F.layer_norm(attn, [attn.shape[-1]], eps=LN_EPS)
-        return self.output(F.dropout(y, p=self.dropout, training=self.training)) + x
+        y = gate_and_dropout(attn, u, None, None, dropout=self.dropout, training=self.training, concat=False,
+                             backend=self.backend)
+        return self.output(y) + x
 
     def rab_indices(self, q_pos, k_pos, q_tnext, k_ts):
         """(j − i + P − 1 clamped, bucket(t_next(i) − t_j)) as the attention op; None for an absent table."""
@@ -174,7 +196,7 @@ class ProductionHSTULayer(CachedLayerMixin, nn.Module):
         self.input_norm = nn.LayerNorm(D, eps=LN_EPS)
         self.uvqk_weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(D, width)))
         self.uvqk_bias = nn.Parameter(torch.zeros(width))
-        self.output_norm = nn.LayerNorm(cfg.linear_dim * H, eps=LN_EPS)
+        self.output_norm = nn.LayerNorm(cfg.linear_dim * H, eps=LN_EPS)  # its affine: the fused op's weight, bias
         self.output_weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(3 * cfg.linear_dim * H, D)))
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, max_len: int, timestamps: Optional[torch.Tensor] = None,
@@ -205,8 +227,9 @@ class ProductionHSTULayer(CachedLayerMixin, nn.Module):
 
     def finish(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """attn = A·V [N, H·dv] -> Dropout(cat[U, A·V, U ⊙ LN(A·V)]) · W_o + X."""
-        y = torch.cat([u, attn, u * self.output_norm(attn)], dim=1)
-        return torch.addmm(x, F.dropout(y, p=self.dropout, training=self.training), self.output_weight)
+        y = gate_and_dropout(attn, u, self.output_norm.weight, self.output_norm.bias, dropout=self.dropout,
+                             training=self.training, concat=True, backend=self.backend)
+        return torch.addmm(x, y, self.output_weight)
 
 
 def attention_plan_for(layers, offsets: torch.Tensor, num_tokens: int, timestamps: Optional[torch.Tensor],

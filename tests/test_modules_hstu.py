@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hstu.modules.hstu import HSTUEncoder, ProductionHSTULayer, ResearchHSTULayer, input_time_bucket_ids
+from hstu.ops.hstu_attention import jagged_hstu_attention
 from hstu.trainer.config import ModelConfig
 
 MAX_SEQ_LEN = 9
@@ -157,3 +158,54 @@ def test_hstu_rejects_attention_dropout_and_bad_variant():
         HSTUEncoder(_cfg("research", attn_dropout=0.1), MAX_SEQ_LEN)
     with pytest.raises(ValueError, match="variant"):
         HSTUEncoder(_cfg("fancy"), MAX_SEQ_LEN)
+
+
+def frozen_layer_forward(layer, variant, x, offsets, max_len, ts, qts):
+    """The HSTU layers' math as it was before the gating went through ops/norm_gating.py (F.layer_norm + U gating
+    + torch F.dropout written out), the reference for `test_gating_through_dispatcher_keeps_layer_math`."""
+    T, D = x.shape
+    H, dqk, dv = layer.num_heads, layer.attention_dim, layer.linear_dim
+    split = [H * dv, H * dv, H * dqk, H * dqk]
+    if variant == "research":
+        u, v, q, k = torch.split(F.silu(F.layer_norm(x, [D], eps=1e-6) @ layer.uvqk), split, dim=1)
+        extra = dict(alpha=1.0, pos_weights=layer.pos_weights, time_weights=layer.time_weights, timestamps=ts,
+                     query_timestamps=qts, time_bucket_base=layer.time_bucket_base)
+    else:
+        ln_x = F.layer_norm(x, [D], layer.input_norm.weight, layer.input_norm.bias, 1e-6)
+        u, v, q, k = torch.split(torch.addmm(layer.uvqk_bias, ln_x, layer.uvqk_weight), split, dim=1)
+        u = F.silu(u)
+        extra = dict(alpha=1.0 / math.sqrt(dqk))
+    attn = jagged_hstu_attention(q.reshape(T, H, dqk), k.reshape(T, H, dqk), v.reshape(T, H, dv), offsets, max_len,
+                                 norm=float(layer.max_seq_len), causal=True, **extra).reshape(T, H * dv)
+    if variant == "research":
+        y = u * F.layer_norm(attn, [H * dv], eps=1e-6)
+        return layer.output(F.dropout(y, p=layer.dropout, training=True)) + x
+    y = torch.cat([u, attn, u * F.layer_norm(attn, [H * dv], layer.output_norm.weight, layer.output_norm.bias,
+                                             1e-6)], dim=1)
+    return torch.addmm(x, F.dropout(y, p=layer.dropout, training=True), layer.output_weight)
+
+
+@pytest.mark.parametrize("variant", ["research", "production"])
+def test_gating_through_dispatcher_keeps_layer_math(variant):
+    """PyTorch backend, training, dropout 0.3, fp32: the layer (gating via the norm_gating dispatcher, torch
+    dropout) gives bit-identical outputs and gradients to the frozen pre-dispatcher math under the same seed."""
+    torch.manual_seed(0)
+    layer = (ResearchHSTULayer if variant == "research" else ProductionHSTULayer)(
+        _cfg(variant, dropout=0.3, use_rab_position=True, use_rab_time=True), MAX_SEQ_LEN).train()
+    x, offsets, ts, qts = _jagged([3, 0, 5, 1], seed=3)
+    x = x.detach().float()
+    max_len = 5
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    results = []
+    for fn in (lambda xi: layer(xi, offsets, max_len, ts, qts),
+               lambda xi: frozen_layer_forward(layer, variant, xi, offsets, max_len, ts, qts)):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1234)
+        out = fn(xi)
+        out.backward(dy)
+        results.append((out.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (out, gx, gp), (ref, ref_gx, ref_gp) = results
+    assert (out != 0).any() and (ref == 0).sum() < ref.numel()
+    assert torch.equal(out, ref) and torch.equal(gx, ref_gx)
+    assert gp.keys() == ref_gp.keys() and all(torch.equal(gp[n], ref_gp[n]) for n in gp)

@@ -8,7 +8,8 @@ Dropout is SEEDED and counter-based: element e (row-major linear index into y, i
 ``philox_uniform(seed, e) >= p``; kept values are scaled by 1/(1 − p) (p ≥ 1 → all zero). ``philox_uniform`` is a
 bit-exact PyTorch port of Triton's ``tl.rand(seed, offsets)`` (Philox-4x32, 10 rounds, int64 offsets), so the
 Triton kernel (ops/triton/norm_gating.py) and this reference drop exactly the same elements for the same seed,
-on any device, without storing a mask. Computation is in fp32; the result is cast to A's dtype.
+on any device, without storing a mask. Computation is in fp32 (fp64 for fp64 inputs); the result is cast to
+A's dtype.
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ def pytorch_norm_gating(
     """a, u [N, D] -> [N, D] (or [N, 3D] with concat). dropout_p = 0 disables dropout (the seed is then unused).
     Autograd to a, u, weight, bias."""
     D = a.shape[-1]
-    af, uf = a.float(), u.float()
-    ln = F.layer_norm(af, (D,), None if weight is None else weight.float(), None if bias is None else bias.float(), eps)
+    ct = torch.promote_types(a.dtype, torch.float32)  # compute dtype: fp32, fp64 for fp64 inputs
+    af, uf = a.to(ct), u.to(ct)
+    ln = F.layer_norm(af, (D,), None if weight is None else weight.to(ct), None if bias is None else bias.to(ct), eps)
     y = uf * ln
     if concat:
         y = torch.cat([uf, af, y], dim=-1)
