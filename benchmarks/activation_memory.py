@@ -104,37 +104,39 @@ class FusedAttentionStandIn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, pos_weights, time_weights, offsets, timestamps, query_timestamps, max_len, kw):
-        from hstu.ops.hstu_attention import jagged_hstu_attention
+        from hstu.ops.hstu_attention import AttentionArgs, jagged_hstu_attention
 
         ctx.max_len, ctx.kw = max_len, kw
         ctx.save_for_backward(q, k, v, pos_weights, time_weights, offsets, timestamps, query_timestamps)
         with torch.no_grad():
-            return jagged_hstu_attention(q, k, v, offsets, max_len, pos_weights=pos_weights,
-                                         time_weights=time_weights, timestamps=timestamps,
-                                         query_timestamps=query_timestamps, backend="pytorch", **kw)
+            return jagged_hstu_attention(q, k, v, AttentionArgs(offsets, max_len, pos_weights=pos_weights,
+                                                                time_weights=time_weights, timestamps=timestamps,
+                                                                query_timestamps=query_timestamps, **kw),
+                                         backend="pytorch")
 
     @staticmethod
     def backward(ctx, grad):
-        from hstu.ops.hstu_attention import jagged_hstu_attention
+        from hstu.ops.hstu_attention import AttentionArgs, jagged_hstu_attention
 
         q, k, v, pw, tw, offsets, ts, qts = ctx.saved_tensors
         with torch.enable_grad():
             ins = [None if t is None else t.detach().requires_grad_(ctx.needs_input_grad[i])
                    for i, t in enumerate((q, k, v, pw, tw))]
-            out = jagged_hstu_attention(ins[0], ins[1], ins[2], offsets, ctx.max_len, pos_weights=ins[3],
-                                        time_weights=ins[4], timestamps=ts, query_timestamps=qts,
-                                        backend="pytorch", **ctx.kw)
+            args = AttentionArgs(offsets, ctx.max_len, pos_weights=ins[3], time_weights=ins[4], timestamps=ts,
+                                 query_timestamps=qts, **ctx.kw)
+            out = jagged_hstu_attention(ins[0], ins[1], ins[2], args, backend="pytorch")
             wanted = [t for t in ins if t is not None and t.requires_grad]
             got = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
         grads = [next(got) if t is not None and t.requires_grad else None for t in ins]
         return (*grads, None, None, None, None, None)
 
 
-def fused_standin(q, k, v, offsets, max_len, *, pos_weights=None, time_weights=None, timestamps=None,
-                  query_timestamps=None, backend=None, **kw):
-    """Drop-in for jagged_hstu_attention (same keywords) backed by :class:`FusedAttentionStandIn`."""
-    return FusedAttentionStandIn.apply(q, k, v, pos_weights, time_weights, offsets, timestamps, query_timestamps,
-                                       max_len, kw)
+def fused_standin(q, k, v, args, *, backend=None, plan=None):
+    """Drop-in for jagged_hstu_attention (same arguments) backed by :class:`FusedAttentionStandIn`."""
+    kw = dict(alpha=args.alpha, norm=args.norm, causal=args.causal, time_bucket_base=args.time_bucket_base,
+              num_targets=args.num_targets, contextual_len=args.contextual_len)
+    return FusedAttentionStandIn.apply(q, k, v, args.pos_weights, args.time_weights, args.offsets, args.timestamps,
+                                       args.query_timestamps, args.max_len, kw)
 
 
 @contextlib.contextmanager

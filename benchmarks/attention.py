@@ -125,9 +125,10 @@ def hstu_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: float,
 
 
 def hstu_jagged_pytorch(q, k, v, offsets, max_len: int, alpha: float, norm: float) -> torch.Tensor:
-    from hstu.ops.hstu_attention import jagged_hstu_attention
+    from hstu.ops.hstu_attention import AttentionArgs, jagged_hstu_attention
 
-    return jagged_hstu_attention(q, k, v, offsets, max_len, alpha=alpha, norm=norm, causal=True, backend="pytorch")
+    args = AttentionArgs(offsets, max_len, alpha=alpha, norm=norm, causal=True)
+    return jagged_hstu_attention(q, k, v, args, backend="pytorch")
 
 
 def triton_status(device: torch.device) -> Tuple[Optional[Callable], str]:
@@ -287,9 +288,10 @@ def bench_max_len(max_len: int, args, device: torch.device, dtype: torch.dtype,
         row("hstu_jagged_triton", status=triton_why)
     else:
         q, k_, v = leaves_of([qj, kj, vj])
-        run = lambda: triton_fn(q, k_, v, offsets, max_len, alpha=alpha, norm=norm, causal=True,  # noqa: E731
-                                pos_weights=None, time_weights=None, timestamps=None, query_timestamps=None,
-                                time_bucket_base=0.301, num_targets=None)
+        from hstu.ops.attention_args import AttentionArgs
+
+        spec = AttentionArgs(offsets, max_len, alpha=alpha, norm=norm, causal=True)
+        run = lambda: triton_fn(q, k_, v, spec)  # noqa: E731
         try:
             fwd, fb = time_fwd_bwd(run, [q, k_, v], args.seed, args.repeats, args.warmup, device)
             row("hstu_jagged_triton", fwd_ms=round(fwd, 3), fwd_bwd_ms=round(fb, 3), status="ok", measured_seqs=B)

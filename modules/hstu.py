@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hstu.ops.backend import Backend, BackendLike, resolve_backend
-from hstu.ops.hstu_attention import jagged_hstu_attention
+from hstu.ops.hstu_attention import AttentionArgs, jagged_hstu_attention
 from hstu.ops.jagged import last_rows, positions_in_sequence, sequence_ids
 from hstu.ops.norm_gating import norm_gating
 from hstu.ops.pytorch.hstu_attention import (attention_plan, max_pos_from_table, relative_position_ids,
@@ -139,15 +139,14 @@ class ResearchHSTULayer(CachedLayerMixin, nn.Module):
         T = x.shape[0]
         H, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
         u, v, q, k = self.project(x)
-        attn = jagged_hstu_attention(
-            q.reshape(T, H, dqk), k.reshape(T, H, dqk), v.reshape(T, H, dv), offsets, max_len,
-            alpha=1.0, norm=float(self.max_seq_len), causal=True,
+        args = AttentionArgs(
+            offsets, max_len, alpha=1.0, norm=float(self.max_seq_len), causal=True,
             pos_weights=self.pos_weights, time_weights=self.time_weights,
             timestamps=timestamps if self.time_weights is not None else None,
             query_timestamps=query_timestamps if self.time_weights is not None else None,
-            time_bucket_base=self.time_bucket_base, num_targets=num_targets, contextual_len=contextual_len,
-            backend=self.backend, plan=plan,
-        ).reshape(T, H * dv)
+            time_bucket_base=self.time_bucket_base, num_targets=num_targets, contextual_len=contextual_len)
+        attn = jagged_hstu_attention(q.reshape(T, H, dqk), k.reshape(T, H, dqk), v.reshape(T, H, dv), args,
+                                     backend=self.backend, plan=plan).reshape(T, H * dv)
         return self.finish(x, u, attn)
 
     attention_alpha = 1.0
@@ -207,11 +206,10 @@ class ProductionHSTULayer(CachedLayerMixin, nn.Module):
         T = x.size(0)
         H, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
         u, v, q, k = self.project(x)
-        attn = jagged_hstu_attention(
-            q.reshape(T, H, dqk), k.reshape(T, H, dqk), v.reshape(T, H, dv), offsets, max_len,
-            alpha=1.0 / math.sqrt(dqk), norm=float(self.max_seq_len), causal=True, num_targets=num_targets,
-            contextual_len=contextual_len, backend=self.backend, plan=plan,
-        ).reshape(T, H * dv)
+        args = AttentionArgs(offsets, max_len, alpha=1.0 / math.sqrt(dqk), norm=float(self.max_seq_len),
+                             causal=True, num_targets=num_targets, contextual_len=contextual_len)
+        attn = jagged_hstu_attention(q.reshape(T, H, dqk), k.reshape(T, H, dqk), v.reshape(T, H, dv), args,
+                                     backend=self.backend, plan=plan).reshape(T, H * dv)
         return self.finish(x, u, attn)
 
     @property

@@ -79,6 +79,7 @@ def test_attention_over_budget_rows_are_recorded_not_dropped(attention, tmp_path
 
 def test_benchmarked_implementations_agree(attention):
     """hstu_padded == the dense test reference == the jagged dispatcher; sdpa_padded == naive causal softmax."""
+    from hstu.ops.attention_args import AttentionArgs
     from hstu.ops.pytorch.hstu_attention_dense import padded_hstu_attention_reference
 
     lengths, H, d, N = [7, 3, 5], 2, 4, 7
@@ -86,7 +87,7 @@ def test_benchmarked_implementations_agree(attention):
     q, k, v = (torch.randn(sum(lengths), H, d, generator=g, dtype=torch.float64) for _ in range(3))
     offsets = attention.offsets_of(lengths, "cpu")
     alpha, norm = 1.0 / math.sqrt(d), 11.0
-    dense = padded_hstu_attention_reference(q, k, v, offsets, N, alpha=alpha, norm=norm)
+    dense = padded_hstu_attention_reference(q, k, v, AttentionArgs(offsets, N, alpha=alpha, norm=norm))
     jagged = attention.hstu_jagged_pytorch(q, k, v, offsets, N, alpha, norm)
     qp, kp, vp = (attention.pad_heads(x, offsets, N) for x in (q, k, v))
     padded = attention.hstu_padded(qp, kp, vp, alpha, norm)  # [B, H, N, d]
@@ -172,7 +173,7 @@ def test_saved_activation_bytes_match_hand_derivation(activation_memory, variant
 
 def test_fused_standin_gradients_match_reference(activation_memory):
     """The stand-in op is a correct drop-in (its backward recomputes with the reference)."""
-    from hstu.ops.hstu_attention import jagged_hstu_attention
+    from hstu.ops.hstu_attention import AttentionArgs, jagged_hstu_attention
 
     g = torch.Generator().manual_seed(1)
     lengths = [4, 2]
@@ -181,8 +182,8 @@ def test_fused_standin_gradients_match_reference(activation_memory):
     pw = torch.randn(2 * 4 - 1, generator=g, dtype=torch.float64, requires_grad=True)
     offsets = torch.tensor([0, 4, 6])
     kw = dict(alpha=0.5, norm=4.0, causal=True)
-    ref = jagged_hstu_attention(q, k, v, offsets, 4, pos_weights=pw, **kw)
-    out = activation_memory.fused_standin(q, k, v, offsets, 4, pos_weights=pw, **kw)
+    ref = jagged_hstu_attention(q, k, v, AttentionArgs(offsets, 4, pos_weights=pw, **kw))
+    out = activation_memory.fused_standin(q, k, v, AttentionArgs(offsets, 4, pos_weights=pw, **kw))
     torch.testing.assert_close(out, ref)
     w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad((out * w).sum(), [q, k, v, pw]),

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hstu.modules.hstu import HSTUEncoder, ProductionHSTULayer, ResearchHSTULayer, input_time_bucket_ids
-from hstu.ops.hstu_attention import jagged_hstu_attention
+from hstu.ops.hstu_attention import AttentionArgs, jagged_hstu_attention
 from hstu.trainer.config import ModelConfig
 
 MAX_SEQ_LEN = 9
@@ -175,8 +175,9 @@ def frozen_layer_forward(layer, variant, x, offsets, max_len, ts, qts):
         u, v, q, k = torch.split(torch.addmm(layer.uvqk_bias, ln_x, layer.uvqk_weight), split, dim=1)
         u = F.silu(u)
         extra = dict(alpha=1.0 / math.sqrt(dqk))
-    attn = jagged_hstu_attention(q.reshape(T, H, dqk), k.reshape(T, H, dqk), v.reshape(T, H, dv), offsets, max_len,
-                                 norm=float(layer.max_seq_len), causal=True, **extra).reshape(T, H * dv)
+    args = AttentionArgs(offsets, max_len, norm=float(layer.max_seq_len), causal=True, **extra)
+    attn = jagged_hstu_attention(q.reshape(T, H, dqk), k.reshape(T, H, dqk), v.reshape(T, H, dv), args)
+    attn = attn.reshape(T, H * dv)
     if variant == "research":
         y = u * F.layer_norm(attn, [H * dv], eps=1e-6)
         return layer.output(F.dropout(y, p=layer.dropout, training=True)) + x

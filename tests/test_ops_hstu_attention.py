@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hstu.ops.backend import Backend, resolve_backend
-from hstu.ops.hstu_attention import jagged_hstu_attention
+from hstu.ops.hstu_attention import AttentionArgs, jagged_hstu_attention
 from hstu.ops.jagged import next_timestamps, positions_in_sequence
 from hstu.ops.pytorch.hstu_attention import length_groups, time_bucket_ids
 from hstu.ops.pytorch.hstu_attention_dense import padded_hstu_attention_reference
@@ -50,8 +50,8 @@ def test_jagged_matches_dense_reference_forward_and_grads(case):
               query_timestamps=inp["query_timestamps"] if c["use_query"] else None,
               num_targets=torch.tensor(c["targets"]) if c["targets"] else None)
     params = [inp["q"], inp["k"], inp["v"], inp["pos_weights"], inp["time_weights"]]
-    out = jagged_hstu_attention(inp["q"], inp["k"], inp["v"], offsets, max(lengths), **kw)
-    ref = padded_hstu_attention_reference(inp["q"], inp["k"], inp["v"], offsets, max(lengths), **kw)
+    out = jagged_hstu_attention(inp["q"], inp["k"], inp["v"], AttentionArgs(offsets, max(lengths), **kw))
+    ref = padded_hstu_attention_reference(inp["q"], inp["k"], inp["v"], AttentionArgs(offsets, max(lengths), **kw))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     g_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, params, g_out, allow_unused=True)
@@ -77,10 +77,10 @@ def test_many_length_groups_match_single_padded_group(monkeypatch):
     kw = dict(alpha=1.0, norm=41.0, pos_weights=inp["pos_weights"], time_weights=inp["time_weights"],
               timestamps=inp["timestamps"], query_timestamps=inp["query_timestamps"])
     assert len(length_groups(lengths)) >= 2
-    out = jagged_hstu_attention(inp["q"], inp["k"], inp["v"], offsets, 40, **kw)
+    out = jagged_hstu_attention(inp["q"], inp["k"], inp["v"], AttentionArgs(offsets, 40, **kw))
     # everything padded into one group of length 40 must give the same numbers
     monkeypatch.setattr(ref_mod, "length_groups", lambda ls: [(max(ls), [b for b, n in enumerate(ls) if n > 0])])
-    one = jagged_hstu_attention(inp["q"], inp["k"], inp["v"], offsets, 40, **kw)
+    one = jagged_hstu_attention(inp["q"], inp["k"], inp["v"], AttentionArgs(offsets, 40, **kw))
     torch.testing.assert_close(out, one, rtol=1e-10, atol=1e-12)
 
 
@@ -115,8 +115,9 @@ def test_time_bias_uses_next_timestamp_and_query_timestamp():
     tw = torch.arange(129, dtype=torch.float64)  # bias = bucket id
     q = torch.zeros(3, 1, 1, dtype=torch.float64)
     v = torch.eye(3, dtype=torch.float64).view(3, 1, 3)  # out_i[j] = weight(i, j)
-    out = jagged_hstu_attention(q, q, v, offsets, 3, alpha=1.0, norm=1.0, time_weights=tw, timestamps=ts,
-                                query_timestamps=torch.tensor([90000]))[:, 0]
+    args = AttentionArgs(offsets, 3, alpha=1.0, norm=1.0, time_weights=tw, timestamps=ts,
+                         query_timestamps=torch.tensor([90000]))
+    out = jagged_hstu_attention(q, q, v, args)[:, 0]
     b = lambda d: int(math.floor(math.log(max(abs(d), 1)) / 0.301))  # noqa: E731
     expected_buckets = [[b(2 - 0), None, None], [b(3602 - 0), b(3602 - 2), None],
                         [b(90000 - 0), b(90000 - 2), b(90000 - 3602)]]
@@ -132,9 +133,9 @@ def _mask_from_outputs(lengths, num_targets, causal):
     offsets = _offsets(lengths)
     z = torch.zeros(T, 1, 1, dtype=torch.float64)
     v = torch.eye(T, dtype=torch.float64).view(T, 1, T)
-    out = jagged_hstu_attention(z, z, v, offsets, max(lengths), alpha=1.0, norm=1.0, causal=causal,
-                                pos_weights=torch.ones(2 * max(lengths) - 1, dtype=torch.float64),
-                                num_targets=num_targets)
+    args = AttentionArgs(offsets, max(lengths), alpha=1.0, norm=1.0, causal=causal,
+                         pos_weights=torch.ones(2 * max(lengths) - 1, dtype=torch.float64), num_targets=num_targets)
+    out = jagged_hstu_attention(z, z, v, args)
     return (out[:, 0] / F.silu(torch.tensor(1.0, dtype=torch.float64))).round().long()
 
 
@@ -160,7 +161,7 @@ def test_causal_and_non_causal_mask():
 
 def test_empty_batch_and_positions():
     q = torch.zeros(0, 2, 3, requires_grad=True)
-    out = jagged_hstu_attention(q, q, q, torch.tensor([0, 0, 0]), 0, alpha=1.0, norm=1.0)
+    out = jagged_hstu_attention(q, q, q, AttentionArgs(torch.tensor([0, 0, 0]), 0, alpha=1.0, norm=1.0))
     assert out.shape == (0, 2, 3)
     assert positions_in_sequence(torch.tensor([0, 2, 2, 5])).tolist() == [0, 1, 0, 1, 2]
 
@@ -182,9 +183,10 @@ def test_backend_resolution_and_triton_hook():
 def test_input_validation():
     q = torch.randn(3, 1, 2)
     with pytest.raises(ValueError, match="offsets"):
-        jagged_hstu_attention(q, q, q, torch.tensor([0.0, 3.0]), 3, alpha=1.0, norm=1.0)
+        jagged_hstu_attention(q, q, q, AttentionArgs(torch.tensor([0.0, 3.0]), 3, alpha=1.0, norm=1.0))
     with pytest.raises(ValueError, match="timestamps"):
-        jagged_hstu_attention(q, q, q, torch.tensor([0, 3]), 3, alpha=1.0, norm=1.0, time_weights=torch.zeros(5))
+        jagged_hstu_attention(q, q, q, AttentionArgs(torch.tensor([0, 3]), 3, alpha=1.0, norm=1.0,
+                                                     time_weights=torch.zeros(5)))
 
 
 def test_nothing_gpu_only_imported_at_load():
@@ -199,8 +201,9 @@ def test_nothing_gpu_only_imported_at_load():
 
 def test_int32_offsets_accepted():
     inp = _inputs([2, 3])
-    out64 = jagged_hstu_attention(inp["q"], inp["k"], inp["v"], _offsets([2, 3]), 3, alpha=1.0, norm=3.0)
-    out32 = jagged_hstu_attention(inp["q"], inp["k"], inp["v"], _offsets([2, 3]).int(), 3, alpha=1.0, norm=3.0)
+    out64 = jagged_hstu_attention(inp["q"], inp["k"], inp["v"], AttentionArgs(_offsets([2, 3]), 3, alpha=1.0, norm=3.0))
+    out32 = jagged_hstu_attention(inp["q"], inp["k"], inp["v"],
+                                  AttentionArgs(_offsets([2, 3]).int(), 3, alpha=1.0, norm=3.0))
     torch.testing.assert_close(out32, out64)
 
 
@@ -219,7 +222,8 @@ def test_shared_attention_plan_equals_per_call_plan_and_rab_gradients():
 
     def run(plan):
         pw, tw = pos_w.clone().requires_grad_(True), time_w.clone().requires_grad_(True)
-        out = pytorch_jagged_hstu_attention(q, k, v, offsets, 7, pos_weights=pw, time_weights=tw, plan=plan, **kw)
+        args = AttentionArgs(offsets, 7, pos_weights=pw, time_weights=tw, **kw)
+        out = pytorch_jagged_hstu_attention(q, k, v, args, plan=plan)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         return out.detach(), pw.grad, tw.grad
 

@@ -9,13 +9,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _triton_interpret import DEVICE, IN_PROCESS, run_file_in_subprocess  # noqa: E402  (sets TRITON_INTERPRET)
 
-import inspect  # noqa: E402
 from typing import Optional  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from hstu.ops.attention_args import AttentionArgs  # noqa: E402
 from hstu.ops.pytorch.hstu_attention import (  # noqa: E402
     pytorch_jagged_hstu_attention,
     relative_position_ids,
@@ -23,7 +23,6 @@ from hstu.ops.pytorch.hstu_attention import (  # noqa: E402
 )
 
 needs_triton = pytest.mark.skipif(not IN_PROCESS, reason="triton imported without the interpreter; see fallback")
-REFERENCE_HAS_CONTEXT = "contextual_len" in inspect.signature(pytorch_jagged_hstu_attention).parameters
 
 
 def test_subprocess_fallback():
@@ -69,12 +68,9 @@ def dense_reference(q, k, v, offsets, max_len, *, alpha, norm, causal=True, pos_
     return torch.cat(outs) if outs else v.new_zeros(0, *v.shape[1:])
 
 
-def reference(contextual_len=0, **kw):
-    if contextual_len and not REFERENCE_HAS_CONTEXT:
-        return dense_reference(contextual_len=contextual_len, **kw)
-    if contextual_len:
-        kw["contextual_len"] = contextual_len
-    return pytorch_jagged_hstu_attention(**kw)
+def reference(q, k, v, offsets, max_len, **kw):
+    """The project reference on a test case's flat dict."""
+    return pytorch_jagged_hstu_attention(q, k, v, AttentionArgs(offsets, max_len, **kw))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,9 +124,9 @@ def run_both(case, contextual_len=0, block_m=16, block_n=16):
 
     leaves = [n for n in ("q", "k", "v", "pos_weights", "time_weights") if n in case]
     kw = {n: x for n, x in case.items() if n not in ("offsets", "max_len")}
-    out = triton_jagged_hstu_attention(case["q"], case["k"], case["v"], case["offsets"], case["max_len"],
-                                       **{n: x for n, x in kw.items() if n not in ("q", "k", "v")},
-                                       contextual_len=contextual_len, block_m=block_m, block_n=block_n)
+    args = AttentionArgs(case["offsets"], case["max_len"], **{n: x for n, x in kw.items() if n not in ("q", "k", "v")},
+                         contextual_len=contextual_len)
+    out = triton_jagged_hstu_attention(case["q"], case["k"], case["v"], args, block_m=block_m, block_n=block_n)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     grads = torch.autograd.grad(out, [case[n] for n in leaves], dout.to(out.dtype), allow_unused=True)
 
@@ -222,9 +218,9 @@ def test_only_one_table_and_frozen_table():
     # a table that does not require grad gets none (and the others are unaffected)
     case = make_case(torch.float32, lengths=[9, 20])
     case["pos_weights"].requires_grad_(False)
-    out = triton_jagged_hstu_attention(case["q"], case["k"], case["v"], case["offsets"], case["max_len"],
-                                       alpha=1.0, norm=20.0, pos_weights=case["pos_weights"],
-                                       time_weights=case["time_weights"], timestamps=case["timestamps"])
+    args = AttentionArgs(case["offsets"], case["max_len"], alpha=1.0, norm=20.0, pos_weights=case["pos_weights"],
+                         time_weights=case["time_weights"], timestamps=case["timestamps"])
+    out = triton_jagged_hstu_attention(case["q"], case["k"], case["v"], args)
     out.sum().backward()
     assert case["pos_weights"].grad is None and case["time_weights"].grad is not None
 
@@ -237,11 +233,12 @@ def test_strided_views_of_fused_projection():
     offsets = torch.tensor([0, 7, 7, 25]).to(DEVICE)
     qkv = torch.randn(25, 2, 24, device=DEVICE, requires_grad=True)
     q, k, v = qkv[..., :8], qkv[..., 8:16], qkv[..., 16:]
-    out = triton_jagged_hstu_attention(q, k, v, offsets, 18, alpha=0.5, norm=18.0, block_m=16, block_n=16)
+    args = AttentionArgs(offsets, 18, alpha=0.5, norm=18.0)
+    out = triton_jagged_hstu_attention(q, k, v, args, block_m=16, block_n=16)
     (g,) = torch.autograd.grad(out.square().sum(), qkv)
     qkv2 = qkv.detach().clone().requires_grad_()
-    ref = pytorch_jagged_hstu_attention(qkv2[..., :8], qkv2[..., 8:16], qkv2[..., 16:], offsets, 18, alpha=0.5,
-                                        norm=18.0)
+    ref = pytorch_jagged_hstu_attention(qkv2[..., :8], qkv2[..., 8:16], qkv2[..., 16:],
+                                        AttentionArgs(offsets, 18, alpha=0.5, norm=18.0))
     (g_ref,) = torch.autograd.grad(ref.square().sum(), qkv2)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
@@ -254,7 +251,7 @@ def test_empty_inputs():
     for lengths in ([], [0, 0]):
         offsets = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(DEVICE)
         q = torch.zeros(0, 2, 8, device=DEVICE, requires_grad=True)
-        out = triton_jagged_hstu_attention(q, q, q, offsets, 0, alpha=1.0, norm=1.0)
+        out = triton_jagged_hstu_attention(q, q, q, AttentionArgs(offsets, 0, alpha=1.0, norm=1.0))
         assert out.shape == (0, 2, 8)
         out.sum().backward()
         assert q.grad.shape == q.shape
@@ -266,9 +263,9 @@ def test_dispatcher_triton_backend():
 
     case = make_case(torch.float32, lengths=[4, 0, 19], targets=True)
     kw = {n: x for n, x in case.items() if n not in ("q", "k", "v", "offsets", "max_len")}
-    out = jagged_hstu_attention(case["q"], case["k"], case["v"], case["offsets"], case["max_len"], backend="triton",
-                                **kw)
-    ref = pytorch_jagged_hstu_attention(case["q"], case["k"], case["v"], case["offsets"], case["max_len"], **kw)
+    args = AttentionArgs(case["offsets"], case["max_len"], **kw)
+    out = jagged_hstu_attention(case["q"], case["k"], case["v"], args, backend="triton")
+    ref = pytorch_jagged_hstu_attention(case["q"], case["k"], case["v"], args)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -276,9 +273,9 @@ def test_dense_reference_agrees_with_project_reference():
     """The test-local reference (used for contextual_len) equals the project reference without the prefix."""
     case = make_case(torch.float32, targets=True, qts=True)
     kw = {n: x.detach() if isinstance(x, torch.Tensor) else x for n, x in case.items()}
-    torch.testing.assert_close(dense_reference(**kw), pytorch_jagged_hstu_attention(**kw), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense_reference(**kw), reference(**kw), atol=1e-5, rtol=1e-5)
     kw["causal"] = False
-    torch.testing.assert_close(dense_reference(**kw), pytorch_jagged_hstu_attention(**kw), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense_reference(**kw), reference(**kw), atol=1e-5, rtol=1e-5)
 
 
 def test_import_hstu_ops_does_not_import_triton():

@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from hstu.ops.attention_args import AttentionArgs
 from hstu.ops.jagged import next_timestamps
 
 PAD_TOLERANCE = 0.25  # allowed padded work per group, relative to its real Σ L² work
@@ -238,37 +239,22 @@ def _group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Group
     return torch.matmul(attn, v).transpose(1, 2)  # [G, L, H, dv]
 
 
-def pytorch_jagged_hstu_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    offsets: torch.Tensor,
-    max_len: int,
-    *,
-    alpha: float,
-    norm: float,
-    causal: bool = True,
-    pos_weights: Optional[torch.Tensor] = None,
-    time_weights: Optional[torch.Tensor] = None,
-    timestamps: Optional[torch.Tensor] = None,
-    query_timestamps: Optional[torch.Tensor] = None,
-    time_bucket_base: float = 0.301,
-    num_targets: Optional[torch.Tensor] = None,
-    contextual_len: int = 0,
-    plan: Optional[AttentionPlan] = None,
-) -> torch.Tensor:
-    """Jagged HSTU attention, q/k [T, H, dqk], v [T, H, dv], offsets [B+1] -> [T, H, dv] (autograd to q, k, v,
-    pos_weights, time_weights). ``max_len`` is only an upper bound here (lengths are read from offsets).
+def pytorch_jagged_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs, *,
+                                  plan: Optional[AttentionPlan] = None) -> torch.Tensor:
+    """Jagged HSTU attention, q/k [T, H, dqk], v [T, H, dv] -> [T, H, dv] (autograd to q, k, v, args.pos_weights,
+    args.time_weights). ``args.max_len`` is only an upper bound here (lengths are read from args.offsets).
     ``plan``: the batch's :class:`AttentionPlan` (built by the caller once for a stack of layers; it must come
     from the same offsets / timestamps / masks / norm); None builds it here."""
+    pos_weights, time_weights = args.pos_weights, args.time_weights
     T, H, dv = v.shape
     if plan is None:
         plan = attention_plan(
-            offsets, norm=norm, causal=causal,
+            args.offsets, norm=args.norm, causal=args.causal,
             pos_table_size=None if pos_weights is None else pos_weights.numel(),
             time_table_size=None if time_weights is None else time_weights.numel(),
-            timestamps=timestamps, query_timestamps=query_timestamps, time_bucket_base=time_bucket_base,
-            num_targets=num_targets, contextual_len=contextual_len, dtype=q.dtype, num_tokens=T)
+            timestamps=args.timestamps, query_timestamps=args.query_timestamps,
+            time_bucket_base=args.time_bucket_base, num_targets=args.num_targets, contextual_len=args.contextual_len,
+            dtype=q.dtype, num_tokens=T)
     if plan is None:
         return v.new_zeros(T, H, dv) + 0.0 * (q.sum() + k.sum() + v.sum())
     if plan.T != T or plan.pos_table_size != (None if pos_weights is None else pos_weights.numel()) or \
@@ -277,5 +263,5 @@ def pytorch_jagged_hstu_attention(
     qa, ka, va = (_GatherRows.apply(x, plan.all_rows, plan.inverse) for x in (q, k, v))
     outs: List[torch.Tensor] = []
     for g, qg, kg, vg in zip(plan.groups, qa.split(plan.sizes), ka.split(plan.sizes), va.split(plan.sizes)):
-        outs.append(_group_attention(qg, kg, vg, g, alpha, pos_weights, time_weights).reshape(-1, H, dv))
+        outs.append(_group_attention(qg, kg, vg, g, args.alpha, pos_weights, time_weights).reshape(-1, H, dv))
     return _ScatterRows.apply(torch.cat(outs), plan.all_rows, plan.inverse)

@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from hstu.ops.attention_args import AttentionArgs
 from hstu.ops.pytorch.hstu_attention import max_pos_from_table, time_bucket_ids
 
 
-def padded_hstu_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    offsets: torch.Tensor,
-    max_len: int,
-    *,
-    alpha: float,
-    norm: float,
-    causal: bool = True,
-    pos_weights: Optional[torch.Tensor] = None,
-    time_weights: Optional[torch.Tensor] = None,
-    timestamps: Optional[torch.Tensor] = None,
-    query_timestamps: Optional[torch.Tensor] = None,
-    time_bucket_base: float = 0.301,
-    num_targets: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Same contract as ``jagged_hstu_attention``; pads every sequence to ``max_len`` and builds the bias and
-    mask element by element from the formulas. [T, H, d] -> [T, H, dv]."""
+def padded_hstu_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                    args: AttentionArgs) -> torch.Tensor:
+    """Same contract as ``jagged_hstu_attention`` (no contextual prefix); pads every sequence to ``max_len`` and
+    builds the bias and mask element by element from the formulas. [T, H, d] -> [T, H, dv]."""
+    if args.contextual_len:
+        raise ValueError(f"the dense reference has no contextual prefix, got contextual_len={args.contextual_len}")
+    offsets, max_len, alpha, norm, causal = args.offsets, args.max_len, args.alpha, args.norm, args.causal
+    pos_weights, time_weights, timestamps = args.pos_weights, args.time_weights, args.timestamps
+    query_timestamps, time_bucket_base, num_targets = args.query_timestamps, args.time_bucket_base, args.num_targets
     B = offsets.numel() - 1
     T, H, dv = v.shape
     N = max(int(max_len), 1)

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hstu.ops.attention_args import AttentionArgs
+
 __all__ = [
     "triton_jagged_hstu_attention",
     "hstu_attention_fwd",
@@ -590,30 +592,14 @@ class _JaggedHSTUAttention(torch.autograd.Function):
         return (dq, dk, dv, None, None, None, None, None, d_pos, d_time) + (None,) * 7
 
 
-def triton_jagged_hstu_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    offsets: torch.Tensor,
-    max_len: int,
-    *,
-    alpha: float,
-    norm: float,
-    causal: bool = True,
-    pos_weights: Optional[torch.Tensor] = None,
-    time_weights: Optional[torch.Tensor] = None,
-    timestamps: Optional[torch.Tensor] = None,
-    query_timestamps: Optional[torch.Tensor] = None,
-    time_bucket_base: float = 0.301,
-    num_targets: Optional[torch.Tensor] = None,
-    contextual_len: int = 0,
-    block_m: Optional[int] = None,
-    block_n: Optional[int] = None,
-) -> torch.Tensor:
-    """Fused jagged HSTU attention (Triton), differentiable in q, k, v, pos_weights and time_weights.
+def triton_jagged_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs, *,
+                                 block_m: Optional[int] = None, block_n: Optional[int] = None) -> torch.Tensor:
+    """Fused jagged HSTU attention (Triton), differentiable in q, k, v, args.pos_weights and args.time_weights.
 
-    Same semantics as hstu.ops.pytorch.hstu_attention (module docstring above). max_len must be >= every
-    sequence length (rows past max_len are left zero). block_m / block_n override the tile sizes (tests)."""
-    return _JaggedHSTUAttention.apply(q, k, v, offsets, max_len, alpha, norm, causal, pos_weights, time_weights,
-                                      timestamps, query_timestamps, time_bucket_base, num_targets, contextual_len,
-                                      block_m, block_n)
+    Same semantics as hstu.ops.pytorch.hstu_attention (module docstring above). args.max_len must be >= every
+    sequence length (rows past max_len are left zero). block_m / block_n override the tile sizes (tests).
+    The autograd.Function below is the flat boundary."""
+    a = args
+    return _JaggedHSTUAttention.apply(q, k, v, a.offsets, a.max_len, a.alpha, a.norm, a.causal, a.pos_weights,
+                                      a.time_weights, a.timestamps, a.query_timestamps, a.time_bucket_base,
+                                      a.num_targets, a.contextual_len, block_m, block_n)
