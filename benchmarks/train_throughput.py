@@ -13,9 +13,10 @@ the script was started with, recorded in the JSON):
   shared, so only ratios inside one run mean anything; ``os.getloadavg()`` is recorded with every figure.
 - Each worker trains ``steps`` steady-state steps (after ``warmup``) on the same first batches of the train
   loader and reports real (unpadded) tokens/s incl. batch preparation, and a per-phase split of separate,
-  synchronously timed steps: batch prep (loader + prepare_batch), embedding lookup, attention (the attention
-  op / MultiheadAttention forward), rest of the layers, loss (labels, negatives, logits, CE), backward,
-  optimizer. Phase timing adds a little overhead; tokens/s comes from the un-instrumented steps.
+  synchronously timed steps: batch prep (loader + prepare_batch: labels and negatives in this tree), embedding
+  lookup, attention (the attention op / MultiheadAttention forward), rest of the layers, loss (logits, CE; plus
+  labels and negatives in a baseline tree that drew them in the loss), backward, optimizer. Phase timing adds a
+  little overhead; tokens/s comes from the un-instrumented steps.
 - **needed** GFLOP/s counts the work the model needs (2 FLOPs per multiply-add, backward = 2× forward):
   projections and output layers, the causal triangle of attention, 1 + R dot products per labelled position;
   not the padding or all-items scores an implementation may choose to run. The roofline is a plain fp32
@@ -194,9 +195,12 @@ def worker(args) -> Dict[str, Any]:
         seq = model.encode_embeddings(emb, batch)
         t3 = time.perf_counter()
         timer["rest_of_layers"] += (t3 - t2) - (timer["attention"] - att0)
-        labels, valid = next_item_labels(batch.item_ids, batch.offsets)
+        if prepared.negatives is not None:  # drawn by prepare_batch (this tree: the one place they are drawn)
+            labels, valid, drawn = prepared.labels, prepared.valid, {"negatives": prepared.negatives}
+        else:  # a baseline tree whose plain prepare_batch leaves the batch as is: the loss draws them
+            (labels, valid), drawn = next_item_labels(batch.item_ids, batch.offsets), {"generator": ctx.neg_generator}
         loss = sampled_softmax_loss(seq, labels, valid, model.item_vectors, ctx.num_items, lc.num_negatives,
-                                    lc.temperature, ctx.neg_generator, **extra)
+                                    lc.temperature, **drawn, **extra)
         t4 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss.backward()

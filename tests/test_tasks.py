@@ -49,3 +49,36 @@ def test_no_task_name_branch_outside_the_task_package():
                     text = open(os.path.join(ROOT, path), encoding="utf-8").read()
                     hits += [f"{path}: {m.group(0)}" for m in pattern.finditer(text)]
     assert not hits
+
+
+def test_retrieval_negatives_are_drawn_once_in_prepare_batch(tmp_path):
+    """Plain path: prepare_batch draws the negatives (the only draw of ctx.neg_generator), compute_loss draws
+    nothing, and the loss equals the pre-refactor plain path (negatives drawn inside the loss from the same seed)."""
+    import torch
+
+    from hstu.modules.losses import next_item_labels, sampled_softmax_loss
+    from hstu.trainer.pipeline import PreparedBatch
+    from hstu.trainer.tasks.retrieval import build_data, build_model_for
+
+    cfg = load_config(None, [
+        "data.name=synthetic", "data.synthetic.num_users=48", "data.synthetic.num_items=300",
+        "data.synthetic.max_seq_len=12", "data.max_seq_len=12", "data.batch_size=8", "model.embedding_dim=8",
+        "model.attention_dim=4", "model.linear_dim=4", "model.num_heads=2", "loss.num_negatives=5",
+        "train.progress=false", f"data.cache_dir={tmp_path}"])
+    seqs, loader, _ = build_data(cfg)
+    batch = next(iter(loader))
+    model = build_model_for(cfg, seqs.num_items, torch.device("cpu")).eval()
+    task = tasks.get_task(cfg)
+    ctx = SimpleNamespace(cfg=cfg, num_items=seqs.num_items, device=torch.device("cpu"),
+                          neg_generator=torch.Generator().manual_seed(5), env=SimpleNamespace(sharded=False))
+    prepared = task.prepare_batch(PreparedBatch(batch, batch.num_events), ctx)
+    labels, valid = next_item_labels(batch.item_ids, batch.offsets)
+    assert prepared.negatives.shape == (int(valid.sum()), 5) and prepared.lookup_ids is None
+    after_prepare = ctx.neg_generator.get_state()
+    loss = task.compute_loss(model, prepared, ctx)
+    assert torch.equal(ctx.neg_generator.get_state(), after_prepare)
+    lc = cfg.loss
+    reference = sampled_softmax_loss(model.encode(batch), labels, valid, model.item_vectors, seqs.num_items,
+                                     lc.num_negatives, lc.temperature, torch.Generator().manual_seed(5),
+                                     route=lc.route, item_lookup=lc.item_lookup)
+    assert torch.equal(loss, reference)

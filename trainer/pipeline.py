@@ -2,8 +2,9 @@
 model sees it, and the data position a checkpoint must record.
 
 ``prepare_batch``: Stochastic Length (``ctx.sl_generator``) → device → the task's part (``ctx.task.prepare_batch``,
-trainer/tasks/): retrieval on the sharded path adds next-item labels, the negatives (``ctx.neg_generator``) and
-the ids of the ONE table lookup of the step (``lookup_ids``, ``input_index``).
+trainer/tasks/): retrieval adds next-item labels and the negatives (``ctx.neg_generator``, on both paths: the
+only place they are drawn), and on the sharded path the ids of the ONE table lookup of the step (``lookup_ids``,
+``input_index``).
 
 ``BatchStream`` iterates one epoch of prepared batches. With ``prefetch`` (sharded path, pipeline=prefetch)
 batch k+1 is prepared and its input dist (the ids all-to-all) started *before* batch k is trained, so the
@@ -27,8 +28,9 @@ from hstu.trainer.stochastic_length import apply_stochastic_length
 @dataclass
 class PreparedBatch:
     """A train batch ready for ``compute_loss`` (its JaggedBatch attributes read through, e.g. ``.item_ids``).
-    batch: JaggedBatch on the device (after SL), T items; tokens = T. Sharded path only (else None): labels [T], valid [T] bool, negatives [V, R] for the V valid
-    positions, lookup_ids [U], input_index [T]."""
+    batch: JaggedBatch on the device (after SL), T items; tokens = T. Retrieval (else None): labels [T], valid [T]
+    bool, negatives [V, R] for the V valid positions; retrieval's sharded path only: lookup_ids [U], input_index
+    [T]."""
 
     batch: Any
     tokens: int
@@ -47,7 +49,7 @@ class PreparedBatch:
 
     @property
     def num_valid(self) -> int:
-        """Positions the loss averages over: valid next-item labels (retrieval, sharded path), predicted item
+        """Positions the loss averages over: valid next-item labels (retrieval), predicted item
         positions of a RankingBatch (ranking), else 0."""
         if self.valid is not None:
             return int(self.valid.sum())

@@ -3,8 +3,9 @@ evaluation (HR@K / NDCG@K / MRR, trainer/evaluate.py), a most-popular baseline (
 
 Split (leave-one-out with validation): each user's last item is the test target, the second-to-last the
 validation target, training sequences end before it (trainer/data). Sharded path (``sharding.enabled``): the item
-table is a TorchRec EmbeddingCollection (trainer/parallel/item_embeddings.py); :func:`prepare_sharded_batch` draws
-the negatives up front so that ONE table lookup per step serves the sequence and the negatives.
+table is a TorchRec EmbeddingCollection (trainer/parallel/item_embeddings.py). :func:`prepare_retrieval_batch`
+draws the negatives up front on both paths (one place, one random stream); on the sharded path it also picks the
+ids of the ONE table lookup per step that serves the sequence and the negatives.
 """
 
 from __future__ import annotations
@@ -47,22 +48,23 @@ def build_model_for(cfg: RunConfig, num_items: int, device: torch.device) -> tor
 
 
 def compute_loss(model: torch.nn.Module, batch: Any, ctx: Any) -> torch.Tensor:
-    """Sampled-softmax next-item loss of one batch on the device: a JaggedBatch, or a PreparedBatch (whose
-    ``lookup_ids`` on the sharded path make ONE call of the (DMP) model do both item lookups)."""
+    """Sampled-softmax next-item loss of one batch on the device: a PreparedBatch from :func:`prepare_retrieval_batch`
+    (a bare JaggedBatch is prepared here). ONE loss call for both paths; the route is the batch's: plain
+    (``lookup_ids`` None) encodes with the model's own item table, sharded makes ONE call of the (DMP) model do both
+    item lookups (``lookup_ids``)."""
     lc = ctx.cfg.loss
     p = batch if isinstance(batch, PreparedBatch) else PreparedBatch(batch, int(batch.item_ids.numel()))
-    if p.lookup_ids is None:
-        seq_emb = model.encode(p.batch)  # [T, D]
-        labels, valid = next_item_labels(p.batch.item_ids, p.batch.offsets)
-        return sampled_softmax_loss(seq_emb, labels, valid, model.item_vectors, ctx.num_items, lc.num_negatives,
-                                    lc.temperature, ctx.neg_generator, route=lc.route, item_lookup=lc.item_lookup,
-                                    compile=lc.compile)
-    seq_emb, vecs = model(p.batch, p.lookup_ids, p.input_index)  # [T, D], [U, D]
-    # prepare_sharded_batch looked up ids 0..N (row = id) or the sorted unique ids it needs: the same rule decides
-    return sampled_softmax_loss(seq_emb, p.labels, p.valid, None, ctx.num_items, lc.num_negatives,
-                                lc.temperature, negatives=p.negatives, route=lc.route, table=vecs,
-                                table_ids=None if _lookup_all(ctx.cfg, ctx.num_items) else p.lookup_ids,
-                                compile=lc.compile)
+    if p.negatives is None:
+        p = prepare_retrieval_batch(p, ctx)
+    item_vectors, table, table_ids = None, None, None
+    if p.lookup_ids is None:  # plain: the model looks up positives and negatives itself
+        seq_emb, item_vectors = model.encode(p.batch), model.item_vectors  # [T, D]
+    else:  # sharded: ids 0..N (row = id) or the sorted unique ids prepare_retrieval_batch chose to look up
+        seq_emb, table = model(p.batch, p.lookup_ids, p.input_index)  # [T, D], [U, D]
+        table_ids = None if _lookup_all(ctx.cfg, ctx.num_items) else p.lookup_ids
+    return sampled_softmax_loss(seq_emb, p.labels, p.valid, item_vectors, ctx.num_items, lc.num_negatives,
+                                lc.temperature, negatives=p.negatives, route=lc.route, item_lookup=lc.item_lookup,
+                                table=table, table_ids=table_ids, compile=lc.compile)
 
 
 def _lookup_all(cfg: RunConfig, num_items: int) -> bool:
@@ -71,21 +73,24 @@ def _lookup_all(cfg: RunConfig, num_items: int) -> bool:
     return lookup_all_items(lc.route, lc.item_lookup, num_items, lc.num_negatives, cfg.model.embedding_dim)
 
 
-def prepare_sharded_batch(out: PreparedBatch, ctx: Any) -> PreparedBatch:
-    """Sharded path: next-item labels, the negatives (``ctx.neg_generator``) and the ids of the ONE table lookup
-    of the step: ``lookup_ids`` = all ids 0..N when the loss uses the whole table (``_lookup_all``), else the
-    unique ids of the batch and its negatives; ``input_index`` [T] maps each batch item into lookup_ids."""
+def prepare_retrieval_batch(out: PreparedBatch, ctx: Any) -> PreparedBatch:
+    """Both paths: next-item labels [T], valid [T] and the negatives [V, R] of the V valid positions, drawn from
+    ``ctx.neg_generator`` here and nowhere else. Sharded path (``ctx.env.sharded``) also: the ids of the ONE table
+    lookup of the step: ``lookup_ids`` = all ids 0..N when the loss uses the whole table (``_lookup_all``), else
+    the unique ids of the batch and its negatives; ``input_index`` [T] maps each batch item into lookup_ids."""
     cfg, batch = ctx.cfg, out.batch
     labels, valid = next_item_labels(batch.item_ids, batch.offsets)
     lc, n = cfg.loss, ctx.num_items
     negatives = sample_negatives(int(valid.sum()), lc.num_negatives, n, ctx.neg_generator, ctx.device)
+    out.labels, out.valid, out.negatives = labels, valid, negatives
+    env = getattr(ctx, "env", None)
+    if env is None or not env.sharded:
+        return out
     if _lookup_all(cfg, n):
-        lookup_ids, input_index = torch.arange(n + 1, device=ctx.device), batch.item_ids
+        out.lookup_ids, out.input_index = torch.arange(n + 1, device=ctx.device), batch.item_ids
     else:
-        lookup_ids, inverse = torch.unique(torch.cat([batch.item_ids, negatives.flatten()]), return_inverse=True)
-        input_index = inverse[: batch.item_ids.numel()]
-    out.labels, out.valid, out.negatives, out.lookup_ids, out.input_index = (labels, valid, negatives,
-                                                                            lookup_ids, input_index)
+        out.lookup_ids, inverse = torch.unique(torch.cat([batch.item_ids, negatives.flatten()]), return_inverse=True)
+        out.input_index = inverse[: batch.item_ids.numel()]
     return out
 
 
@@ -152,8 +157,8 @@ class RetrievalTask:
         return find_item_embeddings(model)
 
     def prepare_batch(self, prepared: PreparedBatch, ctx: Any) -> PreparedBatch:
-        """Plain path: as is (the loss draws its negatives itself); sharded: :func:`prepare_sharded_batch`."""
-        return prepare_sharded_batch(prepared, ctx) if ctx.env.sharded else prepared
+        """Labels and negatives (both paths), lookup ids (sharded): :func:`prepare_retrieval_batch`."""
+        return prepare_retrieval_batch(prepared, ctx)
 
     def compute_loss(self, model, batch, ctx) -> torch.Tensor:
         return compute_loss(model, batch, ctx)
