@@ -3,25 +3,21 @@ process, and ways to damage files."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from hstu.trainer.cli import main
 from hstu.trainer.metrics_log import read_metrics
 
-CONFIG = [
-    "data.name=synthetic", "data.synthetic.num_users=120", "data.synthetic.num_items=90",
-    "data.synthetic.max_seq_len=16", "data.max_seq_len=16", "data.batch_size=16", "data.eval_batch_size=64",
-    "model.embedding_dim=8", "model.attention_dim=4", "model.linear_dim=4", "model.num_heads=2",
-    "model.num_layers=2", "model.dropout=0.2", "loss.num_negatives=8", "optim.warmup_steps=3",
-    "train.stochastic_length.enabled=true", "train.stochastic_length.alpha=1.2", "train.epochs=3",
-    "train.max_steps=12", "train.eval_every_epochs=1", "train.log_every_steps=1", "train.progress=false",
-    "train.tensorboard=false", "eval.ks=[10]", "eval.ndcg_ks=[10]", "eval.popularity_baseline=false",
-    "checkpoint.every_steps=2", "checkpoint.keep_last=2",
-]
-
-
-def train_argv(run_dir, cache, *extra):
-    return ["train", "--run-dir", str(run_dir), *CONFIG, f"data.cache_dir={cache}", *extra]
+# The config and the damage helpers are the reliability benchmark's own (benchmarks/reliability_checkpoint_cases.py):
+# the tests and the replayed corpus damage checkpoints the same way.
+_spec = importlib.util.spec_from_file_location(
+    "reliability_checkpoint_cases", os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                                                 "reliability_checkpoint_cases.py"))
+_cases = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_cases)
+CONFIG, train_argv, snapshot, truncate, flip_bits = (_cases.CONFIG, _cases.train_argv, _cases.snapshot,
+                                                      _cases.truncate, _cases.flip_bits)
 
 
 def run_cli(capsys, *argv):
@@ -35,28 +31,3 @@ def run_cli(capsys, *argv):
 
 def losses(run_dir):
     return {r["step"]: r["loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"), kind="train")}
-
-
-def snapshot(root):
-    """{relative path: bytes} of every file under ``root``."""
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = fh.read()
-    return out
-
-
-def truncate(path):
-    size = os.path.getsize(path)
-    with open(path, "r+b") as f:
-        f.truncate(size // 2)
-
-
-def flip_bits(path):
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        b = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([b[0] ^ 0xFF]))
