@@ -234,12 +234,15 @@ def attention_plan_for(layers, offsets: torch.Tensor, num_tokens: int, timestamp
                        query_timestamps: Optional[torch.Tensor] = None, num_targets: Optional[torch.Tensor] = None,
                        contextual_len: int = 0, dtype: torch.dtype = torch.float32):
     """The attention plan (length groups, rab bucket indices, masks) of one batch for a stack of identical
-    layers, built once instead of in every layer; None for a non-PyTorch backend (it plans itself)."""
+    layers, built once instead of in every layer; None for the Triton backend (it plans itself)."""
     first = layers[0] if len(layers) else None
-    if first is None or first.backend != Backend.PYTORCH:
+    if first is None or first.backend == Backend.TRITON:
         return None
     pos_w, time_w = getattr(first, "pos_weights", None), getattr(first, "time_weights", None)
-    return attention_plan(
+    build = attention_plan
+    if first.backend == Backend.CPU:
+        from hstu.ops.cpu.hstu_attention import cpu_attention_plan as build
+    return build(
         offsets, norm=float(first.max_seq_len), causal=True,
         pos_table_size=None if pos_w is None else pos_w.numel(),
         time_table_size=None if time_w is None else time_w.numel(),

@@ -25,9 +25,9 @@ def jagged_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arg
     Args:
         q, k: [T, H, dqk]; v: [T, H, dv]; args: the call's :class:`AttentionArgs` (offsets, max_len, alpha,
             norm, masks, rab tables and timestamps).
-        backend: Backend / "pytorch" / "triton" / OpsConfig.
-        plan: PyTorch backend, the batch's precomputed ``attention_plan`` (groups, rab indices, masks) shared by
-            a stack of layers; ignored by other backends.
+        backend: Backend / "pytorch" / "triton" / "cpu" (C++ kernel, float32 CPU tensors) / OpsConfig.
+        plan: PyTorch and CPU backends, the batch's precomputed ``attention_plan`` (groups, rab indices, masks)
+            shared by a stack of layers; ignored by Triton.
     Returns:
         [T, H, dv], differentiable w.r.t. q, k, v, args.pos_weights, args.time_weights.
     """
@@ -37,6 +37,10 @@ def jagged_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arg
         from hstu.ops.triton.hstu_attention import triton_jagged_hstu_attention
 
         return triton_jagged_hstu_attention(q, k, v, args)
+    if backend == Backend.CPU:
+        from hstu.ops.cpu.hstu_attention import cpu_jagged_hstu_attention
+
+        return cpu_jagged_hstu_attention(q, k, v, args, plan=plan)
     from hstu.ops.pytorch.hstu_attention import pytorch_jagged_hstu_attention
 
     return pytorch_jagged_hstu_attention(q, k, v, args, plan=plan)

@@ -163,7 +163,8 @@ class EvalConfig:
 
 @dataclass
 class OpsConfig:
-    """Kernel backend for every op in ``ops/``: pytorch (default, CPU) | triton (GPU or TRITON_INTERPRET=1)."""
+    """Kernel backend for every op in ``ops/``: pytorch (default reference) | triton (GPU or TRITON_INTERPRET=1) |
+    cpu (C++ CPU kernels where an op has one, JIT-built on first use; the PyTorch reference elsewhere)."""
 
     backend: str = "pytorch"
 

@@ -10,8 +10,8 @@ group runs as one batched matmul [G, H, L, L]. Remaining padding: see ops/README
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,11 @@ def time_bucket_ids(delta: torch.Tensor, base: float, num_buckets: int) -> torch
     """Log time buckets: clamp(floor(ln(max(|Δ|, 1)) / base), 0, num_buckets) as int64 (float32 log, as GR)."""
     mag = delta.long().abs().clamp(min=1).to(torch.float32)
     return torch.floor(torch.log(mag) / base).clamp(0, num_buckets).long()
+
+
+def pairwise_time_buckets(t_next: torch.Tensor, t: torch.Tensor, base: float, num_buckets: int) -> torch.Tensor:
+    """[G, L, L] int64 bucket(t_next[g, i] − t[g, j]) of row-aligned t_next, t [G, L] int64."""
+    return time_bucket_ids(t_next.unsqueeze(2) - t.unsqueeze(1), base, num_buckets)
 
 
 def relative_position_ids(rows: torch.Tensor, cols: torch.Tensor, max_pos: int) -> torch.Tensor:
@@ -67,14 +72,15 @@ def length_groups(lengths: List[int], tol: float = PAD_TOLERANCE, slack: int = P
 
 
 class _GatherRows(torch.autograd.Function):
-    """x [T, ...] -> x_ext[rows] [P, ...] where x_ext = x plus a zero row T and ``rows`` [P] holds every token
-    exactly once (padding slots = T). Because it is a permutation, backward is a gather by ``inverse`` [T]
-    (position of token t in rows) instead of a scatter-add, which is ~10x slower on CPU."""
+    """x [T, ...] -> x[rows] [P, ...] where ``rows`` [P] holds every token exactly once plus padding slots that
+    repeat some real row (their values are never used: the mask zeroes padded keys, padded queries are dropped).
+    Because it is a permutation on the real slots, backward is a gather by ``inverse`` [T] (position of token t
+    in rows) instead of a scatter-add, which is ~10x slower on CPU."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(inverse)
-        return torch.cat([x, x.new_zeros((1,) + x.shape[1:])]).index_select(0, rows)
+        return x.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -125,6 +131,7 @@ class GroupPlan:
     pos_idx: Optional[torch.Tensor]
     time_idx: Optional[torch.Tensor]
     weights: torch.Tensor
+    cache: Dict[str, Any] = field(default_factory=dict)  # per-batch derived forms other backends build once
 
 
 @dataclass
@@ -136,6 +143,8 @@ class AttentionPlan:
     T: int
     groups: List[GroupPlan]
     all_rows: torch.Tensor
+    gather_rows: torch.Tensor
+    pad_slots: torch.Tensor
     inverse: torch.Tensor
     sizes: List[int]
     pos_table_size: Optional[int]
@@ -156,10 +165,12 @@ def attention_plan(
     contextual_len: int = 0,
     dtype: torch.dtype = torch.float32,
     num_tokens: Optional[int] = None,
+    time_bucket_fn: Optional[Callable[[torch.Tensor, torch.Tensor, float, int], torch.Tensor]] = None,
 ) -> Optional[AttentionPlan]:
     """Plan of a jagged batch (offsets [B+1], num_tokens T rows, default offsets[-1]) for tables of
     pos_table_size = 2P − 1 / time_table_size = num_buckets + 1 values (None: no such bias); None when the batch
-    has no token."""
+    has no token. time_bucket_fn(t_next [G, L], t [G, L] int64, base, num_buckets) -> [G, L, L] bucket indices
+    (default :func:`pairwise_time_buckets`; another backend may return a narrower integer dtype)."""
     lengths_t = (offsets[1:] - offsets[:-1]).long()
     lengths = lengths_t.tolist()
     T = num_tokens if num_tokens is not None else (int(offsets[-1]) if offsets.numel() > 0 else 0)
@@ -190,8 +201,8 @@ def attention_plan(
         pos_idx = relative_position_ids(pos.view(L, 1), pos.view(1, L), P) if P is not None else None
         time_idx = None
         if ts_ext is not None:
-            delta = t_next_ext[rows].unsqueeze(2) - ts_ext[rows].unsqueeze(1)  # [G, L, L]
-            time_idx = time_bucket_ids(delta, time_bucket_base, time_table_size - 1)
+            time_idx = (time_bucket_fn or pairwise_time_buckets)(t_next_ext[rows], ts_ext[rows], time_bucket_base,
+                                                                 time_table_size - 1)
         # valid(i, j): causal (j <= i) or, non-causal, j inside the sequence; candidates don't see other candidates
         if causal:
             mask = (pos.view(L, 1) >= pos.view(1, L)).unsqueeze(0)  # [1, L, L]
@@ -212,13 +223,15 @@ def attention_plan(
     inverse = torch.empty(T, dtype=torch.long, device=device)
     real = all_rows < T
     inverse[all_rows[real]] = torch.arange(all_rows.numel(), device=device)[real]
-    return AttentionPlan(T, groups, all_rows, inverse, [g.rows.numel() for g in groups], pos_table_size,
+    gather_rows = torch.where(real, all_rows, torch.zeros_like(all_rows))
+    pad_slots = (~real).nonzero().view(-1)
+    return AttentionPlan(T, groups, all_rows, gather_rows, pad_slots, inverse, [g.rows.numel() for g in groups], pos_table_size,
                          time_table_size)
 
 
 def _group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: GroupPlan, alpha: float,
                      pos_weights: Optional[torch.Tensor], time_weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """One length group: q/k [G*L, H, dqk], v [G*L, H, dv] already gathered (padding rows are zero).
+    """One length group: q/k [G*L, H, dqk], v [G*L, H, dv] already gathered (padding rows hold unused values).
     Returns [G, L, H, dv] (padded rows are garbage)."""
     L = g.L
     G = g.rows.size(0)
@@ -239,16 +252,15 @@ def _group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Group
     return torch.matmul(attn, v).transpose(1, 2)  # [G, L, H, dv]
 
 
-def pytorch_jagged_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs, *,
-                                  plan: Optional[AttentionPlan] = None) -> torch.Tensor:
-    """Jagged HSTU attention, q/k [T, H, dqk], v [T, H, dv] -> [T, H, dv] (autograd to q, k, v, args.pos_weights,
-    args.time_weights). ``args.max_len`` is only an upper bound here (lengths are read from args.offsets).
-    ``plan``: the batch's :class:`AttentionPlan` (built by the caller once for a stack of layers; it must come
-    from the same offsets / timestamps / masks / norm); None builds it here."""
+def check_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs, plan: Optional[AttentionPlan],
+               build: Callable[..., Optional[AttentionPlan]] = None) -> Tuple[Optional[AttentionPlan],
+                                                                          Optional[torch.Tensor]]:
+    """(plan, None): the given plan checked against the inputs, or one built by ``build`` (default
+    :func:`attention_plan`); (None, zeros [T, H, dv]) when the batch has no token."""
     pos_weights, time_weights = args.pos_weights, args.time_weights
     T, H, dv = v.shape
     if plan is None:
-        plan = attention_plan(
+        plan = (build or attention_plan)(
             args.offsets, norm=args.norm, causal=args.causal,
             pos_table_size=None if pos_weights is None else pos_weights.numel(),
             time_table_size=None if time_weights is None else time_weights.numel(),
@@ -256,12 +268,26 @@ def pytorch_jagged_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             time_bucket_base=args.time_bucket_base, num_targets=args.num_targets, contextual_len=args.contextual_len,
             dtype=q.dtype, num_tokens=T)
     if plan is None:
-        return v.new_zeros(T, H, dv) + 0.0 * (q.sum() + k.sum() + v.sum())
+        return None, v.new_zeros(T, H, dv) + 0.0 * (q.sum() + k.sum() + v.sum())
     if plan.T != T or plan.pos_table_size != (None if pos_weights is None else pos_weights.numel()) or \
             plan.time_table_size != (None if time_weights is None else time_weights.numel()):
         raise ValueError("attention plan does not match the inputs (tokens or rab tables differ)")
-    qa, ka, va = (_GatherRows.apply(x, plan.all_rows, plan.inverse) for x in (q, k, v))
+    return plan, None
+
+
+def pytorch_jagged_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs, *,
+                                  plan: Optional[AttentionPlan] = None) -> torch.Tensor:
+    """Jagged HSTU attention, q/k [T, H, dqk], v [T, H, dv] -> [T, H, dv] (autograd to q, k, v, args.pos_weights,
+    args.time_weights). ``args.max_len`` is only an upper bound here (lengths are read from args.offsets).
+    ``plan``: the batch's :class:`AttentionPlan` (built by the caller once for a stack of layers; it must come
+    from the same offsets / timestamps / masks / norm); None builds it here."""
+    H, dv = v.shape[1:]
+    plan, empty_out = check_plan(q, k, v, args, plan)
+    if empty_out is not None:
+        return empty_out
+    qa, ka, va = (_GatherRows.apply(x, plan.gather_rows, plan.inverse) for x in (q, k, v))
     outs: List[torch.Tensor] = []
     for g, qg, kg, vg in zip(plan.groups, qa.split(plan.sizes), ka.split(plan.sizes), va.split(plan.sizes)):
-        outs.append(_group_attention(qg, kg, vg, g, args.alpha, pos_weights, time_weights).reshape(-1, H, dv))
+        outs.append(_group_attention(qg, kg, vg, g, args.alpha, args.pos_weights, args.time_weights)
+                    .reshape(-1, H, dv))
     return _ScatterRows.apply(torch.cat(outs), plan.all_rows, plan.inverse)

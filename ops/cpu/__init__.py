@@ -1,0 +1,1 @@
+"""C++ CPU kernels (``Backend.CPU``), built on first use with torch.utils.cpp_extension (see build.py)."""
