@@ -174,6 +174,7 @@ def sampled_softmax_loss(
     table: Optional[torch.Tensor] = None,
     table_ids: Optional[torch.Tensor] = None,
     compile: bool = False,
+    backend: str = "pytorch",
 ) -> torch.Tensor:
     """Sampled-softmax next-item loss averaged over valid positions (scalar; 0 with a graph if none is valid).
 
@@ -195,6 +196,8 @@ def sampled_softmax_loss(
         table, table_ids: already looked-up item vectors [U, D] of the sorted ids table_ids [U] (None: table
             row = item id, U = num_items + 1), instead of calling item_vectors_fn.
         compile: sampled route, compute the item-table gradient with torch.compile (else eager; same sums).
+        backend: ``ops.backend``; ``cpu`` runs the sampled route as one fused C++ op (ops/cpu/sampled_softmax.py:
+            dots, mask, log-sum-exp and both gradients; the same value and gradients within float rounding).
     """
     q = seq_emb[valid]
     pos = pos_ids[valid]
@@ -223,6 +226,10 @@ def sampled_softmax_loss(
         else:
             uniq, idx = torch.unique(ids, return_inverse=True)
             table = item_vectors_fn(uniq)
+        if str(getattr(backend, "value", backend)).lower() == "cpu":
+            from hstu.ops.cpu.sampled_softmax import cpu_sampled_softmax_loss
+
+            return cpu_sampled_softmax_loss(q, table, idx, temperature)
         logits = sampled_dot(q, table.float(), idx, compile)  # [V, R + 1]
     neg_mask = torch.cat([torch.zeros_like(pos, dtype=torch.bool).unsqueeze(1), negatives == pos.unsqueeze(1)], 1)
     logits = logits.masked_fill(neg_mask, float("-inf")) / temperature

@@ -1,7 +1,7 @@
 """JIT build of the C++ CPU kernels in ``ops/cpu/csrc`` (torch.utils.cpp_extension, cached per machine).
 
 The first call compiles (~30-60 s on 2 cores; needs a C++ compiler and ninja - ``make install`` pins the ninja
-wheel); later processes load the cached library from ``$TORCH_EXTENSIONS_DIR`` (default
+wheel); later processes load the cached library (named by a hash of the sources and headers) from ``$TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``). A source change rebuilds. Concurrent processes (torchrun ranks) wait on
 torch's build lock. AVX2/FMA code is chosen at run time, so one build serves every x86-64 CPU. OpenMP: the
 kernels split rows with ``at::parallel_for`` on torch's own thread pool (``torch.set_num_threads``).
@@ -9,6 +9,8 @@ kernels split rows with ``at::parallel_for`` on torch's own thread pool (``torch
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
 import shutil
 import sys
@@ -45,9 +47,14 @@ def load_kernel(name: str) -> ModuleType:
     from torch.utils import cpp_extension
 
     src = os.path.join(CSRC, f"{name}.cpp")
+    digest = hashlib.sha256()  # the headers too: torch's own rebuild check hashes only the listed sources
+    for path in [src] + sorted(glob.glob(os.path.join(CSRC, "*.h"))):
+        with open(path, "rb") as f:
+            digest.update(f.read())
     _ninja_on_path()
     try:
-        module = cpp_extension.load(name=f"hstu_{name}", sources=[src], extra_cflags=["-O3", "-fopenmp"],
+        module = cpp_extension.load(name=f"hstu_{name}_{digest.hexdigest()[:12]}", sources=[src],
+                                     extra_include_paths=[CSRC], extra_cflags=["-O3", "-fopenmp"],
                                      extra_ldflags=["-fopenmp"], verbose=False)
     except (RuntimeError, OSError, ImportError) as e:  # no compiler / ninja, or a build error
         raise RuntimeError(f"ops.backend=cpu: building the C++ kernel {src} failed ({str(e).splitlines()[0]}); "

@@ -64,7 +64,7 @@ def compute_loss(model: torch.nn.Module, batch: Any, ctx: Any) -> torch.Tensor:
         table_ids = None if _lookup_all(ctx.cfg, ctx.num_items) else p.lookup_ids
     return sampled_softmax_loss(seq_emb, p.labels, p.valid, item_vectors, ctx.num_items, lc.num_negatives,
                                 lc.temperature, negatives=p.negatives, route=lc.route, item_lookup=lc.item_lookup,
-                                table=table, table_ids=table_ids, compile=lc.compile)
+                                table=table, table_ids=table_ids, compile=lc.compile, backend=ctx.cfg.ops.backend)
 
 
 def _lookup_all(cfg: RunConfig, num_items: int) -> bool:

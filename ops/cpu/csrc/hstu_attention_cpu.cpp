@@ -17,52 +17,17 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define HSTU_X86 1
-#endif
+#include "vec_math.h"
 
 namespace {
 
-// exp(x) for float, ~1 ulp on [-87, 88] (Cody-Waite range reduction + degree-6 polynomial); NaN propagates.
-inline float exp_scalar(float x) {
-  x = std::fmin(std::fmax(x, -87.3f), 88.3f) + (x - x);  // x - x keeps NaN
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t e = static_cast<int32_t>(n) + 127;
-  float scale;
-  const int32_t bits = e << 23;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
-}
+using hstu_cpu::exp_scalar;
+using hstu_cpu::has_avx2;
+#ifdef HSTU_X86
+using hstu_cpu::exp_avx2;
+#endif
 
 #ifdef HSTU_X86
-__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
-  x = _mm256_min_ps(hi, _mm256_max_ps(lo, x));  // second operand returned on NaN: NaN survives both
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 // One row of the forward for j < n: z = s + (b2d + tw[ti]) in place (b2d / tw+ti may be null), a = z·σ(z)·w.
 __attribute__((target("avx2,fma"))) void fwd_row_avx2(float* z, const float* b2d, const float* tw, const int16_t* ti,
                                                        const float* w, float* a, int64_t n) {
@@ -118,18 +83,12 @@ __attribute__((target("avx2,fma"))) void bwd_row_avx2(float* da, const float* z,
   }
 }
 
-bool has_avx2() {
-  const char* force_scalar = std::getenv("HSTU_CPU_SCALAR");  // tests exercise the portable path with =1
-  if (force_scalar && force_scalar[0] == '1') return false;
-  __builtin_cpu_init();  // static initialisers may run before libgcc's own CPU detection
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-const bool kHasAvx2 = has_avx2();
+
 #endif
 
 void fwd_row(float* z, const float* b2d, const float* tw, const int16_t* ti, const float* w, float* a, int64_t n) {
 #ifdef HSTU_X86
-  if (kHasAvx2) return fwd_row_avx2(z, b2d, tw, ti, w, a, n);
+  if (has_avx2()) return fwd_row_avx2(z, b2d, tw, ti, w, a, n);
 #endif
   for (int64_t j = 0; j < n; ++j) {
     if (b2d || tw) z[j] += b2d ? (tw ? b2d[j] + tw[ti[j]] : b2d[j]) : tw[ti[j]];
@@ -139,7 +98,7 @@ void fwd_row(float* z, const float* b2d, const float* tw, const int16_t* ti, con
 
 void bwd_row(float* da, const float* z, const float* w, int64_t n) {
 #ifdef HSTU_X86
-  if (kHasAvx2) return bwd_row_avx2(da, z, w, n);
+  if (has_avx2()) return bwd_row_avx2(da, z, w, n);
 #endif
   for (int64_t j = 0; j < n; ++j) {
     const float sg = 1.0f / (1.0f + exp_scalar(-z[j]));

@@ -1,0 +1,326 @@
+// Sampled-softmax cross-entropy on CPU, fused: logits, mask, log-sum-exp and loss in one pass forward; the logit
+// gradient, dq and the item-table gradient in two passes backward (csrc of ops/cpu/sampled_softmax.py).
+//
+// For each row v (a valid position) with query q[v] [D] and K = R + 1 table rows idx[v] (column 0 = positive):
+//     l[v, k] = q[v] . table[idx[v, k]] / temperature,  l[v, k] = -inf where k > 0 and idx[v, k] == idx[v, 0]
+//     loss[v] = logsumexp_k l[v, k] - l[v, 0]
+// Backward with g[v] = dL/dloss[v]:  d[v, k] = g[v] (softmax_k(l[v]) - [k == 0]) / temperature
+//     dq[v] = sum_k d[v, k] table[idx[v, k]],   dtable[u] = sum_{idx[v, k] = u} d[v, k] q[v]
+// dtable: thread p owns the rows u with u mod P == p (P a power of two) and adds its entries in (v, k) order, so the sums are the
+// same for any thread count (deterministic) and no atomics are needed.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "vec_math.h"
+
+namespace {
+
+using hstu_cpu::exp_scalar;
+using hstu_cpu::has_avx2;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+#ifdef HSTU_X86
+using hstu_cpu::exp_avx2;
+
+__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+__attribute__((target("avx2,fma"))) void axpy_avx2(float alpha, const float* x, float* y, int64_t n) {
+  const __m256 a = _mm256_set1_ps(alpha);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+  for (; j < n; ++j) y[j] += alpha * x[j];
+}
+
+// p[k] = exp(l[k] - shift), 0 where l[k] = -inf; returns sum_k p[k].
+__attribute__((target("avx2,fma"))) float exp_shift_avx2(const float* l, float shift, float* p, int64_t n) {
+  const __m256 sh = _mm256_set1_ps(shift), ninf = _mm256_set1_ps(kNegInf);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 lv = _mm256_loadu_ps(l + j);
+    const __m256 e = _mm256_and_ps(exp_avx2(_mm256_sub_ps(lv, sh)), _mm256_cmp_ps(lv, ninf, _CMP_NEQ_UQ));
+    _mm256_storeu_ps(p + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  if (j < n) {  // tail through a padded buffer: the same vector arithmetic
+    alignas(32) float lb[8], pb[8];
+    for (int t = 0; t < 8; ++t) lb[t] = j + t < n ? l[j + t] : kNegInf;
+    exp_shift_avx2(lb, shift, pb, 8);
+    for (int64_t t = j; t < n; ++t) { p[t] = pb[t - j]; s += pb[t - j]; }
+  }
+  return s;
+}
+
+constexpr int64_t kMaxVec = 32;  // rows up to D = 256 keep q / dq in registers (longer rows use dot / axpy)
+
+__attribute__((target("avx2,fma"))) inline __m256i tail_mask(int64_t D) {
+  const int64_t r = D % 8 == 0 ? 8 : D % 8;
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(r)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// out[k] = q . table[iv[k]] for k < K: q held in registers, 8 dot products reduced together.
+__attribute__((target("avx2,fma"))) void row_dots_avx2(const float* q, const float* table, const int64_t* iv,
+                                                        int64_t K, int64_t D, float* out) {
+  const int64_t nv = (D + 7) / 8;
+  const __m256i tm = tail_mask(D);
+  __m256 qv[kMaxVec];
+  for (int64_t c = 0; c < nv; ++c) qv[c] = c + 1 < nv ? _mm256_loadu_ps(q + 8 * c) : _mm256_maskload_ps(q + 8 * c, tm);
+  for (int64_t k0 = 0; k0 < K; k0 += 8) {
+    const int64_t nk = std::min<int64_t>(8, K - k0);
+    const float* r[8];
+    for (int64_t t = 0; t < 8; ++t) r[t] = table + iv[k0 + (t < nk ? t : 0)] * D;  // past K: a dummy row
+    __m256 acc[8] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t c = 0; c < nv; ++c) {  // 8 independent chains; t unrolled so acc stays in registers
+      const __m256 qc = qv[c];
+      const bool last = c + 1 == nv;
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t)
+        acc[t] = _mm256_fmadd_ps(qc, last ? _mm256_maskload_ps(r[t] + 8 * c, tm) : _mm256_loadu_ps(r[t] + 8 * c),
+                                 acc[t]);
+    }
+    // transpose-reduce: lane t of the result = horizontal sum of acc[t]
+    const __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);
+    const __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);
+    const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+    const __m256 dots = _mm256_add_ps(lo, hi);  // [d0 d1 d2 d3 d4 d5 d6 d7]
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, dots);
+    for (int64_t t = 0; t < nk; ++t) out[k0 + t] = lanes[t];
+  }
+}
+
+// l[k] /= temp for k < K, returns max_k l[k].
+__attribute__((target("avx2,fma"))) float scale_max_avx2(float* l, float temp, int64_t K) {
+  const __m256 tv = _mm256_set1_ps(temp);
+  __m256 m = _mm256_set1_ps(kNegInf);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 x = _mm256_div_ps(_mm256_loadu_ps(l + k), tv);
+    _mm256_storeu_ps(l + k, x);
+    m = _mm256_max_ps(m, x);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float r = lanes[0];
+  for (int t = 1; t < 8; ++t) r = std::max(r, lanes[t]);
+  for (; k < K; ++k) {
+    l[k] = l[k] / temp;
+    r = std::max(r, l[k]);
+  }
+  return r;
+}
+
+// dq += sum_k d[k] table[iv[k]] with dq held in registers.
+__attribute__((target("avx2,fma"))) void row_weighted_sum_avx2(const float* d, const float* table, const int64_t* iv,
+                                                                int64_t K, int64_t D, float* dq) {
+  const int64_t nv = (D + 7) / 8;
+  const __m256i tm = tail_mask(D);
+  __m256 acc[kMaxVec];
+  for (int64_t c = 0; c < nv; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    if (d[k] == 0.0f) continue;
+    const __m256 w = _mm256_set1_ps(d[k]);
+    const float* row = table + iv[k] * D;
+    for (int64_t c = 0; c + 1 < nv; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * c), acc[c]);
+    acc[nv - 1] = _mm256_fmadd_ps(w, _mm256_maskload_ps(row + 8 * (nv - 1), tm), acc[nv - 1]);
+  }
+  for (int64_t c = 0; c + 1 < nv; ++c) _mm256_storeu_ps(dq + 8 * c, acc[c]);
+  _mm256_maskstore_ps(dq + 8 * (nv - 1), tm, acc[nv - 1]);
+}
+
+// y += alpha x over D floats, masked tail (no scalar remainder).
+__attribute__((target("avx2,fma"))) void axpy_row_avx2(float alpha, const float* x, float* y, int64_t D) {
+  const int64_t nv = (D + 7) / 8;
+  const __m256i tm = tail_mask(D);
+  const __m256 a = _mm256_set1_ps(alpha);
+  for (int64_t c = 0; c + 1 < nv; ++c)
+    _mm256_storeu_ps(y + 8 * c, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + 8 * c), _mm256_loadu_ps(y + 8 * c)));
+  _mm256_maskstore_ps(y + 8 * (nv - 1), tm,
+                      _mm256_fmadd_ps(a, _mm256_maskload_ps(x + 8 * (nv - 1), tm), _mm256_maskload_ps(y + 8 * (nv - 1), tm)));
+}
+#endif
+
+float dot(const float* a, const float* b, int64_t n) {
+#ifdef HSTU_X86
+  if (has_avx2()) return dot_avx2(a, b, n);
+#endif
+  float s = 0.0f;
+  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+void axpy(float alpha, const float* x, float* y, int64_t n) {
+#ifdef HSTU_X86
+  if (has_avx2()) return axpy_avx2(alpha, x, y, n);
+#endif
+  for (int64_t j = 0; j < n; ++j) y[j] += alpha * x[j];
+}
+
+float exp_shift(const float* l, float shift, float* p, int64_t n) {
+#ifdef HSTU_X86
+  if (has_avx2()) return exp_shift_avx2(l, shift, p, n);
+#endif
+  float s = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] = l[j] == kNegInf ? 0.0f : exp_scalar(l[j] - shift);
+    s += p[j];
+  }
+  return s;
+}
+
+// out[k] = q . table[iv[k]]
+void row_dots(const float* q, const float* table, const int64_t* iv, int64_t K, int64_t D, float* out) {
+#ifdef HSTU_X86
+  if (has_avx2() && D <= 8 * kMaxVec) return row_dots_avx2(q, table, iv, K, D, out);
+#endif
+  for (int64_t k = 0; k < K; ++k) out[k] = dot(q, table + iv[k] * D, D);
+}
+
+// dq = sum_k d[k] table[iv[k]] (dq overwritten)
+void row_weighted_sum(const float* d, const float* table, const int64_t* iv, int64_t K, int64_t D, float* dq) {
+#ifdef HSTU_X86
+  if (has_avx2() && D <= 8 * kMaxVec) return row_weighted_sum_avx2(d, table, iv, K, D, dq);
+#endif
+  std::fill(dq, dq + D, 0.0f);
+  for (int64_t k = 0; k < K; ++k)
+    if (d[k] != 0.0f) axpy(d[k], table + iv[k] * D, dq, D);
+}
+
+float scale_max(float* l, float temp, int64_t K) {
+#ifdef HSTU_X86
+  if (has_avx2()) return scale_max_avx2(l, temp, K);
+#endif
+  float r = kNegInf;
+  for (int64_t k = 0; k < K; ++k) {
+    l[k] = l[k] / temp;
+    r = std::max(r, l[k]);
+  }
+  return r;
+}
+
+void axpy_row(float alpha, const float* x, float* y, int64_t D) {
+#ifdef HSTU_X86
+  if (has_avx2() && D >= 1) return axpy_row_avx2(alpha, x, y, D);
+#endif
+  axpy(alpha, x, y, D);
+}
+
+void check(const at::Tensor& q, const at::Tensor& table, const at::Tensor& idx) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && q.is_contiguous() && q.device().is_cpu(),
+              "sampled softmax (cpu): q must be contiguous float32 CPU [V, D], got ", q.sizes());
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == q.size(1) && table.scalar_type() == at::kFloat &&
+                  table.is_contiguous(),
+              "sampled softmax (cpu): table must be contiguous float32 [U, D=", q.size(1), "], got ", table.sizes());
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == q.size(0) && idx.size(1) >= 1 && idx.scalar_type() == at::kLong &&
+                  idx.is_contiguous(),
+              "sampled softmax (cpu): idx must be contiguous int64 [V, K>=1], got ", idx.sizes());
+}
+
+}  // namespace
+
+// -> (loss [V], logits [V, K] (scaled, masked), lse [V])
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& table, const at::Tensor& idx,
+                                double temperature) {
+  check(q, table, idx);
+  const int64_t V = q.size(0), D = q.size(1), K = idx.size(1);
+  at::Tensor logits = at::empty({V, K}, q.options()), loss = at::empty({V}, q.options()),
+             lse = at::empty({V}, q.options());
+  const float *qp = q.data_ptr<float>(), *tp = table.data_ptr<float>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  float *lp = logits.data_ptr<float>(), *lossp = loss.data_ptr<float>(), *lsep = lse.data_ptr<float>();
+  const float temp = static_cast<float>(temperature);
+  const int64_t U = table.size(0);
+  std::atomic<bool> out_of_range{false};
+  at::parallel_for(0, V, 16, [&](int64_t v0, int64_t v1) {
+    std::vector<float> p(K);
+    bool bad = false;
+    for (int64_t v = v0; v < v1; ++v) {
+      const int64_t* iv = ip + v * K;
+      float* lv = lp + v * K;
+      for (int64_t k = 0; k < K; ++k) bad |= static_cast<uint64_t>(iv[k]) >= static_cast<uint64_t>(U);
+      if (bad) continue;
+      row_dots(qp + v * D, tp, iv, K, D, lv);
+      // a masked column repeats the positive's row, so its logit equals l[v, 0]: the max is the same either way
+      const float m = scale_max(lv, temp, K);
+      for (int64_t k = 1; k < K; ++k)
+        if (iv[k] == iv[0]) lv[k] = kNegInf;
+      const float s = exp_shift(lv, m, p.data(), K);
+      lsep[v] = m + std::log(s);
+      lossp[v] = lsep[v] - lv[0];
+    }
+    if (bad) out_of_range = true;
+  });
+  TORCH_CHECK(!out_of_range, "sampled softmax (cpu): a row index is outside the table's ", U, " rows");
+  return {loss, logits, lse};
+}
+
+// grad [V] = dL/dloss -> (dq [V, D] or empty, dtable [U, D] or empty)
+std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& table,
+                                 const at::Tensor& idx, const at::Tensor& logits, const at::Tensor& lse,
+                                 double temperature, bool want_dq, bool want_dtable) {
+  const int64_t V = q.size(0), D = q.size(1), K = idx.size(1), U = table.size(0);
+  TORCH_CHECK(grad.numel() == V && logits.size(0) == V && logits.size(1) == K && lse.numel() == V,
+              "sampled softmax (cpu): saved tensors do not match");
+  const at::Tensor g = grad.to(at::kFloat).contiguous();
+  at::Tensor d = at::empty({V, K}, q.options());
+  at::Tensor dq = want_dq ? at::empty({V, D}, q.options()) : at::empty({0}, q.options());
+  at::Tensor dtable = want_dtable ? at::zeros({U, D}, q.options()) : at::empty({0}, q.options());
+  const float *qp = q.data_ptr<float>(), *tp = table.data_ptr<float>(), *lp = logits.data_ptr<float>(),
+              *lsep = lse.data_ptr<float>(), *gp = g.data_ptr<float>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  float* dp = d.data_ptr<float>();
+  float* dqp = want_dq ? dq.data_ptr<float>() : nullptr;
+  const float temp = static_cast<float>(temperature);
+  at::parallel_for(0, V, 16, [&](int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) {
+      float* dv = dp + v * K;
+      exp_shift(lp + v * K, lsep[v], dv, K);  // softmax
+      const float gv = gp[v] / temp;
+      for (int64_t k = 0; k < K; ++k) dv[k] = gv * (k == 0 ? dv[k] - 1.0f : dv[k]);
+      if (dqp) row_weighted_sum(dv, tp, ip + v * K, K, D, dqp + v * D);
+    }
+  });
+  if (want_dtable) {
+    float* dtp = dtable.data_ptr<float>();
+    int64_t P = 1;  // a power of two <= threads: owner(u) = u & (P - 1)
+    while (P * 2 <= at::get_num_threads() && P * 2 <= U) P *= 2;
+    const int64_t mask = P - 1;
+    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t part = p0; part < p1; ++part)
+        for (int64_t v = 0; v < V; ++v) {
+          const int64_t* iv = ip + v * K;
+          const float* dv = dp + v * K;
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t u = iv[k];
+            if ((u & mask) == part && dv[k] != 0.0f) axpy_row(dv[k], qp + v * D, dtp + u * D, D);
+          }
+        }
+    });
+  }
+  return {dq, dtable};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "fused sampled-softmax cross-entropy per row (CPU)");
+  m.def("backward", &backward, "its gradients w.r.t. the queries and the table (CPU)");
+}
