@@ -40,14 +40,26 @@ def gate_and_dropout(attn: torch.Tensor, u: torch.Tensor, weight: Optional[torch
     (ops/norm_gating.py). attn, u [N, H·dv] -> [N, H·dv] | [N, 3·H·dv].
 
     PyTorch backend: the op without dropout, then torch's ``F.dropout`` — the RNG stream every earlier run used,
-    so fixed-seed training is unchanged. Triton backend: dropout fused in the kernel (a counter-based Philox
+    so fixed-seed training is unchanged. CPU backend: the op, then the seeded Philox dropout (same masks as the
+    Triton kernel for the same seed). Triton backend: dropout fused in the kernel (a counter-based Philox
     mask, seed drawn from torch's CPU generator per call), so the same torch seed drops other elements than on
     the PyTorch backend (same rate and scaling; equal outputs when dropout is 0 or in eval)."""
     if backend == Backend.TRITON:
         return norm_gating(attn, u, weight, bias, eps=LN_EPS, dropout_p=dropout, training=training, concat=concat,
                            backend=backend)
     y = norm_gating(attn, u, weight, bias, eps=LN_EPS, concat=concat, backend=backend)
-    return F.dropout(y, p=dropout, training=training)
+    return backend_dropout(y, dropout, training, backend)
+
+
+def backend_dropout(x: torch.Tensor, p: float, training: bool, backend: Backend) -> torch.Tensor:
+    """Dropout as the backend does it: PyTorch, torch's ``F.dropout`` (the RNG stream of every earlier run);
+    CPU, the seeded Philox dropout of ops/cpu/dropout.py (the masks norm_gating's reference and Triton draw for
+    the same seed, ~2x faster than ``bernoulli_``)."""
+    if backend == Backend.CPU and training and p > 0.0:
+        from hstu.ops.cpu.dropout import cpu_seeded_dropout
+
+        return cpu_seeded_dropout(x, p, training)
+    return F.dropout(x, p=p, training=training)
 
 
 def input_time_bucket_ids(delta: torch.Tensor, num_buckets: int, fn: str = "sqrt") -> torch.Tensor:
@@ -300,7 +312,10 @@ class HSTUEncoder(nn.Module):
             if timestamps is None:
                 raise ValueError("the production HSTU variant needs timestamps")
             q_time = self._query_times(timestamps, offsets, query_timestamps)[sequence_ids(offsets, T)]
-        h = self.input_dropout(self.input_embeddings(x, positions_in_sequence(offsets, T), timestamps, q_time))
+        h = self.input_embeddings(x, positions_in_sequence(offsets, T), timestamps, q_time)
+        backend = self.layers[0].backend if len(self.layers) else Backend.PYTORCH
+        h = backend_dropout(h, self.input_dropout.p, self.training, backend) if backend == Backend.CPU \
+            else self.input_dropout(h)
         plan = attention_plan_for(self.layers, offsets, T, timestamps, query_timestamps)
         for layer in self.layers:
             h = layer(h, offsets, int(max_len), timestamps, query_timestamps, plan=plan)

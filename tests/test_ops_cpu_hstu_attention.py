@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hstu.ops.backend import Backend
-from hstu.ops.cpu.hstu_attention import cpu_attention_plan, cpu_time_buckets
+from hstu.ops.cpu.hstu_attention import cpu_attention_plan, cpu_time_buckets, row_blocks
 from hstu.ops.hstu_attention import AttentionArgs, jagged_hstu_attention
 from hstu.ops.pytorch.hstu_attention import attention_plan, pairwise_time_buckets
 
@@ -49,8 +49,10 @@ def _args(c, inp, lengths):
                          num_targets=targets, contextual_len=c["ctx"])
 
 
+@pytest.mark.parametrize("row_block", [64, 7])  # 7: several row blocks per group (causal columns skipped)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_cpu_kernel_matches_pytorch_reference(case):
+def test_cpu_kernel_matches_pytorch_reference(case, row_block, monkeypatch):
+    monkeypatch.setattr("hstu.ops.cpu.hstu_attention.ROW_BLOCK", row_block)
     c = CASES[case]
     inp = _inputs(LENGTHS, H=c.get("H", 1))
     args = _args(c, inp, LENGTHS)
@@ -75,6 +77,14 @@ def test_cpu_kernel_matches_pytorch_reference(case):
         assert grads[3].abs().sum() > 0
     if c["time"]:
         assert grads[4].abs().sum() > 0
+
+
+def test_row_blocks_cover_rows_and_the_columns_they_see():
+    causal = torch.arange(1, 11, dtype=torch.int32).view(1, 10)
+    assert row_blocks(causal, 10, 4) == [(0, 4, 4), (4, 8, 8), (8, 10, 10)]
+    full = torch.tensor([[10] * 10, [3] * 10], dtype=torch.int32)  # any sequence's row sees all: no saving
+    assert row_blocks(full, 10, 4) == [(0, 4, 10), (4, 8, 10), (8, 10, 10)]
+    assert row_blocks(torch.zeros(1, 3, dtype=torch.int32), 3, 2) == [(0, 2, 1), (2, 3, 1)]
 
 
 def test_time_buckets_equal_the_reference_exactly():

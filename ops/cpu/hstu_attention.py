@@ -9,7 +9,9 @@ time-bias gradient); here they are two C++ passes (csrc/hstu_attention_cpu.cpp):
     backward: da = g vᵀ, dv = aᵀ g (bmm) -> ds = da·w·σ·(1 + z(1 − σ)) and the rab gradients (one pass,
               per-thread bucket sums, no atomics) -> dq = alpha·ds k, dk = alpha·dsᵀ q (bmm)
 
-Columns past a row's last unmasked key (the causal upper triangle) are skipped. The whole batch is one
+Rows go in blocks of ``ROW_BLOCK``: a block multiplies only the key columns its rows can see (causal: the
+upper triangle is mostly skipped, in the matmuls too), and the kernel skips columns past each row's last
+unmasked key. The whole batch is one
 autograd node: q, k, v are gathered into the grouped-padded layout once, every group writes its slice of one
 output buffer, and backward writes dq, dk, dv slices the same way (no per-group cat / split copies). The time
 bias uses int16 bucket indices computed by the kernel when the plan is built (:func:`cpu_attention_plan`).
@@ -26,6 +28,7 @@ from hstu.ops.cpu.build import load_kernel
 from hstu.ops.pytorch.hstu_attention import AttentionPlan, GroupPlan, attention_plan, check_plan
 
 KERNEL = "hstu_attention_cpu"
+ROW_BLOCK = 64  # rows per block: block r multiplies only the key columns its rows can see (causal: ~1/2 + 1/nb)
 
 
 def cpu_time_buckets(t_next: torch.Tensor, t: torch.Tensor, base: float, num_buckets: int) -> torch.Tensor:
@@ -39,9 +42,16 @@ def cpu_attention_plan(offsets: torch.Tensor, **kwargs) -> Optional[AttentionPla
     return attention_plan(offsets, time_bucket_fn=cpu_time_buckets, **kwargs)
 
 
-def group_kernel_inputs(g: GroupPlan) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def row_blocks(row_end: torch.Tensor, L: int, block: int) -> List[Tuple[int, int, int]]:
+    """[(r0, r1, c1)]: rows r0..r1-1 see no key column ≥ c1 (c1 = their largest row_end, at least 1)."""
+    ends = row_end.amax(dim=0).tolist() if row_end.numel() else [0] * L
+    return [(r0, min(r0 + block, L), max(1, max(ends[r0:r0 + block]))) for r0 in range(0, L, block)]
+
+
+def group_kernel_inputs(g: GroupPlan, table_sizes: Tuple[Optional[int], Optional[int]]):
     """(weights [1|G, L, L] float32, row_end [1|G, L] int32: 1 + last column with a non-zero mask weight per row,
-    time_idx [G, L, L] int16 or None), built once per batch and kept in ``g.cache`` for every layer."""
+    time_idx [G, L, L] int16 or None, row blocks (:func:`row_blocks`)), built once per batch and kept in
+    ``g.cache`` for every layer. table_sizes: the plan's (pos_table_size, time_table_size)."""
     if "row_end" not in g.cache:
         L = g.L
         w = g.weights.to(torch.float32).contiguous()
@@ -49,12 +59,16 @@ def group_kernel_inputs(g: GroupPlan) -> Tuple[torch.Tensor, torch.Tensor, Optio
         g.cache["weights"] = w
         g.cache["row_end"] = ((w != 0).to(torch.int32) * cols).amax(dim=-1).to(torch.int32).contiguous()
         ti = g.time_idx
+        if ti is not None and ti.numel():  # the kernel reads time_weights[ti] unchecked
+            lo, hi = (int(x) for x in torch.aminmax(ti))
+            if lo < 0 or hi > min(torch.iinfo(torch.int16).max, table_sizes[1] - 1):
+                raise ValueError(f"time bucket indices [{lo}, {hi}] outside the time table's {table_sizes[1]} values "
+                                 "(ops.backend=cpu: at most 32767 buckets)")
         if ti is not None and ti.dtype != torch.int16:
-            if ti.numel() and int(ti.max()) > torch.iinfo(torch.int16).max:
-                raise ValueError("ops.backend=cpu supports at most 32767 time buckets")
             ti = ti.to(torch.int16)
         g.cache["time_idx16"] = None if ti is None else ti.contiguous()
-    return g.cache["weights"], g.cache["row_end"], g.cache["time_idx16"]
+        g.cache["blocks"] = row_blocks(g.cache["row_end"], L, ROW_BLOCK)
+    return g.cache["weights"], g.cache["row_end"], g.cache["time_idx16"], g.cache["blocks"]
 
 
 def _group_views(x: torch.Tensor, G: int, L: int) -> torch.Tensor:
@@ -83,14 +97,20 @@ class _FusedJaggedAttention(torch.autograd.Function):
         start = 0
         for g, size in zip(plan.groups, plan.sizes):
             G, L = g.rows.size(0), g.L
-            w, row_end, time_idx = group_kernel_inputs(g)
-            qg, kg, vg = (_group_views(x[start:start + size], G, L) for x in (qa, ka, va))
-            s = torch.matmul(qg * alpha if alpha != 1.0 else qg, kg.transpose(-1, -2)).contiguous()  # [G,H,L,L]
+            w, row_end, time_idx, blocks = group_kernel_inputs(g, (plan.pos_table_size, plan.time_table_size))
+            qg, kg, vg, og = (_group_views(x[start:start + size], G, L) for x in (qa, ka, va, out_pad))
+            if alpha != 1.0:
+                qg = qg * alpha
             bias2d = pos_weights.detach().take(g.pos_idx).contiguous() if pos_weights is not None else empty
-            a = ext.forward(s, bias2d, empty if time_weights is None else time_weights.detach(),
-                            time_idx if time_weights is not None else empty.short(), w, row_end)  # s -> z
-            _matmul_into(_group_views(out_pad[start:start + size], G, L), a, vg)
-            saved.append((s, a))
+            tw = empty if time_weights is None else time_weights.detach()
+            ti = time_idx if time_weights is not None else empty.short()
+            group_saved = []
+            for r0, r1, c1 in blocks:  # s = (alpha q) kᵀ of the block; the kernel turns it into z, returns a
+                s = torch.matmul(qg[:, :, r0:r1], kg[:, :, :c1].transpose(-1, -2)).contiguous()  # [G, H, R, C]
+                a = ext.forward(s, bias2d, tw, ti, w, row_end, r0)
+                _matmul_into(og[:, :, r0:r1], a, vg[:, :, :c1])
+                group_saved.append((s, a))
+            saved.append(group_saved)
             start += size
         ctx.save_for_backward(qa, ka, va)
         ctx.saved_groups, ctx.plan, ctx.alpha = saved, plan, alpha
@@ -105,28 +125,31 @@ class _FusedJaggedAttention(torch.autograd.Function):
         ext = load_kernel(KERNEL)
         go = grad.contiguous().index_select(0, plan.gather_rows)
         go.index_fill_(0, plan.pad_slots, 0.0)  # padded query rows carry no gradient
-        dqa, dka, dva = torch.empty_like(qa), torch.empty_like(ka), torch.empty_like(va)
+        dqa, dka, dva = torch.empty_like(qa), torch.zeros_like(ka), torch.zeros_like(va)
         want_pos = ctx.pos_size is not None and ctx.needs_input_grad[3]
         want_time = ctx.num_buckets > 0 and ctx.needs_input_grad[4]
         dpos = qa.new_zeros(ctx.pos_size) if want_pos else None
         dtime = qa.new_zeros(ctx.num_buckets) if want_time else None
         start = 0
-        for g, size, (z, a) in zip(plan.groups, plan.sizes, ctx.saved_groups):
+        for g, size, group_saved in zip(plan.groups, plan.sizes, ctx.saved_groups):
             G, L = g.rows.size(0), g.L
-            w, row_end, time_idx = group_kernel_inputs(g)
-            qg, kg, vg, gg = (_group_views(x[start:start + size], G, L) for x in (qa, ka, va, go))
-            _matmul_into(_group_views(dva[start:start + size], G, L), a.transpose(-1, -2), gg)
-            ds = torch.matmul(gg, vg.transpose(-1, -2)).contiguous()  # da, becomes ds in place
-            db2d, dtw = ext.backward(ds, z, w, row_end, time_idx if ctx.num_buckets else qa.new_empty(0).short(),
-                                     ctx.num_buckets, want_pos)
-            if want_pos:
-                dpos.index_add_(0, g.pos_idx.reshape(-1), db2d.reshape(-1))
-            if want_time:
-                dtime += dtw
-            if alpha != 1.0:
-                ds.mul_(alpha)
-            _matmul_into(_group_views(dqa[start:start + size], G, L), ds, kg)
-            _matmul_into(_group_views(dka[start:start + size], G, L), ds.transpose(-1, -2), qg)
+            w, row_end, time_idx, blocks = group_kernel_inputs(g, (plan.pos_table_size, plan.time_table_size))
+            qg, kg, vg, gg, dqg, dkg, dvg = (_group_views(x[start:start + size], G, L)
+                                             for x in (qa, ka, va, go, dqa, dka, dva))
+            ti = time_idx if ctx.num_buckets else qa.new_empty(0).short()
+            for (r0, r1, c1), (z, a) in zip(blocks, group_saved):
+                g_blk = gg[:, :, r0:r1]
+                dvg[:, :, :c1] += torch.matmul(a.transpose(-1, -2), g_blk)
+                ds = torch.matmul(g_blk, vg[:, :, :c1].transpose(-1, -2)).contiguous()  # da -> ds in place
+                db2d, dtw = ext.backward(ds, z, w, row_end, ti, ctx.num_buckets, want_pos, r0)
+                if want_pos:
+                    dpos.index_add_(0, g.pos_idx[r0:r1, :c1].reshape(-1), db2d.reshape(-1))
+                if want_time:
+                    dtime += dtw
+                if alpha != 1.0:
+                    ds.mul_(alpha)
+                _matmul_into(dqg[:, :, r0:r1], ds, kg[:, :, :c1])
+                dkg[:, :, :c1] += torch.matmul(ds.transpose(-1, -2), qg[:, :, r0:r1])
             start += size
         ctx.saved_groups = None
         inv = plan.inverse

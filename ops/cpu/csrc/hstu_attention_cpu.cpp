@@ -1,4 +1,5 @@
-// Fused elementwise part of jagged HSTU attention on CPU (one length group, padded to L).
+// Fused elementwise part of jagged HSTU attention on CPU (one row block of a length group padded to L: rows
+// row0 .. row0+R-1 against columns 0 .. C-1; a causal group splits into blocks so the upper triangle is skipped).
 //
 // Forward, per row (g, h, i) of scores s [G, H, L, L] (already alpha * q k^T), for columns j < row_end[i]:
 //     z = s + (bias2d[i, j] + time_w[time_idx[g, i, j]])      (each bias optional; rab shared by heads)
@@ -7,7 +8,7 @@
 // Backward: da -> ds = da * w * sig * (1 + z * (1 - sig)) in place (sig recomputed from z), plus the rab gradients
 //     dbias2d[i, j] = sum_{g,h} ds,   dtime_w[b] = sum_{time_idx = b} ds
 // accumulated per row pair without atomics (deterministic for any thread count).
-// Work is split over row pairs {t, L-1-t} so causal rows (cost ~ i) balance across threads.
+// Work is split over row pairs {t, R-1-t} so causal rows (cost ~ i) balance across threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -107,21 +108,24 @@ void bwd_row(float* da, const float* z, const float* w, int64_t n) {
 }
 
 struct Shapes {
-  int64_t G, H, L, Gw;
+  int64_t G, H, R, C, L, Gw;
 };
 
-Shapes check(const at::Tensor& s, const at::Tensor& w, const at::Tensor& row_end) {
-  TORCH_CHECK(s.dim() == 4 && s.size(2) == s.size(3) && s.scalar_type() == at::kFloat && s.is_contiguous() &&
-                  s.device().is_cpu(),
-              "hstu cpu attention: scores must be contiguous float32 CPU [G, H, L, L], got ", s.sizes());
-  const int64_t G = s.size(0), H = s.size(1), L = s.size(2);
-  TORCH_CHECK(w.dim() == 3 && (w.size(0) == 1 || w.size(0) == G) && w.size(1) == L && w.size(2) == L &&
+// s [G, H, R, C]: rows row0 .. row0 + R - 1, columns 0 .. C - 1 of a group padded to L (w.size(1)).
+Shapes check(const at::Tensor& s, const at::Tensor& w, const at::Tensor& row_end, int64_t row0) {
+  TORCH_CHECK(s.dim() == 4 && s.scalar_type() == at::kFloat && s.is_contiguous() && s.device().is_cpu(),
+              "hstu cpu attention: scores must be contiguous float32 CPU [G, H, R, C], got ", s.sizes());
+  const int64_t G = s.size(0), H = s.size(1), R = s.size(2), C = s.size(3);
+  TORCH_CHECK(w.dim() == 3 && (w.size(0) == 1 || w.size(0) == G) && w.size(1) == w.size(2) &&
                   w.scalar_type() == at::kFloat && w.is_contiguous(),
               "hstu cpu attention: weights must be contiguous float32 [1|G, L, L], got ", w.sizes());
+  const int64_t L = w.size(1);
+  TORCH_CHECK(row0 >= 0 && row0 + R <= L && C <= L, "hstu cpu attention: block rows [", row0, ", ", row0 + R,
+              ") x columns [0, ", C, ") outside the group's ", L, " rows");
   TORCH_CHECK(row_end.dim() == 2 && row_end.size(0) == w.size(0) && row_end.size(1) == L &&
                   row_end.scalar_type() == at::kInt && row_end.is_contiguous(),
               "hstu cpu attention: row_end must be contiguous int32 [1|G, L], got ", row_end.sizes());
-  return {G, H, L, w.size(0)};
+  return {G, H, R, C, L, w.size(0)};
 }
 
 void check_time(const at::Tensor& time_idx, const Shapes& d) {
@@ -130,31 +134,27 @@ void check_time(const at::Tensor& time_idx, const Shapes& d) {
               "hstu cpu attention: time_idx must be contiguous int16 [G, L, L], got ", time_idx.sizes());
 }
 
-// Calls f(i) for rows i of the pair t: t and L-1-t.
+// Calls f(ii) for block rows ii of the pair t: t and R-1-t.
 template <typename F>
-inline void for_pair(int64_t t, int64_t L, const F& f) {
+inline void for_pair(int64_t t, int64_t R, const F& f) {
   f(t);
-  if (L - 1 - t != t) f(L - 1 - t);
+  if (R - 1 - t != t) f(R - 1 - t);
 }
 
 }  // namespace
 
-// s [G,H,L,L] -> z in place; returns a. bias2d [L,L] / time_w [NB] + time_idx [G,L,L] int16: optional (numel 0).
+// s [G,H,R,C] (rows row0.., see check) -> z in place; returns a. bias2d [L,L] / time_w [NB] + time_idx [G,L,L]
+// int16: optional (numel 0).
 at::Tensor forward(at::Tensor s, const at::Tensor& bias2d, const at::Tensor& time_w, const at::Tensor& time_idx,
-                   const at::Tensor& w, const at::Tensor& row_end) {
-  const Shapes d = check(s, w, row_end);
+                   const at::Tensor& w, const at::Tensor& row_end, int64_t row0) {
+  const Shapes d = check(s, w, row_end, row0);
   const bool has_b2d = bias2d.numel() > 0, has_time = time_w.numel() > 0;
   if (has_b2d)
     TORCH_CHECK(bias2d.dim() == 2 && bias2d.size(0) == d.L && bias2d.size(1) == d.L && bias2d.is_contiguous() &&
                     bias2d.scalar_type() == at::kFloat,
                 "hstu cpu attention: bias2d must be contiguous float32 [L, L]");
   const at::Tensor tw = has_time ? time_w.to(at::kFloat).contiguous() : time_w;
-  if (has_time) {
-    check_time(time_idx, d);
-    const auto [lo, hi] = at::aminmax(time_idx);
-    TORCH_CHECK(lo.item<int16_t>() >= 0 && hi.item<int16_t>() < tw.numel(), "hstu cpu attention: time index range [",
-                lo.item<int16_t>(), ", ", hi.item<int16_t>(), "] outside the table [0, ", tw.numel(), ")");
-  }
+  if (has_time) check_time(time_idx, d);  // index range: checked once per batch by the caller (group_kernel_inputs)
   at::Tensor a = at::empty_like(s);
   float *zp = s.data_ptr<float>(), *ap = a.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
@@ -162,18 +162,19 @@ at::Tensor forward(at::Tensor s, const at::Tensor& bias2d, const at::Tensor& tim
   const float* twp = has_time ? tw.data_ptr<float>() : nullptr;
   const int16_t* tip = has_time ? time_idx.data_ptr<int16_t>() : nullptr;
   const int32_t* rep = row_end.data_ptr<int32_t>();
-  const int64_t G = d.G, H = d.H, L = d.L, Gw = d.Gw;
-  at::parallel_for(0, (L + 1) / 2, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t G = d.G, H = d.H, R = d.R, C = d.C, L = d.L, Gw = d.Gw;
+  at::parallel_for(0, (R + 1) / 2, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      for_pair(t, L, [&](int64_t i) {
+      for_pair(t, R, [&](int64_t ii) {
+        const int64_t i = row0 + ii;
         for (int64_t g = 0; g < G; ++g) {
           const int64_t gw = Gw == 1 ? 0 : g;
-          const int64_t n = std::min<int64_t>(std::max<int32_t>(rep[gw * L + i], 0), L);
+          const int64_t n = std::min<int64_t>(std::max<int32_t>(rep[gw * L + i], 0), C);
           for (int64_t h = 0; h < H; ++h) {
-            const int64_t row = ((g * H + h) * L + i) * L;
+            const int64_t row = ((g * H + h) * R + ii) * C;
             fwd_row(zp + row, bp ? bp + i * L : nullptr, twp, tip ? tip + (g * L + i) * L : nullptr,
                     wp + (gw * L + i) * L, ap + row, n);
-            std::memset(ap + row + n, 0, sizeof(float) * (L - n));
+            std::memset(ap + row + n, 0, sizeof(float) * (C - n));
           }
         }
       });
@@ -182,15 +183,15 @@ at::Tensor forward(at::Tensor s, const at::Tensor& bias2d, const at::Tensor& tim
   return a;
 }
 
-// da [G,H,L,L] -> ds in place; returns (dbias2d [L,L] or empty, dtime_w [NB] or empty).
+// da [G,H,R,C] -> ds in place; returns (dbias2d [R,C] or empty, dtime_w [NB] or empty).
 std::vector<at::Tensor> backward(at::Tensor da, const at::Tensor& z, const at::Tensor& w, const at::Tensor& row_end,
-                                 const at::Tensor& time_idx, int64_t num_buckets, bool want_bias2d) {
-  const Shapes d = check(da, w, row_end);
+                                 const at::Tensor& time_idx, int64_t num_buckets, bool want_bias2d, int64_t row0) {
+  const Shapes d = check(da, w, row_end, row0);
   TORCH_CHECK(z.sizes() == da.sizes() && z.is_contiguous(), "hstu cpu attention: z must match the gradient's shape");
   const bool has_time = num_buckets > 0;
   if (has_time) check_time(time_idx, d);
-  const int64_t G = d.G, H = d.H, L = d.L, Gw = d.Gw, NP = (L + 1) / 2;
-  at::Tensor db2d = want_bias2d ? at::zeros({L, L}, da.options()) : at::empty({0}, da.options());
+  const int64_t G = d.G, H = d.H, R = d.R, C = d.C, L = d.L, Gw = d.Gw, NP = (R + 1) / 2;
+  at::Tensor db2d = want_bias2d ? at::zeros({R, C}, da.options()) : at::empty({0}, da.options());
   at::Tensor partial = at::zeros({has_time ? NP : 0, std::max<int64_t>(num_buckets, 0)}, da.options());
   float* dp = da.data_ptr<float>();
   const float *zp = z.data_ptr<float>(), *wp = w.data_ptr<float>();
@@ -201,18 +202,19 @@ std::vector<at::Tensor> backward(at::Tensor da, const at::Tensor& z, const at::T
   at::parallel_for(0, NP, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       float* hist = has_time ? pp + t * num_buckets : nullptr;
-      for_pair(t, L, [&](int64_t i) {
+      for_pair(t, R, [&](int64_t ii) {
+        const int64_t i = row0 + ii;
         for (int64_t g = 0; g < G; ++g) {
           const int64_t gw = Gw == 1 ? 0 : g;
-          const int64_t n = std::min<int64_t>(std::max<int32_t>(rep[gw * L + i], 0), L);
+          const int64_t n = std::min<int64_t>(std::max<int32_t>(rep[gw * L + i], 0), C);
           const int16_t* ti = has_time ? tip + (g * L + i) * L : nullptr;
           for (int64_t h = 0; h < H; ++h) {
-            const int64_t row = ((g * H + h) * L + i) * L;
+            const int64_t row = ((g * H + h) * R + ii) * C;
             float* ds = dp + row;
             bwd_row(ds, zp + row, wp + (gw * L + i) * L, n);
-            std::memset(ds + n, 0, sizeof(float) * (L - n));
+            std::memset(ds + n, 0, sizeof(float) * (C - n));
             if (bp)
-              for (int64_t j = 0; j < n; ++j) bp[i * L + j] += ds[j];
+              for (int64_t j = 0; j < n; ++j) bp[ii * C + j] += ds[j];
             if (hist && n > 0) {  // runs of equal buckets are common (times sorted): one add per run
               int64_t cur = ti[0];
               float acc = 0.0f;
