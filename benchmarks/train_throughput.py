@@ -60,8 +60,9 @@ SMOKE_OVERRIDES = ["data.name=synthetic", "data.synthetic.num_users=64", "data.s
 BASELINE_COMMIT = "c95601a"
 PEER_DIR = os.path.join(ROOT, "..", "shared", "peers", "generative-recommenders")
 # what each change bought: this tree with one switch turned back (HSTU research config only)
-ABLATIONS = {"loss.route=all_items (the old ML-1M loss route)": ["loss.route=all_items"],
-             "loss.compile=false (eager table gradient)": ["loss.compile=false"]}
+ABLATIONS = {"ops.backend=pytorch (PyTorch reference ops, no C++ kernels)": ["ops.backend=pytorch"],
+             "ops.backend=pytorch loss.route=all_items (and the old ML-1M loss route)":
+                 ["ops.backend=pytorch", "loss.route=all_items"]}
 PHASES = ("batch_prep", "embedding_lookup", "attention", "rest_of_layers", "loss", "backward", "optimizer")
 
 
@@ -182,8 +183,11 @@ def worker(args) -> Dict[str, Any]:
     _timed_attention(timer)
     lc = cfg.loss
     extra = {}
-    if "route" in inspect.signature(sampled_softmax_loss).parameters:
-        extra = {"route": lc.route, "item_lookup": lc.item_lookup}
+    params = inspect.signature(sampled_softmax_loss).parameters  # what this tree's loss takes (baseline: less)
+    if "route" in params:
+        extra = {"route": lc.route, "item_lookup": lc.item_lookup, "compile": lc.compile}
+    if "backend" in params:
+        extra["backend"] = cfg.ops.backend
     for _ in range(args.phase_steps):
         t0 = time.perf_counter()
         prepared = prepare_batch(next_batch(), ctx)
