@@ -90,9 +90,10 @@ def ensure_hstu_importable() -> None:
     """Import ``hstu`` from THIS checkout, also a bare copy of it (no ``pip install -e .`` and no git-ignored
     ``hstu/<folder>`` links, e.g. the tree a GPU machine receives): ``hstu``'s package path then also holds the
     checkout root, so ``hstu.ops`` is ``<root>/ops`` as setup.py maps it."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    if root not in sys.path:  # after benchmarks/ (whose serving.py must win over the root's serving/ folder)
+        sys.path.insert(sys.path.index(here) + 1 if here in sys.path else 0, root)
     import hstu
 
     if not os.path.isdir(os.path.join(root, "hstu", "ops")) and root not in hstu.__path__:

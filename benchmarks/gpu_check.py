@@ -11,8 +11,9 @@ the others still run. Caps (H100; sum 450 s + process start-up, total budget --b
                            position, time (+ query times), candidates/targets, contextual prefix, all at once) and
                            the fused norm-gating (research; production concat + LN affine; dropout 0 / 0.1 with a
                            shared seed), forward + backward vs the PyTorch op in fp32 on the same inputs, in fp32
-                           and bf16 (fp16 in --cpu-smoke: the interpreter has no bf16 dots). Tolerance: max
-                           |triton − reference| / max |reference| ≤ 1e-4 (fp32), 2e-2 (bf16), 1e-2 (fp16).
+                           and bf16 (attention in fp16 under --cpu-smoke: the interpreter has no bf16 dots).
+                           Tolerance: max |triton − reference| / max |reference| ≤ 1e-4 (fp32), 2e-2 (bf16),
+                           1e-2 (fp16), per output and gradient.
   train             150 s  the retrieval trainer (hstu.trainer.train.train, configs/synthetic/hstu-small.yaml or
                            ML-1M with --ml1m-dir), 300 steps, dropout 0, per (ops.backend, train.dtype) in
                            {pytorch, triton} × {float32, bfloat16}: loss trajectory vs pytorch/float32 (fp32: first
@@ -102,7 +103,9 @@ def run_one(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     ctx = SimpleNamespace(device=device, smoke=args.cpu_smoke, out=os.path.abspath(args.out),
                           ml1m_dir=os.path.abspath(args.ml1m_dir) if args.ml1m_dir else "")
-    payload = {"section": name, **header(args), "device": str(device)}
+    import hstu.ops
+
+    payload = {"section": name, **header(args), "device": str(device), "hstu_ops": os.path.dirname(hstu.ops.__file__)}
     t0 = time.perf_counter()
     try:
         result = SECTIONS[name][0](ctx)
