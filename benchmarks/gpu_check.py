@@ -6,28 +6,31 @@
 
 Sections (benchmarks/gpu_sections.py), each in its own process with its own time cap, so one that fails, hangs or
 breaks the CUDA context records its error (DIR/<section>.json: status "error", the error text, the log tail) and
-the others still run. Caps (H100; sum 450 s + process start-up, total budget --budget-s 480):
-  kernels            90 s  Triton jagged HSTU attention (every mask/bias option: causal / non-causal, rab
+the others still run. DIR receives only those 5 JSONs and summary.json (the device tool brings back at most 8
+files); logs, run directories, caches and attention.py's raw JSON go to --work-dir.
+Caps (H100; sum 455 s, process start-ups included; total budget --budget-s 480):
+  kernels           150 s  Triton jagged HSTU attention (every mask/bias option: causal / non-causal, rab
                            position, time (+ query times), candidates/targets, contextual prefix, all at once) and
                            the fused norm-gating (research; production concat + LN affine; dropout 0 / 0.1 with a
                            shared seed), forward + backward vs the PyTorch op in fp32 on the same inputs, in fp32
                            and bf16 (attention in fp16 under --cpu-smoke: the interpreter has no bf16 dots).
                            Tolerance: max |triton − reference| / max |reference| ≤ 1e-4 (fp32), 2e-2 (bf16),
-                           1e-2 (fp16), per output and gradient.
-  train             150 s  the retrieval trainer (hstu.trainer.train.train, configs/synthetic/hstu-small.yaml or
+                           1e-2 (fp16), per output and gradient. Most of its time is Triton compilation.
+  train             120 s  the retrieval trainer (hstu.trainer.train.train, configs/synthetic/hstu-small.yaml or
                            ML-1M with --ml1m-dir), 300 steps, dropout 0, per (ops.backend, train.dtype) in
                            {pytorch, triton} × {float32, bfloat16}: loss trajectory vs pytorch/float32 (fp32: first
                            10 steps ≤ 1e-4 relative, mean of the last 10% ≤ 1e-2; bf16: 3e-2 / 5e-2), tokens/s
                            (median after the first 20%), final test HR@10 / NDCG@10.
   attention         120 s  benchmarks/attention.py at max_len 256…8192 (131072 tokens, bf16; Triton vs SDPA flash
-                           vs the references; raw JSON in DIR/raw/) + useful TFLOP/s of every row against the
+                           vs the references) + useful TFLOP/s of every row against the
                            measured bf16 8192² matmul peak (the ≥ 5× at 8192 and ≥ 50 % of roofline claims).
-  activation_memory  45 s  bytes saved for backward per token per layer (research / production, dropout 0 / 0.1),
+  activation_memory  35 s  bytes saved for backward per token per layer (research / production, dropout 0 / 0.1),
                            Triton kernels under bf16 autocast vs the PyTorch reference op (the 14d claim).
-  mfalcon            45 s  M-FALCON on CUDA: encode a 200-event history once, score 1024 / 4096 candidates, vs the
+  mfalcon            30 s  M-FALCON on CUDA: encode a 200-event history once, score 1024 / 4096 candidates, vs the
                            history-only encode; scores checked against the CPU full model (≤ 1e-3).
-Every JSON carries date, machine, commit, command and the software versions (device, torch, triton, CUDA);
-DIR/summary.json lists every section's status, seconds, error and headline figures. On a CUDA machine write to
+Every JSON carries date, machine, commit (``--commit`` when the copy has no .git), command and the software
+versions (device, torch, triton, CUDA); DIR/summary.json lists every section's status, seconds, error and
+headline figures. On a CUDA machine write to
 benchmarks/results/gpu (benchmarks/summarize.py renders it into RESULTS.md). docs/install.md "GPU" has the
 exact commands, including the session device tool.
 """
@@ -49,6 +52,7 @@ sys.path.insert(0, HERE)
 from common import ensure_hstu_importable, provenance, software_versions, write_json  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "results", "gpu")
+DEFAULT_WORK = os.path.join(os.path.dirname(HERE), "runs", "gpu_check")  # runs/ is git-ignored
 BUDGET_S = 480
 LOG_TAIL = 4000
 HEADLINES = {  # section -> keys of its result copied into summary.json
@@ -60,6 +64,7 @@ HEADLINES = {  # section -> keys of its result copied into summary.json
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT, help="output folder (one JSON per section + summary.json)")
+    ap.add_argument("--work-dir", default=DEFAULT_WORK, help="scratch folder (logs, run dirs, caches, raw files)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, Triton interpreter")
     ap.add_argument("--sections", default="", help="comma-separated subset of the sections (default: all)")
     ap.add_argument("--budget-s", type=float, default=None,
@@ -67,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "min(its cap, what is left)")
     ap.add_argument("--ml1m-dir", default="", help="ML-1M raw files (inside the checkout, an ignored folder such "
                                                     "as runs/data/ml-1m) for the train section; default synthetic")
+    ap.add_argument("--commit", default="", help="the commit to record when this copy has no .git (the device "
+                                                  "tool sends files only): `git rev-parse --short HEAD` where it "
+                                                  "was sent from")
     ap.add_argument("--section", default="", help=argparse.SUPPRESS)  # internal: run one section in this process
     return ap
 
@@ -84,6 +92,8 @@ def section_names(spec: str) -> List[str]:
 def header(args, versions: bool = True) -> dict:
     """Provenance + mode (+ software versions: section processes only; the parent never initialises CUDA)."""
     out = dict(provenance())
+    if args.commit:
+        out["commit"] = args.commit + ("" if out["commit"] in ("unknown", args.commit) else f" (git: {out['commit']})")
     out.update({"benchmark": "gpu_check", "mode": "cpu-smoke" if args.cpu_smoke else "gpu"})
     if versions:
         out["versions"] = software_versions()
@@ -101,7 +111,7 @@ def run_one(args) -> int:
     if args.cpu_smoke:
         torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
-    ctx = SimpleNamespace(device=device, smoke=args.cpu_smoke, out=os.path.abspath(args.out),
+    ctx = SimpleNamespace(device=device, smoke=args.cpu_smoke, work=os.path.abspath(args.work_dir),
                           ml1m_dir=os.path.abspath(args.ml1m_dir) if args.ml1m_dir else "")
     import hstu.ops
 
@@ -136,6 +146,7 @@ def run_all(args) -> dict:
     names = section_names(args.sections)
     budget = args.budget_s if args.budget_s is not None else (300.0 if args.cpu_smoke else float(BUDGET_S))
     os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work_dir, exist_ok=True)
     env = dict(os.environ)
     if args.cpu_smoke:  # no CUDA, kernels in the interpreter (must be set before triton is imported)
         env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
@@ -145,11 +156,13 @@ def run_all(args) -> dict:
         cap = SECTIONS[name][2 if args.cpu_smoke else 1]
         left = budget - (time.perf_counter() - start)
         timeout = min(cap, left)
-        path, log = os.path.join(args.out, f"{name}.json"), os.path.join(args.out, f"{name}.log")
+        path, log = os.path.join(args.out, f"{name}.json"), os.path.join(args.work_dir, f"{name}.log")
         if os.path.exists(path):
             os.remove(path)  # never report a previous run's file as this run's
-        cmd = [sys.executable, os.path.abspath(__file__), "--section", name, "--out", args.out]
+        cmd = [sys.executable, os.path.abspath(__file__), "--section", name, "--out", args.out, "--work-dir",
+               args.work_dir]
         cmd += (["--cpu-smoke"] if args.cpu_smoke else []) + (["--ml1m-dir", args.ml1m_dir] if args.ml1m_dir else [])
+        cmd += ["--commit", args.commit] if args.commit else []
         t0 = time.perf_counter()
         why = ""
         if timeout < 5:
@@ -171,8 +184,8 @@ def run_all(args) -> dict:
         sections[name] = {"status": rec["status"], "seconds": secs, "cap_s": cap, "error": rec.get("error", ""),
                           **{k: rec.get("result", {}).get(k) for k in HEADLINES.get(name, ())}}
         print(f"[{name}] {rec['status']} in {secs} s {rec.get('error', '')[:300]}", flush=True)
-    summary = {**header(args, False), "versions": _child_versions(args.out, names), "budget_s": budget, "total_s": round(time.perf_counter() - start, 1),
-               "ok": sum(s["status"] == "ok" for s in sections.values()), "sections": sections}
+    summary = {**header(args, False), "versions": _child_versions(args.out, names), "budget_s": budget,
+               "total_s": round(time.perf_counter() - start, 1), "ok": sum(s["status"] == "ok" for s in sections.values()), "sections": sections}
     path = write_json("summary.json", summary, args.out)
     print(f"{summary['ok']}/{len(names)} sections ok in {summary['total_s']} s; wrote {path}", flush=True)
     return summary

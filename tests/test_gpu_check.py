@@ -29,6 +29,7 @@ def smoke(tmp_path_factory):
     repo, out = str(tmp / "repo"), str(tmp / "out")
     size = bare_checkout(repo)
     proc = _run(os.path.join(repo, "benchmarks", "gpu_check.py"), ["--out", out], env=blocked_env(str(tmp)))
+    # default --work-dir: the copy's git-ignored runs/gpu_check; --out holds only what the device tool brings back
     return {"repo": repo, "out": out, "size": size, "proc": proc}
 
 
@@ -41,6 +42,8 @@ def test_cpu_smoke_every_section_ok_from_bare_checkout(smoke):
     proc, out = smoke["proc"], smoke["out"]
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert smoke["size"] < CARRY_LIMIT
+    assert sorted(os.listdir(out)) == sorted(f"{n}.json" for n in SECTIONS + ("summary",))  # <= 8 files
+    assert os.path.exists(os.path.join(smoke["repo"], "runs", "gpu_check", "raw", "attention.json"))
     summary = _load(out, "summary")
     assert list(summary["sections"]) == list(SECTIONS)
     assert summary["ok"] == len(SECTIONS), summary["sections"]
@@ -88,7 +91,6 @@ def test_cpu_smoke_attention_activation_mfalcon(smoke):
     assert tri and all(r["status"] == "skipped: no GPU" for r in tri)  # the interpreter is never timed
     sdpa = [r for r in att["rows"] if r["impl"] == "sdpa_padded"]
     assert all(r["fwd_tflops"] > 0 and r["fwd_bwd_of_peak"] > 0 for r in sdpa)
-    assert os.path.exists(os.path.join(smoke["out"], att["raw"]))
     act = _load(smoke["out"], "activation_memory")["result"]["rows"]
     fused = [r for r in act if r["attention"] == "triton"]
     ref = [r for r in act if r["attention"] == "pytorch"]
@@ -114,7 +116,8 @@ def test_failing_section_is_recorded_and_the_others_still_run(tmp_path):
     out = str(tmp_path / "out")
     missing = str(tmp_path / "no-such-ml-1m")
     proc = _run(os.path.join(ROOT, "benchmarks", "gpu_check.py"),
-                ["--out", out, "--sections", "train,mfalcon", "--ml1m-dir", missing], timeout=300)
+                ["--out", out, "--sections", "train,mfalcon", "--ml1m-dir", missing, "--work-dir",
+                 str(tmp_path / "work")], timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     train, mfalcon, summary = _load(out, "train"), _load(out, "mfalcon"), _load(out, "summary")
     assert train["status"] == "error" and missing in train["error"] and "not a directory" in train["error"]
@@ -126,7 +129,8 @@ def test_failing_section_is_recorded_and_the_others_still_run(tmp_path):
 def test_section_over_its_time_cap_is_killed_and_recorded(tmp_path):
     out = str(tmp_path / "out")
     proc = _run(os.path.join(ROOT, "benchmarks", "gpu_check.py"),
-                ["--out", out, "--sections", "kernels,mfalcon", "--budget-s", "5.5"], timeout=300)
+                ["--out", out, "--sections", "kernels,mfalcon", "--budget-s", "5.5", "--work-dir",
+                 str(tmp_path / "work")], timeout=300)
     assert proc.returncode == 1
     kernels, mfalcon = _load(out, "kernels"), _load(out, "mfalcon")
     assert kernels["status"] == "error" and kernels["error"].startswith("timed out after 5 s")
