@@ -17,31 +17,13 @@ from types import SimpleNamespace
 from typing import Callable, Dict, List, Sequence
 
 import torch
+from attention import median_ms
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # max |triton - reference| / max |reference| allowed, by the dtype the kernel ran in (the reference is fp32 on the
 # same inputs). fp32: the kernels use ieee fp32 dots (KernelConfig.fp32_precision); bf16: 8 mantissa bits.
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in ms (device synchronised around each call)."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
