@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget-s", type=float, default=None,
                     help=f"total time budget (default {BUDGET_S} s; --cpu-smoke 300 s); a section gets "
                          "min(its cap, what is left)")
+    ap.add_argument("--cap", action="append", default=[], metavar="SECTION=SECONDS",
+                    help="override one section's time cap (repeatable), e.g. --cap train=300 with --ml1m-dir")
     ap.add_argument("--ml1m-dir", default="", help="ML-1M raw files (inside the checkout, an ignored folder such "
                                                     "as runs/data/ml-1m) for the train section; default synthetic")
     ap.add_argument("--commit", default="", help="the commit to record when this copy has no .git (the device "
@@ -87,6 +89,24 @@ def section_names(spec: str) -> List[str]:
     if bad:
         raise SystemExit(f"--sections: unknown section(s) {bad}; choose from {list(SECTIONS)}")
     return names
+
+
+def section_caps(args) -> dict:
+    """{section: cap in s}: the defaults of gpu_sections.SECTIONS (GPU or --cpu-smoke) with --cap overrides."""
+    from gpu_sections import SECTIONS
+
+    caps = {name: spec[2 if args.cpu_smoke else 1] for name, spec in SECTIONS.items()}
+    for item in args.cap:
+        name, _, value = item.partition("=")
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if name not in caps or seconds <= 0:
+            raise SystemExit(f"--cap {item!r}: expected SECTION=SECONDS with SECTION in {list(caps)} and "
+                             "SECONDS > 0")
+        caps[name] = seconds
+    return caps
 
 
 def header(args, versions: bool = True) -> dict:
@@ -141,9 +161,8 @@ def _tail(path: str) -> str:
 
 def run_all(args) -> dict:
     """Parent: each section in a child process under min(cap, budget left); then summary.json."""
-    from gpu_sections import SECTIONS
-
     names = section_names(args.sections)
+    caps = section_caps(args)
     budget = args.budget_s if args.budget_s is not None else (300.0 if args.cpu_smoke else float(BUDGET_S))
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work_dir, exist_ok=True)
@@ -153,7 +172,7 @@ def run_all(args) -> dict:
     start = time.perf_counter()
     sections = {}
     for name in names:
-        cap = SECTIONS[name][2 if args.cpu_smoke else 1]
+        cap = caps[name]
         left = budget - (time.perf_counter() - start)
         timeout = min(cap, left)
         path, log = os.path.join(args.out, f"{name}.json"), os.path.join(args.work_dir, f"{name}.log")

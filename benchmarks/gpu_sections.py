@@ -314,7 +314,9 @@ def section_activation_memory(ctx) -> dict:
     return {"setup": {"d": D, "heads": H, "max_len": max(lengths), "tokens": T, "num_seqs": len(lengths),
                       "autocast": "bfloat16" if amp else "none (float32)"},
             "notes": ["bytes_per_d = bytes saved for backward / (tokens * d) in the dtype the layer ran in; the "
-                      "paper's 14d counts bf16 bytes with fused kernels (see benchmarks/activation_memory.py)"],
+                      "paper's 14d counts bf16 bytes with fused kernels (see benchmarks/activation_memory.py)",
+                      "under autocast the bf16 copies of the layer's weights are saved too: a per-batch constant "
+                      "(weights / tokens bytes per token, about 1% here)"],
             "rows": rows,
             "summary": {"fused_bytes_per_d_min": min(r["bytes_per_d"] for r in fused),
                         "fused_bytes_per_d_max": max(r["bytes_per_d"] for r in fused),
