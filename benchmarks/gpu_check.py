@@ -227,6 +227,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.section:
         return run_one(args)
+    import torch
+
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device is visible; run it on a CUDA machine (docs/install.md \"GPU\") "
+                         "or use --cpu-smoke for the CPU twin")
     summary = run_all(args)
     return 0 if summary["ok"] == len(summary["sections"]) else 1
 

@@ -135,3 +135,11 @@ def test_section_over_its_time_cap_is_killed_and_recorded(tmp_path):
     kernels, mfalcon = _load(out, "kernels"), _load(out, "mfalcon")
     assert kernels["status"] == "error" and kernels["error"].startswith("timed out after 5 s")
     assert mfalcon["status"] == "error" and "budget" in mfalcon["error"]
+
+
+def test_full_check_without_cuda_is_a_clear_error(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--out",
+                           str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "no CUDA device is visible" in proc.stderr and "--cpu-smoke" in proc.stderr
+    assert not os.path.exists(tmp_path / "out")  # nothing half-written
