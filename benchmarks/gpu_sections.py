@@ -130,7 +130,13 @@ def section_kernels(ctx) -> dict:
     for op, case, dtype, fn in checks:
         dname = str(dtype).replace("torch.", "")
         tol = TOLERANCE[dname]
-        errs = fn()
+        try:
+            errs = fn()
+        except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or run for one option only
+            rows.append({"op": op, "case": case, "dtype": dname, "tolerance": tol, "max_rel_err": None, "ok": False,
+                         "errors": {}, "error": f"{type(e).__name__}: {e}"[:500]})
+            failed.append(f"{op} {case} {dname}: {rows[-1]['error']}")
+            continue
         worst = max(errs.values())
         rows.append({"op": op, "case": case, "dtype": dname, "tolerance": tol, "max_rel_err": worst,
                      "ok": worst <= tol, "errors": errs})
@@ -197,7 +203,11 @@ def section_train(ctx) -> dict:
         cfg = load_config(config, over + [f"ops.backend={backend}", f"train.dtype={dtype}",
                                           f"run_dir={os.path.join(ctx.work, 'train_runs', name)}"])
         t0 = time.perf_counter()
-        result = train(cfg)
+        try:
+            result = train(cfg)
+        except Exception as e:  # noqa: BLE001 - one variant failing must not hide the others' trajectories
+            runs[name] = {"backend": backend, "dtype": dtype, "error": f"{type(e).__name__}: {e}"[:1000]}
+            continue
         log = read_train_log(cfg.run_dir)
         steady = [x for x in log["tokens_per_second"][len(log["tokens_per_second"]) // 5:] if x]
         runs[name] = {"backend": backend, "dtype": dtype, "steps": len(log["losses"]),
@@ -206,10 +216,13 @@ def section_train(ctx) -> dict:
                       "final_test": {k: round(v, 4) for k, v in result.final_metrics.items()
                                      if k in ("hr@10", "ndcg@10")},
                       "losses": [round(x, 5) for x in log["losses"]]}
-    ref = runs["_".join(TRAIN_REFERENCE)]["losses"]
-    failed, rows = [], []
+    failed = [f"{k}: {r['error']}" for k, r in runs.items() if "error" in r]
+    ref = runs["_".join(TRAIN_REFERENCE)].get("losses", [])
+    rows = [{"run": k, "error": r["error"]} for k, r in runs.items() if "error" in r]
     window = max(1, len(ref) // 10)
     for name, r in runs.items():
+        if "error" in r or not ref:
+            continue
         ls = r["losses"]
         finite = bool(ls) and all(math.isfinite(x) for x in ls)
         n = min(len(ls), len(ref))
@@ -226,7 +239,8 @@ def section_train(ctx) -> dict:
             failed.append(f"{name}: finite={finite}, steps {r['steps']}/{len(ref)}, first-10 rel diff {first:.3g}, "
                           f"last-10% mean rel diff {last:.3g} (tolerance {tol})")
     return {"config": os.path.relpath(config, ROOT), "overrides": over, "reference": "_".join(TRAIN_REFERENCE),
-            "rows": rows, "trajectories": {k: v["losses"] for k, v in runs.items()}, "failed_checks": failed}
+            "rows": rows, "trajectories": {k: v["losses"] for k, v in runs.items() if "losses" in v},
+            "failed_checks": failed}
 
 
 # ------------------------------------------------------------------------------------------------ attention speed

@@ -143,3 +143,42 @@ def test_full_check_without_cuda_is_a_clear_error(tmp_path):
                            str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "no CUDA device is visible" in proc.stderr and "--cpu-smoke" in proc.stderr
     assert not os.path.exists(tmp_path / "out")  # nothing half-written
+
+
+def test_one_failing_check_or_variant_keeps_the_rest_of_its_section(monkeypatch, tmp_path):
+    """Inside a section: a kernel option that raises (or misses its tolerance), a training variant that raises,
+    are recorded as failed checks and the other checks / variants still report."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import gpu_sections as gs
+    import hstu.trainer.train as train_mod
+
+    def attention(opts, dtype, ctx):
+        if opts.get("ctx"):
+            raise RuntimeError("compile failed")
+        return {"out": 0.0, "dq": 0.0}
+
+    monkeypatch.setattr(gs, "check_attention", attention)
+    monkeypatch.setattr(gs, "check_norm_gating", lambda concat, p, dtype, ctx: {"out": 0.5 if p else 0.0})
+    ctx = SimpleNamespace(device=torch.device("cpu"), smoke=True, work=str(tmp_path), ml1m_dir="")
+    res = gs.section_kernels(ctx)
+    n_ctx = sum(1 for o in gs.ATTENTION_CASES.values() if o.get("ctx"))
+    assert len(res["rows"]) == 2 * len(gs.ATTENTION_CASES) + 8
+    assert len(res["failed_checks"]) == 2 * n_ctx + 4 and res["summary"]["passed"] == len(res["rows"]) - 2 * n_ctx - 4
+    assert sum("compile failed" in f for f in res["failed_checks"]) == 2 * n_ctx
+
+    real_train = train_mod.train
+
+    def train(cfg):
+        if cfg.ops.backend == "triton":
+            raise RuntimeError("triton variant broke")
+        return real_train(cfg)
+
+    monkeypatch.setattr(train_mod, "train", train)
+    res = gs.section_train(ctx)
+    assert set(res["trajectories"]) == {"pytorch_float32", "pytorch_bfloat16"}
+    assert res["failed_checks"] == ["triton_float32: RuntimeError: triton variant broke"]
+    assert {r["run"]: r.get("ok") for r in res["rows"]} == {"triton_float32": None, "pytorch_float32": True,
+                                                           "pytorch_bfloat16": True}
