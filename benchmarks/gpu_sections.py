@@ -118,28 +118,76 @@ def check_norm_gating(concat: bool, dropout_p: float, dtype, ctx) -> dict:
     return {n: round(e, 7) for n, e in zip(names, errs)}
 
 
+NORM_GATING_CASES = {f"{'production_concat_affine' if c else 'research'}_dropout{p}": (c, p)
+                     for c in (False, True) for p in (0.0, 0.1)}
+
+
+def kernel_checks(ctx) -> List[tuple]:
+    """(op, case, dtype name) of every kernel check (the interpreter has no bf16 dots: attention uses fp16 there)."""
+    low = "bfloat16" if ctx.device.type == "cuda" else "float16"
+    return ([("hstu_attention", c, d) for d in ("float32", low) for c in ATTENTION_CASES]
+            + [("norm_gating", c, d) for d in ("float32", "bfloat16") for c in NORM_GATING_CASES])
+
+
+def run_kernel_check(spec: tuple, smoke: bool) -> dict:
+    """One check (in a worker process): {"errors": {output/gradient: max rel err}} or {"error": "..."}."""
+    op, case, dname = spec
+    ctx = SimpleNamespace(device=torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu"),
+                          smoke=smoke)
+    try:
+        if op == "hstu_attention":
+            return {"errors": check_attention(ATTENTION_CASES[case], getattr(torch, dname), ctx)}
+        return {"errors": check_norm_gating(*NORM_GATING_CASES[case], getattr(torch, dname), ctx)}
+    except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or run for one option only
+        return {"error": f"{type(e).__name__}: {e}"[:500]}
+
+
+def _kernel_worker_init() -> None:
+    from common import ensure_hstu_importable
+
+    ensure_hstu_importable()
+    torch.set_num_threads(1)
+
+
+def _run_kernel_checks(specs: List[tuple], ctx) -> Dict[tuple, dict]:
+    """Every check, in ``ctx.kernel_workers`` spawned processes (Triton compiles one specialisation per option
+    and dtype: tens of compilations, in parallel on the machine's cores) or in this process (0); checks not
+    finished by ``ctx.deadline`` are reported as such (the section still writes its result)."""
+    deadline = getattr(ctx, "deadline", math.inf)
+    workers = getattr(ctx, "kernel_workers", 0)
+    if workers <= 0:
+        return {spec: run_kernel_check(spec, ctx.smoke) if time.time() < deadline else {} for spec in specs}
+    import multiprocessing
+
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_kernel_worker_init)
+    results: Dict[tuple, dict] = {}
+    try:
+        pending = {spec: pool.apply_async(run_kernel_check, (spec, ctx.smoke)) for spec in specs}
+        while pending and time.time() < deadline:
+            for spec in [k for k, r in pending.items() if r.ready()]:
+                results[spec] = pending.pop(spec).get()
+            time.sleep(0.05)
+    finally:
+        pool.terminate()
+    return results
+
+
 def section_kernels(ctx) -> dict:
     """Both Triton kernels, forward and backward, vs their PyTorch references, every option, two dtypes."""
-    low = torch.bfloat16 if ctx.device.type == "cuda" else torch.float16  # the interpreter has no bf16 dots
-    checks = [("hstu_attention", name, dtype, lambda o=opts, t=dtype: check_attention(o, t, ctx))
-              for dtype in (torch.float32, low) for name, opts in ATTENTION_CASES.items()]
-    checks += [("norm_gating", f"{'production_concat_affine' if c else 'research'}_dropout{p}", dtype,
-                lambda c=c, p=p, t=dtype: check_norm_gating(c, p, t, ctx))
-               for dtype in (torch.float32, torch.bfloat16) for c in (False, True) for p in (0.0, 0.1)]
+    specs = kernel_checks(ctx)
+    results = _run_kernel_checks(specs, ctx)
     rows, failed = [], []
-    for op, case, dtype, fn in checks:
-        dname = str(dtype).replace("torch.", "")
+    for op, case, dname in specs:
         tol = TOLERANCE[dname]
-        try:
-            errs = fn()
-        except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or run for one option only
+        res = results.get((op, case, dname)) or {"error": "not finished before the section's deadline"}
+        if "error" in res:
             rows.append({"op": op, "case": case, "dtype": dname, "tolerance": tol, "max_rel_err": None, "ok": False,
-                         "errors": {}, "error": f"{type(e).__name__}: {e}"[:500]})
-            failed.append(f"{op} {case} {dname}: {rows[-1]['error']}")
+                         "errors": {}, "error": res["error"]})
+            failed.append(f"{op} {case} {dname}: {res['error']}")
             continue
-        worst = max(errs.values())
+        worst = max(res["errors"].values())
         rows.append({"op": op, "case": case, "dtype": dname, "tolerance": tol, "max_rel_err": worst,
-                     "ok": worst <= tol, "errors": errs})
+                     "ok": worst <= tol, "errors": res["errors"]})
         if worst > tol:
             failed.append(f"{op} {case} {dname}: max rel err {worst:.3g} > {tol}")
     return {"tolerance": {"rule": "max |triton - reference| / max |reference| per output and gradient; the "
@@ -198,8 +246,13 @@ def section_train(ctx) -> dict:
     steps = 3 if ctx.smoke else 300
     config, over = train_overrides(ctx, steps)
     runs: Dict[str, dict] = {}
+    last_wall = 0.0
     for backend, dtype in train_variants(ctx):
         name = f"{backend}_{dtype}"
+        if time.time() + last_wall > getattr(ctx, "deadline", math.inf):
+            runs[name] = {"backend": backend, "dtype": dtype, "error": "not run: the section's deadline is closer "
+                                                                        f"than the last variant's {last_wall:.0f} s"}
+            continue
         cfg = load_config(config, over + [f"ops.backend={backend}", f"train.dtype={dtype}",
                                           f"run_dir={os.path.join(ctx.work, 'train_runs', name)}"])
         t0 = time.perf_counter()
@@ -208,6 +261,8 @@ def section_train(ctx) -> dict:
         except Exception as e:  # noqa: BLE001 - one variant failing must not hide the others' trajectories
             runs[name] = {"backend": backend, "dtype": dtype, "error": f"{type(e).__name__}: {e}"[:1000]}
             continue
+        finally:
+            last_wall = time.perf_counter() - t0
         log = read_train_log(cfg.run_dir)
         steady = [x for x in log["tokens_per_second"][len(log["tokens_per_second"]) // 5:] if x]
         runs[name] = {"backend": backend, "dtype": dtype, "steps": len(log["losses"]),

@@ -121,7 +121,7 @@ def test_failing_section_is_recorded_and_the_others_still_run(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     train, mfalcon, summary = _load(out, "train"), _load(out, "mfalcon"), _load(out, "summary")
     assert train["status"] == "error" and missing in train["error"] and "not a directory" in train["error"]
-    assert "Traceback" in train["traceback"]
+    assert train["result"]["rows"][0]["run"] == "pytorch_float32"  # every variant tried and named
     assert mfalcon["status"] == "ok" and summary["ok"] == 1
     assert summary["sections"]["train"]["error"] == train["error"]
 
@@ -133,7 +133,9 @@ def test_section_over_its_time_cap_is_killed_and_recorded(tmp_path):
                  str(tmp_path / "work")], timeout=300)
     assert proc.returncode == 1
     kernels, mfalcon = _load(out, "kernels"), _load(out, "mfalcon")
-    assert kernels["status"] == "error" and kernels["error"].startswith("timed out after 5 s")
+    # killed at its cap, or stopped at its own deadline just before (then its unfinished checks are named)
+    assert kernels["status"] == "error" and (kernels["error"].startswith("timed out after 5 s")
+                                             or "not finished before the section's deadline" in kernels["error"])
     assert mfalcon["status"] == "error" and "budget" in mfalcon["error"]
 
 
@@ -162,7 +164,8 @@ def test_one_failing_check_or_variant_keeps_the_rest_of_its_section(monkeypatch,
 
     monkeypatch.setattr(gs, "check_attention", attention)
     monkeypatch.setattr(gs, "check_norm_gating", lambda concat, p, dtype, ctx: {"out": 0.5 if p else 0.0})
-    ctx = SimpleNamespace(device=torch.device("cpu"), smoke=True, work=str(tmp_path), ml1m_dir="")
+    ctx = SimpleNamespace(device=torch.device("cpu"), smoke=True, work=str(tmp_path), ml1m_dir="",
+                          kernel_workers=0)  # in this process: the fakes above are not seen by spawned workers
     res = gs.section_kernels(ctx)
     n_ctx = sum(1 for o in gs.ATTENTION_CASES.values() if o.get("ctx"))
     assert len(res["rows"]) == 2 * len(gs.ATTENTION_CASES) + 8
@@ -182,3 +185,26 @@ def test_one_failing_check_or_variant_keeps_the_rest_of_its_section(monkeypatch,
     assert res["failed_checks"] == ["triton_float32: RuntimeError: triton variant broke"]
     assert {r["run"]: r.get("ok") for r in res["rows"]} == {"triton_float32": None, "pytorch_float32": True,
                                                            "pytorch_bfloat16": True}
+
+
+def test_a_section_that_raises_writes_its_error_and_traceback(monkeypatch, tmp_path):
+    import torch
+
+    import gpu_check
+    import gpu_sections
+
+    def broken(ctx):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setitem(gpu_sections.SECTIONS, "mfalcon", (broken, 1, 1))
+    args = gpu_check.build_parser().parse_args(["--out", str(tmp_path), "--cpu-smoke", "--section", "mfalcon",
+                                                "--work-dir", str(tmp_path / "work")])
+    threads = torch.get_num_threads()
+    try:
+        assert gpu_check.run_one(args) == 0
+    finally:
+        torch.set_num_threads(threads)  # run_one sets 1 thread for --cpu-smoke
+    rec = _load(str(tmp_path), "mfalcon")
+    assert rec["status"] == "error" and rec["error"] == "RuntimeError: CUDA error: an illegal memory access was " \
+                                                        "encountered"
+    assert "Traceback" in rec["traceback"] and "broken" in rec["traceback"]
