@@ -15,7 +15,8 @@ Caps (H100; sum 455 s, process start-ups included; total budget --budget-s 480):
                            shared seed), forward + backward vs the PyTorch op in fp32 on the same inputs, in fp32
                            and bf16 (attention in fp16 under --cpu-smoke: the interpreter has no bf16 dots).
                            Tolerance: max |triton − reference| / max |reference| ≤ 1e-4 (fp32), 2e-2 (bf16),
-                           1e-2 (fp16), per output and gradient. Most of its time is Triton compilation.
+                           1e-2 (fp16), per output and gradient. Most of its time is Triton compilation (in up to 8
+                           worker processes).
   train             120 s  the retrieval trainer (hstu.trainer.train.train, configs/synthetic/hstu-small.yaml or
                            ML-1M with --ml1m-dir), 300 steps, dropout 0, per (ops.backend, train.dtype) in
                            {pytorch, triton} × {float32, bfloat16}: loss trajectory vs pytorch/float32 (fp32: first
