@@ -113,7 +113,7 @@ def section_caps(args) -> dict:
 
 
 def header(args, versions: bool = True) -> dict:
-    """Provenance + mode (+ software versions: section processes only; the parent never initialises CUDA)."""
+    """Provenance + mode (+ software versions: recorded by the section processes, which run the code)."""
     out = dict(provenance())
     if args.commit:
         out["commit"] = args.commit + ("" if out["commit"] in ("unknown", args.commit) else f" (git: {out['commit']})")
