@@ -179,20 +179,25 @@ def jagged_inputs(lengths: Sequence[int], D: int, seed: int):
 
 
 def measure_hstu(variant: str, lengths: Sequence[int], D: int, H: int, dropout: float, seed: int = 0,
-                 max_seq_len: Optional[int] = None, attention: str = "reference") -> SavedTensorCounter:
+                 max_seq_len: Optional[int] = None, attention: str = "reference", device: str = "cpu",
+                 backend: str = "pytorch", autocast_dtype: Optional[torch.dtype] = None) -> SavedTensorCounter:
     """Saved storages of one HSTU layer's forward (training mode) on a jagged batch; attention = "reference"
-    (the PyTorch op) or "fused_standin" (saves only what a fused kernel keeps)."""
+    (the ops.backend op) or "fused_standin" (saves only what a fused kernel keeps); on ``device``, the layer's
+    ops on ``backend``, under autocast to ``autocast_dtype`` when given (benchmarks/gpu_check.py: Triton, bf16)."""
     from hstu.modules.hstu import ProductionHSTULayer, ResearchHSTULayer
     from hstu.ops.pytorch.hstu_attention import length_groups
 
     torch.manual_seed(seed)
     N = max_seq_len or max(lengths)
     cls = ResearchHSTULayer if variant == "research" else ProductionHSTULayer
-    layer = cls(model_config(variant, D, H, dropout), N).train()
-    x, offsets, ts = jagged_inputs(lengths, D, seed)
+    layer = cls(model_config(variant, D, H, dropout), N, backend).to(device).train()
+    x, offsets, ts = (t.detach().to(device) for t in jagged_inputs(lengths, D, seed))
+    x.requires_grad_(True)
     counter = SavedTensorCounter(layer.parameters())
     group_lens = {L for L, _ in length_groups(list(lengths))}
-    with tag_attention_op(counter, attention), counter:
+    autocast = torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.bfloat16,
+                              enabled=autocast_dtype is not None)
+    with tag_attention_op(counter, attention), counter, autocast:
         out = layer(x, offsets, N, ts)
     for s in counter.storages.values():
         shape = s["shape"]

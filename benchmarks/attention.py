@@ -151,6 +151,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in ms over ``repeats`` after ``warmup`` calls (device synchronised around each)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
 def time_fwd_bwd(run: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor], grad_seed: int,
                  repeats: int, warmup: int, device: torch.device) -> Tuple[float, float]:
     """Median (fwd_ms, fwd_bwd_ms) over ``repeats`` after ``warmup`` calls of each."""
@@ -166,18 +180,7 @@ def time_fwd_bwd(run: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor]
             t.grad = None
         run().backward(g)
 
-    times = {}
-    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-        for _ in range(warmup):
-            fn()
-        samples = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            samples.append((time.perf_counter() - t0) * 1e3)
-        times[name] = statistics.median(samples)
+    times = {name: median_ms(fn, device, repeats, warmup) for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd))}
     for t in leaves:
         t.grad = None
     return times["fwd"], times["fwd_bwd"]

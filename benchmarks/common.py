@@ -73,13 +73,48 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
-def write_json(name: str, payload: Any) -> str:
-    """Write benchmarks/results/<name> atomically (tmp + rename) as strict JSON; returns the path."""
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, name)
+def write_json(name: str, payload: Any, directory: str = "") -> str:
+    """Write <directory or benchmarks/results>/<name> atomically (tmp + rename) as strict JSON; returns the path."""
+    directory = directory or RESULTS_DIR
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(_json_safe(payload), f, indent=2, sort_keys=False, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
     return path
+
+
+def ensure_hstu_importable() -> None:
+    """Import ``hstu`` from THIS checkout, also a bare copy of it (no ``pip install -e .`` and no git-ignored
+    ``hstu/<folder>`` links, e.g. the tree a GPU machine receives): ``hstu``'s package path then also holds the
+    checkout root, so ``hstu.ops`` is ``<root>/ops`` as setup.py maps it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    if root not in sys.path:  # after benchmarks/ (whose serving.py must win over the root's serving/ folder)
+        sys.path.insert(sys.path.index(here) + 1 if here in sys.path else 0, root)
+    import hstu
+
+    if not os.path.isdir(os.path.join(root, "hstu", "ops")) and root not in hstu.__path__:
+        hstu.__path__.append(root)
+
+
+def software_versions() -> Dict[str, Any]:
+    """torch / triton / CUDA versions and the accelerator (name, compute capability) of this process."""
+    import torch
+
+    out: Dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "cuda": torch.version.cuda, "device": "cpu"}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    if torch.cuda.is_available():
+        out["device"] = torch.cuda.get_device_name(0)
+        out["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+        out["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 1024 ** 3, 1)
+    out["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "")
+    return out

@@ -37,12 +37,41 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from iopath.common.file_io import PathManager
 
 from hstu.trainer import integrity
 from hstu.trainer.integrity import CheckpointError
 
-pm = PathManager()
+try:
+    from iopath.common.file_io import PathManager
+except ImportError:  # a machine without iopath (the GPU check's, docs/install.md "GPU"): local paths only
+    PathManager = None
+
+
+class LocalPaths:
+    """The part of iopath's PathManager the checkpoint code uses, for local paths; stands in when iopath is not
+    installed (a URI such as ``manifold://...`` is then a clear error)."""
+
+    @staticmethod
+    def get_local_path(path: str) -> str:
+        if "://" in str(path):
+            raise ValueError(f"checkpoint path {path!r} is a URI but iopath is not installed; install "
+                             "iopath==0.1.10 (requirements/cpu.txt) or use a local directory")
+        return path
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(self.get_local_path(path))
+
+    def ls(self, path: str) -> List[str]:
+        return os.listdir(self.get_local_path(path))
+
+    def mkdirs(self, path: str) -> None:
+        os.makedirs(self.get_local_path(path), exist_ok=True)
+
+    def open(self, path: str, mode: str = "r"):
+        return open(self.get_local_path(path), mode)
+
+
+pm = PathManager() if PathManager is not None else LocalPaths()
 LATEST = "latest"
 _NAME = re.compile(r"^step_(\d+)$")
 
