@@ -69,32 +69,32 @@ __attribute__((target("avx2,fma"))) float exp_shift_avx2(const float* l, float s
   return s;
 }
 
-constexpr int64_t kMaxVec = 32;  // rows up to D = 256 keep q / dq in registers (longer rows use dot / axpy)
-
 __attribute__((target("avx2,fma"))) inline __m256i tail_mask(int64_t D) {
   const int64_t r = D % 8 == 0 ? 8 : D % 8;
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(r)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// out[k] = q . table[iv[k]] for k < K: q held in registers, 8 dot products reduced together.
-__attribute__((target("avx2,fma"))) void row_dots_avx2(const float* q, const float* table, const int64_t* iv,
-                                                        int64_t K, int64_t D, float* out) {
-  const int64_t nv = (D + 7) / 8;
+// out[k] = q . table[iv[k]] for k < K, rows of D <= 8·NV floats: q held in registers, 8 dot products at a
+// time (8 independent FMA chains), reduced together. NV is a compile-time count so nothing spills.
+template <int NV>
+__attribute__((target("avx2,fma"))) void row_dots_nv(const float* q, const float* table, const int64_t* iv, int64_t K,
+                                                      int64_t D, float* out) {
   const __m256i tm = tail_mask(D);
-  __m256 qv[kMaxVec];
-  for (int64_t c = 0; c < nv; ++c) qv[c] = c + 1 < nv ? _mm256_loadu_ps(q + 8 * c) : _mm256_maskload_ps(q + 8 * c, tm);
+  __m256 qv[NV];
+#pragma GCC unroll 8
+  for (int c = 0; c < NV; ++c) qv[c] = c + 1 < NV ? _mm256_loadu_ps(q + 8 * c) : _mm256_maskload_ps(q + 8 * c, tm);
   for (int64_t k0 = 0; k0 < K; k0 += 8) {
     const int64_t nk = std::min<int64_t>(8, K - k0);
     const float* r[8];
     for (int64_t t = 0; t < 8; ++t) r[t] = table + iv[k0 + (t < nk ? t : 0)] * D;  // past K: a dummy row
-    __m256 acc[8] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                     _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t c = 0; c < nv; ++c) {  // 8 independent chains; t unrolled so acc stays in registers
-      const __m256 qc = qv[c];
-      const bool last = c + 1 == nv;
+    __m256 acc[8];
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_ps();
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) {
 #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t)
-        acc[t] = _mm256_fmadd_ps(qc, last ? _mm256_maskload_ps(r[t] + 8 * c, tm) : _mm256_loadu_ps(r[t] + 8 * c),
+        acc[t] = _mm256_fmadd_ps(qv[c], c + 1 < NV ? _mm256_loadu_ps(r[t] + 8 * c) : _mm256_maskload_ps(r[t] + 8 * c, tm),
                                  acc[t]);
     }
     // transpose-reduce: lane t of the result = horizontal sum of acc[t]
@@ -103,9 +103,13 @@ __attribute__((target("avx2,fma"))) void row_dots_avx2(const float* q, const flo
     const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
     const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
     const __m256 dots = _mm256_add_ps(lo, hi);  // [d0 d1 d2 d3 d4 d5 d6 d7]
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, dots);
-    for (int64_t t = 0; t < nk; ++t) out[k0 + t] = lanes[t];
+    if (nk == 8) {
+      _mm256_storeu_ps(out + k0, dots);
+    } else {
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, dots);
+      for (int64_t t = 0; t < nk; ++t) out[k0 + t] = lanes[t];
+    }
   }
 }
 
@@ -130,33 +134,71 @@ __attribute__((target("avx2,fma"))) float scale_max_avx2(float* l, float temp, i
   return r;
 }
 
-// dq += sum_k d[k] table[iv[k]] with dq held in registers.
-__attribute__((target("avx2,fma"))) void row_weighted_sum_avx2(const float* d, const float* table, const int64_t* iv,
-                                                                int64_t K, int64_t D, float* dq) {
-  const int64_t nv = (D + 7) / 8;
+// dq = sum_k d[k] table[iv[k]] with dq held in registers (rows of D <= 8·NV floats).
+template <int NV>
+__attribute__((target("avx2,fma"))) void row_weighted_sum_nv(const float* d, const float* table, const int64_t* iv,
+                                                              int64_t K, int64_t D, float* dq) {
   const __m256i tm = tail_mask(D);
-  __m256 acc[kMaxVec];
-  for (int64_t c = 0; c < nv; ++c) acc[c] = _mm256_setzero_ps();
+  __m256 acc[NV];
+#pragma GCC unroll 8
+  for (int c = 0; c < NV; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     if (d[k] == 0.0f) continue;
     const __m256 w = _mm256_set1_ps(d[k]);
     const float* row = table + iv[k] * D;
-    for (int64_t c = 0; c + 1 < nv; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * c), acc[c]);
-    acc[nv - 1] = _mm256_fmadd_ps(w, _mm256_maskload_ps(row + 8 * (nv - 1), tm), acc[nv - 1]);
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c)
+      acc[c] = _mm256_fmadd_ps(w, c + 1 < NV ? _mm256_loadu_ps(row + 8 * c) : _mm256_maskload_ps(row + 8 * c, tm), acc[c]);
   }
-  for (int64_t c = 0; c + 1 < nv; ++c) _mm256_storeu_ps(dq + 8 * c, acc[c]);
-  _mm256_maskstore_ps(dq + 8 * (nv - 1), tm, acc[nv - 1]);
+#pragma GCC unroll 8
+  for (int c = 0; c + 1 < NV; ++c) _mm256_storeu_ps(dq + 8 * c, acc[c]);
+  _mm256_maskstore_ps(dq + 8 * (NV - 1), tm, acc[NV - 1]);
 }
 
-// y += alpha x over D floats, masked tail (no scalar remainder).
-__attribute__((target("avx2,fma"))) void axpy_row_avx2(float alpha, const float* x, float* y, int64_t D) {
-  const int64_t nv = (D + 7) / 8;
+// y += alpha x over D <= 8·NV floats, masked tail (no scalar remainder).
+template <int NV>
+__attribute__((target("avx2,fma"))) void axpy_row_nv(float alpha, const float* x, float* y, int64_t D) {
   const __m256i tm = tail_mask(D);
   const __m256 a = _mm256_set1_ps(alpha);
-  for (int64_t c = 0; c + 1 < nv; ++c)
-    _mm256_storeu_ps(y + 8 * c, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + 8 * c), _mm256_loadu_ps(y + 8 * c)));
-  _mm256_maskstore_ps(y + 8 * (nv - 1), tm,
-                      _mm256_fmadd_ps(a, _mm256_maskload_ps(x + 8 * (nv - 1), tm), _mm256_maskload_ps(y + 8 * (nv - 1), tm)));
+#pragma GCC unroll 8
+  for (int c = 0; c < NV; ++c) {
+    if (c + 1 < NV)
+      _mm256_storeu_ps(y + 8 * c, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + 8 * c), _mm256_loadu_ps(y + 8 * c)));
+    else
+      _mm256_maskstore_ps(y + 8 * c, tm,
+                          _mm256_fmadd_ps(a, _mm256_maskload_ps(x + 8 * c, tm), _mm256_maskload_ps(y + 8 * c, tm)));
+  }
+}
+
+// The row kernels for D <= 64 (NV = 1..8 vectors of 8); nullptr beyond (callers use dot / axpy).
+using RowDotsFn = void (*)(const float*, const float*, const int64_t*, int64_t, int64_t, float*);
+using AxpyRowFn = void (*)(float, const float*, float*, int64_t);
+struct RowKernels {
+  RowDotsFn dots = nullptr, weighted_sum = nullptr;
+  AxpyRowFn axpy = nullptr;
+};
+
+template <int NV>
+RowKernels row_kernels_nv() {
+  RowKernels k;
+  k.dots = &row_dots_nv<NV>;
+  k.weighted_sum = &row_weighted_sum_nv<NV>;
+  k.axpy = &axpy_row_nv<NV>;
+  return k;
+}
+
+RowKernels row_kernels_avx2(int64_t D) {
+  switch ((D + 7) / 8) {
+    case 1: return row_kernels_nv<1>();
+    case 2: return row_kernels_nv<2>();
+    case 3: return row_kernels_nv<3>();
+    case 4: return row_kernels_nv<4>();
+    case 5: return row_kernels_nv<5>();
+    case 6: return row_kernels_nv<6>();
+    case 7: return row_kernels_nv<7>();
+    case 8: return row_kernels_nv<8>();
+    default: return RowKernels();
+  }
 }
 #endif
 
@@ -188,23 +230,40 @@ float exp_shift(const float* l, float shift, float* p, int64_t n) {
   return s;
 }
 
-// out[k] = q . table[iv[k]]
-void row_dots(const float* q, const float* table, const int64_t* iv, int64_t K, int64_t D, float* out) {
+// The row kernels of this D: AVX2 templates for D <= 64, else the generic dot / axpy loops.
+struct Rows {
+  int64_t D;
 #ifdef HSTU_X86
-  if (has_avx2() && D <= 8 * kMaxVec) return row_dots_avx2(q, table, iv, K, D, out);
+  RowKernels k;
+  explicit Rows(int64_t d) : D(d), k(has_avx2() && d >= 1 ? row_kernels_avx2(d) : RowKernels()) {}
+#else
+  explicit Rows(int64_t d) : D(d) {}
 #endif
-  for (int64_t k = 0; k < K; ++k) out[k] = dot(q, table + iv[k] * D, D);
-}
 
-// dq = sum_k d[k] table[iv[k]] (dq overwritten)
-void row_weighted_sum(const float* d, const float* table, const int64_t* iv, int64_t K, int64_t D, float* dq) {
+  void dots(const float* q, const float* table, const int64_t* iv, int64_t K, float* out) const {
 #ifdef HSTU_X86
-  if (has_avx2() && D <= 8 * kMaxVec) return row_weighted_sum_avx2(d, table, iv, K, D, dq);
+    if (k.dots) return k.dots(q, table, iv, K, D, out);
 #endif
-  std::fill(dq, dq + D, 0.0f);
-  for (int64_t k = 0; k < K; ++k)
-    if (d[k] != 0.0f) axpy(d[k], table + iv[k] * D, dq, D);
-}
+    for (int64_t j = 0; j < K; ++j) out[j] = dot(q, table + iv[j] * D, D);
+  }
+
+  // dq = sum_k d[k] table[iv[k]] (overwritten)
+  void weighted_sum(const float* d, const float* table, const int64_t* iv, int64_t K, float* dq) const {
+#ifdef HSTU_X86
+    if (k.weighted_sum) return k.weighted_sum(d, table, iv, K, D, dq);
+#endif
+    std::fill(dq, dq + D, 0.0f);
+    for (int64_t j = 0; j < K; ++j)
+      if (d[j] != 0.0f) axpy(d[j], table + iv[j] * D, dq, D);
+  }
+
+  void axpy_row(float alpha, const float* x, float* y) const {
+#ifdef HSTU_X86
+    if (k.axpy) return k.axpy(alpha, x, y, D);
+#endif
+    axpy(alpha, x, y, D);
+  }
+};
 
 float scale_max(float* l, float temp, int64_t K) {
 #ifdef HSTU_X86
@@ -216,13 +275,6 @@ float scale_max(float* l, float temp, int64_t K) {
     r = std::max(r, l[k]);
   }
   return r;
-}
-
-void axpy_row(float alpha, const float* x, float* y, int64_t D) {
-#ifdef HSTU_X86
-  if (has_avx2() && D >= 1) return axpy_row_avx2(alpha, x, y, D);
-#endif
-  axpy(alpha, x, y, D);
 }
 
 void check(const at::Tensor& q, const at::Tensor& table, const at::Tensor& idx) {
@@ -249,6 +301,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& table, co
   const int64_t* ip = idx.data_ptr<int64_t>();
   float *lp = logits.data_ptr<float>(), *lossp = loss.data_ptr<float>(), *lsep = lse.data_ptr<float>();
   const float temp = static_cast<float>(temperature);
+  const Rows rows(D);
   const int64_t U = table.size(0);
   std::atomic<bool> out_of_range{false};
   at::parallel_for(0, V, 16, [&](int64_t v0, int64_t v1) {
@@ -259,7 +312,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& table, co
       float* lv = lp + v * K;
       for (int64_t k = 0; k < K; ++k) bad |= static_cast<uint64_t>(iv[k]) >= static_cast<uint64_t>(U);
       if (bad) continue;
-      row_dots(qp + v * D, tp, iv, K, D, lv);
+      rows.dots(qp + v * D, tp, iv, K, lv);
       // a masked column repeats the positive's row, so its logit equals l[v, 0]: the max is the same either way
       const float m = scale_max(lv, temp, K);
       for (int64_t k = 1; k < K; ++k)
@@ -291,13 +344,14 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
   float* dp = d.data_ptr<float>();
   float* dqp = want_dq ? dq.data_ptr<float>() : nullptr;
   const float temp = static_cast<float>(temperature);
+  const Rows rows(D);
   at::parallel_for(0, V, 16, [&](int64_t v0, int64_t v1) {
     for (int64_t v = v0; v < v1; ++v) {
       float* dv = dp + v * K;
       exp_shift(lp + v * K, lsep[v], dv, K);  // softmax
       const float gv = gp[v] / temp;
       for (int64_t k = 0; k < K; ++k) dv[k] = gv * (k == 0 ? dv[k] - 1.0f : dv[k]);
-      if (dqp) row_weighted_sum(dv, tp, ip + v * K, K, D, dqp + v * D);
+      if (dqp) rows.weighted_sum(dv, tp, ip + v * K, K, dqp + v * D);
     }
   });
   if (want_dtable) {
@@ -312,7 +366,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
           const float* dv = dp + v * K;
           for (int64_t k = 0; k < K; ++k) {
             const int64_t u = iv[k];
-            if ((u & mask) == part && dv[k] != 0.0f) axpy_row(dv[k], qp + v * D, dtp + u * D, D);
+            if ((u & mask) == part && dv[k] != 0.0f) rows.axpy_row(dv[k], qp + v * D, dtp + u * D);
           }
         }
     });
