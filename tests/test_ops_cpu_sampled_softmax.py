@@ -98,3 +98,19 @@ def test_cpu_loss_portable_path_matches(tmp_path):
                        env=dict(os.environ, HSTU_CPU_SCALAR=scalar))
     for a, b in zip(torch.load(tmp_path / "vec.pt"), torch.load(tmp_path / "scalar.pt")):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-7)
+
+
+def test_stale_build_lock_is_removed_and_fresh_one_kept(tmp_path):
+    import time
+
+    from hstu.ops.cpu import build
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    build._clear_stale_lock(str(tmp_path))  # fresh: another process may be building right now
+    assert lock.exists()
+    old = time.time() - build.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="stale C\\+\\+ build lock"):
+        build._clear_stale_lock(str(tmp_path))
+    assert not lock.exists()

@@ -14,6 +14,8 @@ import hashlib
 import os
 import shutil
 import sys
+import time
+import warnings
 from types import ModuleType
 from typing import Dict
 
@@ -38,6 +40,25 @@ def _ninja_on_path() -> None:
             return
 
 
+STALE_LOCK_SECONDS = 900  # a build takes < 2 min; a lock this old was left by a killed process
+
+
+def _clear_stale_lock(build_dir: str) -> None:
+    """torch waits forever on the ``lock`` file of a build another process started; a process killed while
+    building leaves it behind. Remove it when it is older than any real build (with a warning naming it)."""
+    lock = os.path.join(build_dir, "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        warnings.warn(f"removing a stale C++ build lock {lock} ({age / 60:.0f} min old, left by a killed build)")
+        try:
+            os.remove(lock)
+        except OSError:
+            pass
+
+
 def load_kernel(name: str) -> ModuleType:
     """The compiled module of ``csrc/<name>.cpp`` (built once per process, cached on disk across processes).
 
@@ -52,8 +73,10 @@ def load_kernel(name: str) -> ModuleType:
         with open(path, "rb") as f:
             digest.update(f.read())
     _ninja_on_path()
+    name_hash = f"hstu_{name}_{digest.hexdigest()[:12]}"
+    _clear_stale_lock(cpp_extension._get_build_directory(name_hash, verbose=False))
     try:
-        module = cpp_extension.load(name=f"hstu_{name}_{digest.hexdigest()[:12]}", sources=[src],
+        module = cpp_extension.load(name=name_hash, sources=[src],
                                      extra_include_paths=[CSRC], extra_cflags=["-O3", "-fopenmp"],
                                      extra_ldflags=["-fopenmp"], verbose=False)
     except (RuntimeError, OSError, ImportError) as e:  # no compiler / ninja, or a build error
