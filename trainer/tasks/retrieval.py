@@ -97,7 +97,9 @@ def prepare_retrieval_batch(out: PreparedBatch, ctx: Any) -> PreparedBatch:
 def popularity_baseline(cfg: RunConfig, seqs, eval_loader, env: Any = None) -> Dict[str, float]:
     """Most-popular baseline on ``eval_loader``: items ranked by their count in the training sequences;
     collective with ``env`` of world size > 1."""
-    counts = popularity_counts(torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets), seqs.num_items)
+    counts_of = getattr(seqs, "popularity_counts", None)  # streamed own logs: per-rank counts summed over ranks
+    counts = counts_of(env) if counts_of is not None else popularity_counts(
+        torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets), seqs.num_items)
     return evaluate_popularity(counts, eval_loader, cfg.eval, reduce=env.all_reduce_sum
                                if env is not None and env.world_size > 1 else None)
 

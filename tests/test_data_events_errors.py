@@ -1,0 +1,179 @@
+"""Own event logs: every bad input is a one-line DataError naming file, column and (where there is one) row, raised
+before any output exists (issue 17 deliverable 6). Small generated Parquet / CSV files, seconds."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from events_utils import write_table
+from hstu.trainer.config import ConfigError, load_config
+from hstu.trainer.data import DataError, load_sequences, prepare
+
+T0 = 1_000_000_000  # 2001-09-09: a plausible interaction time in seconds
+
+
+def _events(n: int = 12) -> dict:
+    return {"user_id": np.arange(n) % 3 + 1, "item_id": np.arange(n) % 5 + 1, "timestamp": T0 + np.arange(n),
+            "rating": np.full(n, 4)}
+
+
+def _cfg(tmp_path: Path, paths, *extra):
+    paths = paths if isinstance(paths, list) else [paths]
+    return load_config(None, ["data.name=events", f"data.events.paths=[{','.join(map(str, paths))}]",
+                              "data.events.time_unit=s", f"data.cache_dir={tmp_path / 'cache'}",
+                              "data.min_seq_len=4", *extra]).data
+
+
+def _fails(tmp_path, paths, pattern, *extra):
+    """prepare() raises one DataError line matching ``pattern`` and leaves no prepared folder behind."""
+    with pytest.raises(DataError) as info:
+        prepare(_cfg(tmp_path, paths, *extra), progress=False)
+    text = str(info.value)
+    assert "\n" not in text, text
+    assert re.search(pattern, text), text
+    events_dir = tmp_path / "cache" / "events"
+    assert not events_dir.exists() or not any(events_dir.iterdir()), list(events_dir.iterdir())
+    return info.value
+
+
+def test_missing_or_renamed_column(tmp_path):
+    ev = _events()
+    ev["item"] = ev.pop("item_id")
+    f = write_table(tmp_path / "a.parquet", ev)
+    err = _fails(tmp_path, f, r"a\.parquet: column 'item_id': missing column \(data\.events\.item_column\); the file "
+                 r"has: user_id, timestamp, rating, item")
+    assert err.column == "item_id" and err.path == str(f)
+
+
+def test_wrong_type_float_item(tmp_path):
+    ev = _events()
+    ev["item_id"] = ev["item_id"] + 0.5
+    _fails(tmp_path, write_table(tmp_path / "a.parquet", ev), r"a\.parquet: column 'item_id': wrong type DOUBLE")
+
+
+def test_wrong_type_csv_value_names_row_and_line(tmp_path):
+    ev = _events()
+    ev["timestamp"] = ev["timestamp"].astype(object)
+    ev["timestamp"][6] = "yesterday"
+    err = _fails(tmp_path, write_table(tmp_path / "a.csv", ev, fmt="csv"),
+                 r"a\.csv: row 7: line 8: column 'timestamp': not a valid time .*: 'yesterday'")
+    assert err.row == 7 and err.line == 8
+
+
+@pytest.mark.parametrize("column", ["user_id", "item_id", "timestamp"])
+def test_null_user_item_time(tmp_path, column):
+    ev = _events()
+    ev[column] = ev[column].astype(object)
+    ev[column][4] = None
+    role = {"user_id": "user", "item_id": "item", "timestamp": "time"}[column]
+    err = _fails(tmp_path, write_table(tmp_path / "a.parquet", ev), rf"a\.parquet: row 5: column '{column}': "
+                 rf"null {role}")
+    assert err.row == 5
+
+
+def test_integer_time_without_unit_is_ambiguous(tmp_path):
+    f = write_table(tmp_path / "a.parquet", _events())
+    _fails(tmp_path, f, r"column 'timestamp': integer times are ambiguous .*time_unit", "data.events.time_unit=")
+
+
+@pytest.mark.parametrize("unit, times, when", [("ms", T0 + np.arange(12), "before 1990"),
+                                               ("s", 1000 * (T0 + np.arange(12)), "in the future")])
+def test_time_unit_giving_absurd_dates(tmp_path, unit, times, when):
+    ev = _events()
+    ev["timestamp"] = times
+    _fails(tmp_path, write_table(tmp_path / "a.parquet", ev), rf"a\.parquet: row 1: column 'timestamp': time "
+           rf"{when}.*time_unit='{unit}' \(wrong unit\?\)", f"data.events.time_unit={unit}")
+
+
+def test_timestamp_column_needs_no_unit(tmp_path):
+    import duckdb
+
+    f = tmp_path / "ts.parquet"
+    duckdb.connect().execute(f"COPY (SELECT (i % 3 + 1) AS user_id, (i % 5 + 1) AS item_id, TIMESTAMP '2001-09-09' + "
+                             f"INTERVAL (i) SECOND AS timestamp FROM range(12) t(i)) TO '{f}' (FORMAT parquet)")
+    summary = prepare(_cfg(tmp_path, f, "data.events.time_unit="), progress=False)
+    assert summary["events"] == 12
+    _fails(tmp_path / "other", f, r"column 'timestamp': data.events.time_unit = 's' applies to integer times; "
+           r"this column is TIMESTAMP")
+
+
+def test_empty_files(tmp_path):
+    (tmp_path / "zero.parquet").write_bytes(b"")
+    _fails(tmp_path, tmp_path / "zero.parquet", r"zero\.parquet: empty file \(0 bytes\)")
+    ev = {k: v[:0] for k, v in _events().items()}
+    _fails(tmp_path, write_table(tmp_path / "rows.parquet", ev), r"rows\.parquet: empty file \(0 rows\)")
+    (tmp_path / "header.csv").write_text("user_id,item_id,timestamp\n")
+    _fails(tmp_path, tmp_path / "header.csv", r"header\.csv: empty file \(0 rows\)")
+
+
+def test_glob_matching_nothing_and_missing_file(tmp_path):
+    _fails(tmp_path, tmp_path / "logs" / "*.parquet", r"logs/\*\.parquet: glob matches no file")
+    _fails(tmp_path, tmp_path / "nope.parquet", r"nope\.parquet: file not found")
+
+
+def test_not_a_parquet_file(tmp_path):
+    (tmp_path / "a.parquet").write_text("user_id,item_id\n1,2\n")
+    _fails(tmp_path, tmp_path / "a.parquet", r"a\.parquet: cannot read as Parquet")
+
+
+def test_mixed_schemas_across_files(tmp_path):
+    write_table(tmp_path / "logs" / "part-0.parquet", _events())
+    ev = _events()
+    ev["item_id"] = np.array([f"i{x}" for x in ev["item_id"]], dtype=object)
+    write_table(tmp_path / "logs" / "part-1.parquet", ev)
+    _fails(tmp_path, tmp_path / "logs" / "part-*.parquet", r"part-1\.parquet: column 'item_id': mixed schemas: type "
+           r"VARCHAR here, BIGINT in .*part-0\.parquet")
+
+
+def test_rating_out_of_int8_and_bad_action(tmp_path):
+    ev = _events()
+    ev["rating"] = ev["rating"] * 1.0
+    ev["rating"][3] = 300.0
+    _fails(tmp_path, write_table(tmp_path / "a.parquet", ev), r"row 4: column 'rating': not a rating in \[-128, 127\]"
+           r": '300.0'", "data.events.rating_column=rating")
+    ev = _events()
+    ev["action"] = np.arange(12) - 1
+    _fails(tmp_path / "b", write_table(tmp_path / "b.parquet", ev), r"row 1: column 'action': not an integer action "
+           r"type in 0\.\.127: '-1'", "data.events.action_column=action")
+
+
+def test_raw_item_ids_must_be_positive(tmp_path):
+    ev = _events()
+    ev["item_id"] = ev["item_id"] - 1
+    _fails(tmp_path, write_table(tmp_path / "a.parquet", ev), r"row 1: column 'item_id': raw item ids must be >= 1",
+           "data.events.item_ids=raw")
+
+
+def test_duplicate_events_kept_or_dropped_and_counted(tmp_path):
+    ev = _events()
+    ev = {k: np.concatenate([v, v[:3]]) for k, v in ev.items()}  # 3 exact duplicates
+    f = write_table(tmp_path / "a.parquet", ev)
+    kept = prepare(_cfg(tmp_path, f), progress=False)
+    dropped = prepare(_cfg(tmp_path, f, "data.events.duplicates=drop"), progress=False)
+    assert (kept["duplicates"], kept["dropped_duplicates"], kept["events"]) == (3, 0, 15)
+    assert (dropped["duplicates"], dropped["dropped_duplicates"], dropped["events"]) == (3, 3, 12)
+
+
+def test_config_errors_name_the_key():
+    base = ["data.name=events", "data.events.paths=[a.parquet]"]
+    for extra, pattern in ((["data.events.split=time"], r"data\.events\.time_cutoff.*split=time"),
+                           (["data.events.time_cutoff=2003-01-01"], r"data\.events\.time_cutoff.*unless"),
+                           (["data.events.split=time", "data.events.time_cutoff=yesterday"], r"ISO date"),
+                           (["data.events.item_column=user_id"], r"data\.events\.user_column.*no other role"),
+                           (["data.events.item_ids=raw", "data.events.min_count=3"], r"min_count.*item_ids=raw"),
+                           (["data.events.time_unit=hours"], r"time_unit.*one of"),
+                           (["data.events.stream=true", "sharding.enabled=true"], r"stream.*sharding"),
+                           (["data.events.paths=[]"], r"non-empty list")):
+        with pytest.raises(ConfigError, match=pattern):
+            load_config(None, base + extra)
+
+
+def test_bad_data_fails_before_training_touches_the_run_dir(tmp_path):
+    ev = _events()
+    ev["user_id"] = ev["user_id"].astype(object)
+    ev["user_id"][2] = None
+    f = write_table(tmp_path / "a.parquet", ev)
+    with pytest.raises(DataError, match=r"a\.parquet: row 3: column 'user_id': null user"):
+        load_sequences(_cfg(tmp_path, f), progress=False)
