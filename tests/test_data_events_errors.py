@@ -164,7 +164,7 @@ def test_config_errors_name_the_key():
                            (["data.events.item_column=user_id"], r"data\.events\.user_column.*no other role"),
                            (["data.events.item_ids=raw", "data.events.min_count=3"], r"min_count.*item_ids=raw"),
                            (["data.events.time_unit=hours"], r"time_unit.*one of"),
-                           (["data.events.stream=true", "sharding.enabled=true"], r"stream.*sharding"),
+                           (["data.events.eval_users=5"], r"eval_users.*stream=true"),
                            (["data.events.paths=[]"], r"non-empty list")):
         with pytest.raises(ConfigError, match=pattern):
             load_config(None, base + extra)

@@ -43,6 +43,9 @@ class EventsConfig:
     prepare_memory_mb: int = 2048  # DuckDB memory_limit and the budget of one partition's numpy work
     prepare_threads: int = 0  # DuckDB threads; 0 = DuckDB's default (all cores)
     stream: bool = False  # training reads shards one at a time, each rank its own (trainer/data/events_loader.py)
+    # stream=true: each rank evaluates (and holds) the same number of users, min(eval_users, the smallest rank's
+    # count); 0 = no cap (the smallest rank's count: the collective evaluation needs equal batches on every rank)
+    eval_users: int = 0
 
 
 def _bad(key: str, value: Any, rule: str) -> str:
@@ -89,6 +92,10 @@ def check_events_values(cfg: Any) -> None:
         raise ConfigError(_bad("num_shards", ev.num_shards, ">= 0 (0 = from prepare_memory_mb)"))
     if ev.prepare_memory_mb < 64:
         raise ConfigError(_bad("prepare_memory_mb", ev.prepare_memory_mb, ">= 64"))
+    if ev.eval_users < 0:
+        raise ConfigError(_bad("eval_users", ev.eval_users, ">= 0 (0 = every user)"))
+    if ev.eval_users and not ev.stream:
+        raise ConfigError(_bad("eval_users", ev.eval_users, "0 unless data.events.stream=true"))
     if ev.prepare_threads < 0:
         raise ConfigError(_bad("prepare_threads", ev.prepare_threads, ">= 0"))
     if ev.split == "time":
@@ -101,9 +108,6 @@ def check_events_values(cfg: Any) -> None:
             raise ConfigError(_bad("time_cutoff", ev.time_cutoff, f"an ISO date/time or epoch seconds ({e})"))
     elif ev.time_cutoff:
         raise ConfigError(_bad("time_cutoff", ev.time_cutoff, "'' unless data.events.split=time"))
-    if ev.stream and cfg.sharding.enabled:
-        raise ConfigError("key 'data.events.stream' = True: not supported with sharding.enabled=true (each rank's "
-                          "eval shards differ in size; the sharded tables' lookups are collective)")
     if cfg.task != "retrieval":
         raise ConfigError(f"key 'data.name' = 'events': task={cfg.task!r} is not supported yet (retrieval only)")
 

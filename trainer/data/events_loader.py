@@ -11,7 +11,9 @@ shard at a time, so loader memory is one shard, not the dataset. Epoch e: the ra
 batches (the smallest rank's; the others drop their extra batches of that epoch). The position — (epoch, batches
 consumed) and the (shard, offset) it means — is the loader state the DCP checkpoint records
 (ResumableBatchPlan), so a killed run resumes bit-identically. Evaluation reads the rank's shards into memory
-(histories of at most max_seq_len events per user) and each rank ranks its own users.
+(histories of at most max_seq_len events per user) and ranks its own users — the same number on every rank (the
+evaluation is collective with sharded tables): the smallest rank's count, or ``data.events.eval_users`` when
+smaller (which also bounds that memory).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from hstu.trainer.data.batch_plan import ResumableBatchPlan
 from hstu.trainer.data.errors import DataError
 from hstu.trainer.data.events_split import load_shard, sort_by_user, split_shard
 from hstu.trainer.data.loader import SequenceLoader
-from hstu.trainer.data.sequences import UserSequences, concat_sequences
+from hstu.trainer.data.sequences import (EvalSequences, LeaveOneOutSplit, UserSequences, concat_sequences,
+                                         select_ranges)
 from hstu.trainer.evaluate import popularity_counts
 
 SHARD_ORDER_SALT = 0x5AD
@@ -123,13 +126,48 @@ def build_events_loaders(data_cfg: Any, source: "EventSequences | StreamedEvents
     else:
         events = source.events
         train = ShardedTrainLoader(events, data_cfg.batch_size, data_cfg.seed, rank, world_size)
-        seqs, num_pre = events.read(events.rank_shards(rank, world_size))
-        split = split_shard(seqs, num_pre, data_cfg.max_seq_len)
-        source.local_counts = popularity_counts(torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets),
-                                                events.num_items)
+        split, source.local_counts = _rank_eval_split(events, rank, world_size, data_cfg.events.eval_users)
     validation, test = (SequenceLoader.for_eval(view, data_cfg.eval_batch_size, **eval_kw)
                         for view in (split.validation, split.test))
     return train, validation, test
+
+
+def _first_users(view: EvalSequences, k: int) -> EvalSequences:
+    rows = np.arange(min(k, view.history.num_users))
+    h = view.history
+    return EvalSequences(select_ranges(h, rows, h.offsets[rows], h.offsets[rows + 1]), view.target_ids[rows],
+                         view.target_timestamps[rows])
+
+
+def eval_user_counts(events: PreparedEvents, world_size: int, eval_users: int) -> Tuple[int, int]:
+    """(validation, test) users every rank evaluates: the smallest rank's count, capped by ``eval_users`` (> 0)."""
+    out = []
+    for key in ("validation_users", "test_users"):
+        k = min(sum(int(events.shards[s][key]) for s in events.rank_shards(r, world_size)) for r in range(world_size))
+        out.append(min(k, eval_users) if eval_users else k)
+    return out[0], out[1]
+
+
+def _rank_eval_split(events: PreparedEvents, rank: int, world_size: int,
+                     eval_users: int) -> Tuple[LeaveOneOutSplit, torch.Tensor]:
+    """This rank's validation / test views — the same number of users on every rank (:func:`eval_user_counts`), the
+    first in user order of the shards read — and the popularity counts [N+1] of its shards, read one at a time."""
+    k_val, k_test = eval_user_counts(events, world_size, eval_users)
+    counts = torch.zeros(events.num_items + 1, dtype=torch.long)
+    kept: List[Tuple[UserSequences, Optional[np.ndarray]]] = []
+    have_val = have_test = 0
+    for shard in events.rank_shards(rank, world_size):
+        seqs, num_pre = load_shard(events.folder, events.shards[shard])
+        counts += popularity_counts(torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets), events.num_items)
+        if have_val < k_val or have_test < k_test or not kept:
+            kept.append((seqs, num_pre))
+            have_val += int(events.shards[shard]["validation_users"])
+            have_test += int(events.shards[shard]["test_users"])
+    seqs = concat_sequences([k[0] for k in kept])
+    num_pre = None if kept[0][1] is None else np.concatenate([k[1] for k in kept])
+    split = split_shard(*sort_by_user(seqs, num_pre), events.max_seq_len)
+    split = LeaveOneOutSplit(split.train, _first_users(split.validation, k_val), _first_users(split.test, k_test))
+    return split, counts
 
 
 class ShardedTrainLoader(ResumableBatchPlan):
