@@ -24,7 +24,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS_DIR, provenance, write_json  # noqa: E402
-from ranking_synthetic_scale import RssPoller  # noqa: E402
+from ranking_synthetic_scale import run_polled  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YEAR_2024 = 1704067200
@@ -45,6 +44,7 @@ MODEL = ["model.embedding_dim=16", "model.attention_dim=8", "model.linear_dim=8"
 
 
 def _env() -> Dict[str, str]:
+    """glibc malloc, not benchmarks/distributed.py's jemalloc set to keep freed pages: RSS shows what is used."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
@@ -80,15 +80,7 @@ def generate(folder: str, events: int, items: int, zipf: float, events_per_user:
 
 def _run(cmd: List[str], nproc: int, log_path: str) -> Dict[str, Any]:
     t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        poller = RssPoller(proc.pid, nproc)
-        poller.start()
-        rc = proc.wait()
-        poller.stop()
-    if rc != 0:
-        with open(log_path) as f:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({rc}):\n{f.read()[-4000:]}")
+    poller = run_polled(cmd, nproc, log_path, _env())
     return {"seconds": round(time.perf_counter() - t0, 2),
             "peak_rss_mib": {k: round(v / 1024, 1) for k, v in sorted(poller.peak_kb.items())}}
 
