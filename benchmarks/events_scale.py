@@ -10,11 +10,13 @@ For each of two scales (``--small-events`` and ``--events``): a log of N events 
 
 - ``prepare``: the real ``hstu prepare`` (data.name=events, item_ids=vocab, leave-one-out): wall seconds,
   events/s, peak RSS (VmHWM polled every 0.5 s), disk bytes per event of the source Parquet and of the shards;
-- ``train``: the real ``hstu train --nproc-per-node N`` (sharding.enabled, row-wise) with ``data.events.stream=true`` for ``--steps`` steps,
-  evaluation capped at ``--eval-users`` users per rank: peak RSS per rank.
+- ``train``: the real ``hstu train --nproc-per-node N`` (sharding.enabled, row-wise) with
+  ``data.events.stream=true`` for ``--steps`` steps, evaluation capped at ``--eval-users`` users per rank: peak
+  RSS per rank.
 
 ``per_rank_train_rss_ratio``: peak RSS of each rank at the large scale / at the small scale (goal <= 1.2: loader
-memory independent of the dataset). Results: benchmarks/results/events_scale.json.
+memory independent of the dataset; the peak includes the evaluation); ``per_rank_rss_ratio_at_last_train_log``:
+the same ratio of the resident set at the last logged train step. Results: benchmarks/results/events_scale.json.
 """
 
 from __future__ import annotations
@@ -78,11 +80,21 @@ def generate(folder: str, events: int, items: int, zipf: float, events_per_user:
             "parquet_bytes_per_event": round(size / events, 2)}
 
 
-def _run(cmd: List[str], nproc: int, log_path: str) -> Dict[str, Any]:
+def _run(cmd: List[str], nproc: int, log_path: str, run_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Run ``cmd`` under the RSS poller: seconds, peak RSS per process; with ``run_dir`` (training) also each
+    rank's RSS at the last logged train step (after the loader streamed its shards, before evaluation)."""
     t0 = time.perf_counter()
     poller = run_polled(cmd, nproc, log_path, _env())
-    return {"seconds": round(time.perf_counter() - t0, 2),
-            "peak_rss_mib": {k: round(v / 1024, 1) for k, v in sorted(poller.peak_kb.items())}}
+    out = {"seconds": round(time.perf_counter() - t0, 2),
+           "peak_rss_mib": {k: round(v / 1024, 1) for k, v in sorted(poller.peak_kb.items())}}
+    if run_dir:
+        from hstu.trainer.metrics_log import read_metrics
+
+        train = read_metrics(os.path.join(run_dir, "metrics.jsonl"), kind="train")
+        if train:
+            out["rss_mib_at_last_train_log"] = {r: poller.rss_at(r, train[-1]["time"]) for r in sorted(poller.series)
+                                                if r.startswith("rank")}
+    return out
 
 
 def scale(root: str, name: str, events: int, args: argparse.Namespace) -> Dict[str, Any]:
@@ -91,7 +103,7 @@ def scale(root: str, name: str, events: int, args: argparse.Namespace) -> Dict[s
     gen = generate(logs, events, args.items, args.zipf, args.events_per_user, args.chunk, args.seed)
     data = ["data.name=events", f"data.events.paths=[{logs}/part-*.parquet]", "data.events.time_column=ts",
             "data.events.time_unit=s", f"data.events.prepare_memory_mb={args.prepare_memory_mb}",
-            f"data.events.num_shards={args.shards}", f"data.cache_dir={os.path.join(root, name, 'cache')}",
+            f"data.events.num_shards={args.shards}", f"data.events.shard_events={args.shard_events}", f"data.cache_dir={os.path.join(root, name, 'cache')}",
             "data.min_seq_len=4"]
     cli = [sys.executable, "-m", "hstu.trainer.cli"]
     print(f"[{name}] prepare {events:,} events ...", flush=True)
@@ -106,12 +118,13 @@ def scale(root: str, name: str, events: int, args: argparse.Namespace) -> Dict[s
     run_dir = os.path.join(root, name, "run")
     train = [*data, *MODEL, "data.events.stream=true", f"data.events.eval_users={args.eval_users}",
              f"train.max_steps={args.steps}", "train.epochs=1", "train.progress=false", "train.tensorboard=false",
-             "train.num_threads=1", "train.log_every_steps=10"]
+             "train.num_threads=1", f"train.log_every_steps={max(1, min(10, args.steps // 2))}"]
     if args.nproc > 1:  # several processes train the sharded path (row-wise item table)
         train += ["sharding.enabled=true", "sharding.sharding_type=row_wise"]
     cmd = cli + ["train", "--run-dir", run_dir] + (["--nproc-per-node", str(args.nproc)] if args.nproc > 1 else [])
     print(f"[{name}] train {args.steps} steps in {args.nproc} processes ...", flush=True)
-    run = _run(cmd + train, args.nproc, os.path.join(root, name, "train.out"))
+    run = _run(cmd + train, args.nproc, os.path.join(root, name, "train.out"), run_dir)
+    run["num_items"] = manifest["num_items"]  # the item table (and its optimizer state) grows with it
     print(f"[{name}] trained: peak RSS {run['peak_rss_mib']} MiB", flush=True)
     if not args.keep:
         shutil.rmtree(logs, ignore_errors=True)
@@ -122,14 +135,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=100_000_000, help="events of the large scale")
     ap.add_argument("--small-events", type=int, default=10_000_000, help="events of the small scale")
-    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--items", type=int, default=100_000, help="item catalogue (small enough that both scales "
+                    "see nearly all of it: the item table stays the same and the RSS ratio measures the data path)")
     ap.add_argument("--zipf", type=float, default=1.05, help="item popularity ~ rank^-zipf")
     ap.add_argument("--events-per-user", type=float, default=10.0, help="users = events / this")
     ap.add_argument("--chunk", type=int, default=5_000_000, help="events per generated Parquet file")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--eval-users", type=int, default=2000, help="data.events.eval_users (per rank)")
-    ap.add_argument("--shards", type=int, default=0, help="data.events.num_shards (0: from the memory budget)")
+    ap.add_argument("--shards", type=int, default=8, help="data.events.num_shards (a minimum: the memory budget "
+                    "may need more)")
+    ap.add_argument("--shard-events", type=int, default=1_000_000, help="data.events.shard_events")
     ap.add_argument("--prepare-memory-mb", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work-dir", default=None, help="logs, prepared data, runs (default: a temp dir, removed)")
@@ -150,6 +166,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     large = scale(root, "large", args.events, args)
     ratio = {r: round(large["train"]["peak_rss_mib"][r] / small["train"]["peak_rss_mib"][r], 3)
              for r in large["train"]["peak_rss_mib"] if r.startswith("rank") and r in small["train"]["peak_rss_mib"]}
+    at = [s["train"].get("rss_mib_at_last_train_log", {}) for s in (small, large)]
+    ratio_train = {r: round(at[1][r] / at[0][r], 3) for r in at[1] if at[1][r] and at[0].get(r)}
     payload = {
         "benchmark": "events_scale", **provenance(), "load_average_before": load, "smoke": args.smoke,
         "setup": (f"synthetic Parquet log, string item ids over {args.items:,} items (Zipf {args.zipf}), "
@@ -162,6 +180,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "per_rank_train_peak_rss_mib": {"small": small["train"]["peak_rss_mib"],
                                         "large": large["train"]["peak_rss_mib"]},
         "per_rank_train_rss_ratio": ratio,
+        "per_rank_rss_ratio_at_last_train_log": ratio_train,
         "shard_bytes_per_event": large["prepare"]["shard_bytes_per_event"],
         "source_parquet_bytes_per_event": large["generate"]["parquet_bytes_per_event"],
         "children_max_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),

@@ -87,6 +87,8 @@ def test_memory_setting_bounds_the_partitions(tmp_path):
     assert summary["num_shards"] == int(np.ceil(n / budget_events)) >= 2
     shard_events = [s["events"] for s in json.load(open(summary["dataset_dir"] + "/manifest.json"))["shards"]]
     assert max(shard_events) < budget_events
+    cfg = _cfg(tmp_path, f, "data.events.shard_events=40000", "data.events.prepare_threads=1").data
+    assert prepare(cfg, progress=False)["num_shards"] == int(np.ceil(n / 40000))  # the loader's bound
 
 
 def test_failed_prepare_leaves_nothing(tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ def test_events_scale_smoke(tmp_path):
         assert {"rank0", "rank1"} <= set(s["train"]["peak_rss_mib"])
     assert set(saved["per_rank_train_rss_ratio"]) == {"rank0", "rank1"}
     assert all(math.isfinite(v) and v > 0 for v in saved["per_rank_train_rss_ratio"].values())
+    assert set(saved["per_rank_rss_ratio_at_last_train_log"]) == {"rank0", "rank1"}
     assert saved["prepare_events_per_s"] > 0 and saved["shard_bytes_per_event"] > 8  # item + time int64 at least
     assert out["path"] == str(tmp_path / "out" / "events_scale.json")
     assert (os.path.getmtime(real) if os.path.exists(real) else None) == before

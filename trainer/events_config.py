@@ -39,7 +39,9 @@ class EventsConfig:
     duplicates: str = "keep"  # keep | drop: events equal in (user, item, time); counted in the manifest either way
     split: str = "leave_one_out"  # leave_one_out (last item test, second-to-last validation) | time
     time_cutoff: str = ""  # split=time: ISO date/time (UTC) or epoch seconds; test = each user's first event >= it
-    num_shards: int = 0  # shard files of the prepared dataset; 0 = as many as prepare_memory_mb needs (>= 1)
+    num_shards: int = 0  # shard files of the prepared dataset: at least this many (0 = 1), more when
+    # prepare_memory_mb needs them; multi-process training needs >= the number of processes
+    shard_events: int = 1_000_000  # about this many (raw) events per shard at most: what a streaming loader holds
     prepare_memory_mb: int = 2048  # DuckDB memory_limit and the budget of one partition's numpy work
     prepare_threads: int = 0  # DuckDB threads; 0 = DuckDB's default (all cores)
     stream: bool = False  # training reads shards one at a time, each rank its own (trainer/data/events_loader.py)
@@ -89,7 +91,9 @@ def check_events_values(cfg: Any) -> None:
         if ev.item_type == "string":
             raise ConfigError(_bad("item_ids", "raw", "vocab with data.events.item_type=string"))
     if ev.num_shards < 0:
-        raise ConfigError(_bad("num_shards", ev.num_shards, ">= 0 (0 = from prepare_memory_mb)"))
+        raise ConfigError(_bad("num_shards", ev.num_shards, ">= 0 (a minimum; prepare_memory_mb may need more)"))
+    if ev.shard_events < 1000:
+        raise ConfigError(_bad("shard_events", ev.shard_events, ">= 1000"))
     if ev.prepare_memory_mb < 64:
         raise ConfigError(_bad("prepare_memory_mb", ev.prepare_memory_mb, ">= 64"))
     if ev.eval_users < 0:

@@ -10,8 +10,9 @@
 key = sha256 of the sources (path, size, sha256) and every option that changes the output. DuckDB (memory_limit =
 ``data.events.prepare_memory_mb``, spilling to the temp folder) builds the vocabularies and writes the events,
 already mapped to ids, hash-partitioned by user; each partition is then sorted per user in numpy — (time, tie key)
-with the tie order of ``data.tie_order`` — truncated and written as one shard. Partitions are sized so one fits
-half the memory budget: peak memory follows the setting, not the dataset. Everything is built in a temp folder
+with the tie order of ``data.tie_order`` — truncated and written as one shard. There are at least
+``data.events.num_shards`` partitions, more when needed for one to fit half the memory budget or to keep shards
+near ``data.events.shard_events`` events: peak memory follows the settings, not the dataset. Everything is built in a temp folder
 beside the target and renamed into place: a failure leaves nothing half-written.
 """
 
@@ -49,7 +50,7 @@ def _options(data_cfg: Any) -> Dict[str, Any]:
     ev = data_cfg.events
     out = {k: getattr(ev, k) for k in OUTPUT_OPTIONS}
     out.update(max_seq_len=data_cfg.max_seq_len, min_seq_len=data_cfg.min_seq_len, tie_order=data_cfg.tie_order,
-               num_shards=ev.num_shards, prepare_memory_mb=ev.prepare_memory_mb if not ev.num_shards else None)
+               num_shards=ev.num_shards, prepare_memory_mb=ev.prepare_memory_mb, shard_events=ev.shard_events)
     if data_cfg.tie_order == "random":
         out["tie_seed"] = int(data_cfg.seed)
     return out
@@ -131,8 +132,7 @@ def _build(data_cfg: Any, sources: List[Dict[str, Any]], out: Path, progress: bo
         con.execute(f"CREATE VIEW events AS {events_view_sql(checked)}")
         extra = [c for c in ("rating", "action") if c in checked[0].sql_exprs]
         counts = _vocabularies(con, ev, out / "vocab")
-        num_shards = ev.num_shards or max(1, math.ceil(counts["raw_events"] * WORK_BYTES_PER_EVENT
-                                                       / (ev.prepare_memory_mb * (1 << 20) / 2)))
+        num_shards = shard_count(ev, counts["raw_events"])
         item = "v.id" if ev.item_ids == "raw" else f"coalesce(v.id, {counts['num_items']})"
         cols = ", ".join(["uv.id AS uid", f"{item} AS iid", "e.t", "e.f", "e.r"] + [f"e.{c}" for c in extra])
         parts = work / "parts"
@@ -162,6 +162,13 @@ def _build(data_cfg: Any, sources: List[Dict[str, Any]], out: Path, progress: bo
         "vocab": {n: {"file": f"vocab/{n}.parquet", "sha256": sha256_file(out / "vocab" / f"{n}.parquet")}
                   for n in ("users", "items")},
     }
+
+
+def shard_count(ev: Any, raw_events: int) -> int:
+    """Shards = partitions: at least data.events.num_shards (and 1), enough for one partition's numpy work to fit
+    half of prepare_memory_mb, and about shard_events events per shard at most (what a streaming loader holds)."""
+    by_memory = math.ceil(raw_events * WORK_BYTES_PER_EVENT / (ev.prepare_memory_mb * (1 << 20) / 2))
+    return max(ev.num_shards, 1, by_memory, math.ceil(raw_events / ev.shard_events))
 
 
 def _vocabularies(con: Any, ev: Any, folder: Path) -> Dict[str, int]:
