@@ -177,3 +177,70 @@ def test_bad_data_fails_before_training_touches_the_run_dir(tmp_path):
     f = write_table(tmp_path / "a.parquet", ev)
     with pytest.raises(DataError, match=r"a\.parquet: row 3: column 'user_id': null user"):
         load_sequences(_cfg(tmp_path, f), progress=False)
+
+
+# ------------------------------------------------------------------------------------ item side-feature table
+def _features(tmp_path, table, *extra, fmt="parquet"):
+    f = write_table(tmp_path / "log.parquet", _events())
+    t = write_table(tmp_path / f"items.{fmt}", table, fmt=fmt)
+    return _cfg(tmp_path, f, f"data.events.item_features.paths=[{t}]", *extra)
+
+
+def test_item_features_mapped_with_unknown_items_warned_and_counted(tmp_path, caplog):
+    import duckdb
+
+    table = {"item_id": np.array([5, 1, 2, 9, 8]), "genre": np.array(["b", "a", "b", None, "c"], dtype=object),
+             "tags": np.array(["x|y", "y", "", "z", "x"], dtype=object)}
+    cfg = _features(tmp_path, table, "data.events.item_features.columns=[genre]",
+                    "data.events.item_features.multi_columns=[tags]", "data.events.item_ids=raw", fmt="csv")
+    with caplog.at_level("WARNING"):
+        summary = prepare(cfg, progress=False)
+    assert "2 of 5 items are not in the events (dropped), e.g. 8, 9" in caplog.text
+    manifest = __import__("json").load(open(Path(summary["dataset_dir"]) / "manifest.json"))
+    feats = manifest["item_features"]
+    assert (feats["rows"], feats["items"], feats["unknown_items"], feats["oov_items"]) == (5, 3, 2, 0)
+    con = duckdb.connect()
+    rows = con.execute(f"SELECT id, genre, tags FROM '{summary['dataset_dir']}/vocab/item_features.parquet'").fetchall()
+    # genre vocab a=1, b=2, c=3; tags vocab x=1, y=2, z=3 (text split by '|'; an empty CSV field = no tags)
+    assert rows == [(1, 1, [2]), (2, 2, []), (5, 2, [1, 2])]
+
+
+def _feature_fails(tmp_path, table, pattern, *extra):
+    f = write_table(tmp_path / "log.parquet", _events())
+    t = write_table(tmp_path / "items.parquet", table)
+    return _fails(tmp_path, f, pattern, f"data.events.item_features.paths=[{t}]",
+                  "data.events.item_features.columns=[genre]", *extra)
+
+
+def test_item_features_bad_input(tmp_path):
+    ok = {"item_id": np.array([1, 2, 3]), "genre": np.array(["a", "b", "c"], dtype=object)}
+    _feature_fails(tmp_path / "a", {"sku": ok["item_id"], "genre": ok["genre"]}, r"items\.parquet: column 'item_id': "
+                   r"missing column \(data\.events\.item_features\.item_column\); the file has: sku, genre")
+    _feature_fails(tmp_path / "b", dict(ok, item_id=np.array([1, 2, 1])), r"items\.parquet: row 3: column "
+                   r"'item_id': duplicate item \(the table needs one row per item\): '1'")
+    _feature_fails(tmp_path / "c", dict(ok, genre=np.array([0.5, 1.5, 2.5])), r"items\.parquet: column 'genre': "
+                   r"wrong type DOUBLE: a categorical feature")
+    _feature_fails(tmp_path / "d", dict(ok, item_id=np.array([1, None, 3], dtype=object)), r"items\.parquet: row 2: "
+                   r"column 'item_id': null item")
+    _feature_fails(tmp_path / "e", dict(ok, item_id=np.array(["1", "x", "3"], dtype=object)), r"items\.parquet: "
+                   r"row 2: column 'item_id': not an item id of the events' type BIGINT: 'x'")
+    with pytest.raises(ConfigError, match=r"item_features\.columns.*non-empty"):
+        load_config(None, ["data.name=events", "data.events.paths=[a.parquet]", "data.events.item_features.paths=[b]"])
+
+
+def test_item_features_parquet_list_column_and_oov_items(tmp_path):
+    import duckdb
+
+    f = write_table(tmp_path / "log.parquet", _events(15))  # items 1..5, 3 events each
+    extra = write_table(tmp_path / "more.parquet", {"user_id": np.array([1]), "item_id": np.array([6]),
+                                                    "timestamp": np.array([T0]), "rating": np.array([1])})
+    t = tmp_path / "items.parquet"
+    duckdb.connect().execute(f"COPY (SELECT * FROM (VALUES (1, [10, 20]), (6, [30]), (4, [])) v(item_id, tags)) TO "
+                             f"'{t}' (FORMAT parquet)")
+    cfg = _cfg(tmp_path, [f, extra], f"data.events.item_features.paths=[{t}]",
+               "data.events.item_features.multi_columns=[tags]", "data.events.min_count=2")
+    summary = prepare(cfg, progress=False)
+    feats = __import__("json").load(open(Path(summary["dataset_dir"]) / "manifest.json"))["item_features"]
+    assert (feats["items"], feats["unknown_items"], feats["oov_items"]) == (2, 0, 1)  # item 6: seen once -> OOV
+    rows = duckdb.connect().execute(f"SELECT * FROM '{summary['dataset_dir']}/vocab/item_features.parquet'").fetchall()
+    assert rows == [(1, [1, 2]), (4, [])] and feats["columns"]["tags"]["vocab_size"] == 3

@@ -20,6 +20,18 @@ DUPLICATES = ("keep", "drop")  # events with the same (user, item, time)
 
 
 @dataclass
+class ItemFeaturesConfig:
+    """Optional item side-feature table (item -> categorical / multi-valued columns), mapped to the item ids and
+    saved with the prepared dataset (vocab/item_features.parquet; trainer/data/events_features.py)."""
+
+    paths: List[str] = field(default_factory=list)  # files or globs (Parquet / CSV); [] = no table
+    item_column: str = ""  # "" = data.events.item_column
+    columns: List[str] = field(default_factory=list)  # categorical: one integer / string value per item
+    multi_columns: List[str] = field(default_factory=list)  # multi-valued: LIST columns, or CSV text split below
+    separator: str = "|"  # CSV multi-valued text: values separated by this
+
+
+@dataclass
 class EventsConfig:
     """Own interaction logs: files, column roles and types, vocabularies, split and preparation limits."""
 
@@ -44,6 +56,7 @@ class EventsConfig:
     shard_events: int = 1_000_000  # about this many (raw) events per shard at most: what a streaming loader holds
     prepare_memory_mb: int = 2048  # DuckDB memory_limit and the budget of one partition's numpy work
     prepare_threads: int = 0  # DuckDB threads; 0 = DuckDB's default (all cores)
+    item_features: ItemFeaturesConfig = field(default_factory=ItemFeaturesConfig)
     stream: bool = False  # training reads shards one at a time, each rank its own (trainer/data/events_loader.py)
     # stream=true: each rank evaluates (and holds) the same number of users, min(eval_users, the smallest rank's
     # count); 0 = no cap (the smallest rank's count: the collective evaluation needs equal batches on every rank)
@@ -82,6 +95,20 @@ def check_events_values(cfg: Any) -> None:
             raise ConfigError(_bad(k, v, "a column no other role uses"))
     if len(ev.csv_delimiter) != 1:
         raise ConfigError(_bad("csv_delimiter", ev.csv_delimiter, "one character"))
+    feats = ev.item_features
+    if feats.paths:
+        named = list(feats.columns) + list(feats.multi_columns)
+        if not named:
+            raise ConfigError(_bad("item_features.columns", feats.columns, "non-empty (or multi_columns) when "
+                                   "data.events.item_features.paths is set"))
+        for i, col in enumerate(named):
+            if not col or named.count(col) > 1 or col == (feats.item_column or ev.item_column):
+                raise ConfigError(_bad(f"item_features columns[{i}]", col, "a distinct, non-empty column other "
+                                       "than the item column"))
+        if len(feats.separator) != 1:
+            raise ConfigError(_bad("item_features.separator", feats.separator, "one character"))
+    elif feats.columns or feats.multi_columns:
+        raise ConfigError(_bad("item_features.paths", feats.paths, "set when item_features columns are"))
     if ev.min_count < 1:
         raise ConfigError(_bad("min_count", ev.min_count, ">= 1"))
     if ev.item_ids == "raw":

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 def _options(data_cfg: Any) -> Dict[str, Any]:
     ev = data_cfg.events
     out = {k: getattr(ev, k) for k in OUTPUT_OPTIONS}
+    out["item_features"] = dataclasses.asdict(ev.item_features)
     out.update(max_seq_len=data_cfg.max_seq_len, min_seq_len=data_cfg.min_seq_len, tie_order=data_cfg.tie_order,
                num_shards=ev.num_shards, prepare_memory_mb=ev.prepare_memory_mb, shard_events=ev.shard_events)
     if data_cfg.tie_order == "random":
@@ -79,7 +80,9 @@ def read_manifest(folder: "str | Path") -> Dict[str, Any]:
 def prepare_events(data_cfg: Any, progress: bool = True) -> Tuple[Dict[str, Any], Path, bool]:
     """Prepare (or find) the dataset of ``data_cfg`` (data.name=events) -> (manifest, folder, cache hit)."""
     files = resolve_paths(data_cfg.events)
-    key, sources = dataset_key(data_cfg, files)
+    feats = data_cfg.events.item_features
+    feature_files = resolve_paths(feats, "data.events.item_features.paths") if feats.paths else []
+    key, sources = dataset_key(data_cfg, files + feature_files)  # the events first (zipped with their checks)
     target = dataset_dir(data_cfg, key)
     if (target / "manifest.json").is_file():
         return read_manifest(target), target, True
@@ -132,6 +135,11 @@ def _build(data_cfg: Any, sources: List[Dict[str, Any]], out: Path, progress: bo
         con.execute(f"CREATE VIEW events AS {events_view_sql(checked)}")
         extra = [c for c in ("rating", "action") if c in checked[0].sql_exprs]
         counts = _vocabularies(con, ev, out / "vocab")
+        features = None
+        if ev.item_features.paths:
+            from hstu.trainer.data.events_features import prepare_item_features
+
+            features = prepare_item_features(con, ev, work / "stage", out / "vocab")
         num_shards = shard_count(ev, counts["raw_events"])
         item = "v.id" if ev.item_ids == "raw" else f"coalesce(v.id, {counts['num_items']})"
         cols = ", ".join(["uv.id AS uid", f"{item} AS iid", "e.t", "e.f", "e.r"] + [f"e.{c}" for c in extra])
@@ -161,6 +169,7 @@ def _build(data_cfg: Any, sources: List[Dict[str, Any]], out: Path, progress: bo
         "num_items": counts["num_items"], "num_shards": num_shards, "shards": shards,
         "vocab": {n: {"file": f"vocab/{n}.parquet", "sha256": sha256_file(out / "vocab" / f"{n}.parquet")}
                   for n in ("users", "items")},
+        "item_features": features,
     }
 
 

@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from hstu.trainer.data.errors import DataError
 
@@ -76,21 +76,21 @@ def columns_of(ev: Any) -> Dict[str, str]:
     return out
 
 
-def resolve_paths(ev: Any) -> List[Path]:
-    """``data.events.paths`` (files or globs) -> existing files, in the given order, each glob sorted."""
+def resolve_paths(ev: Any, key: str = "data.events.paths") -> List[Path]:
+    """``ev.paths`` (files or globs; ``key`` names the setting) -> existing files, in the given order, each glob
+    sorted."""
     out: List[Path] = []
     for pattern in ev.paths:
         expanded = os.path.expanduser(pattern)
         if glob.has_magic(expanded):
             found = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
             if not found:
-                raise DataError("glob matches no file (data.events.paths)", path=pattern)
+                raise DataError(f"glob matches no file ({key})", path=pattern)
             out.extend(Path(p) for p in found)
         elif os.path.isdir(expanded):
-            raise DataError("is a directory; give files or a glob such as dir/*.parquet (data.events.paths)",
-                            path=pattern)
+            raise DataError(f"is a directory; give files or a glob such as dir/*.parquet ({key})", path=pattern)
         elif not os.path.isfile(expanded):
-            raise DataError("file not found (data.events.paths)", path=pattern)
+            raise DataError(f"file not found ({key})", path=pattern)
         else:
             out.append(Path(expanded))
     seen, unique = set(), []
@@ -117,9 +117,10 @@ def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def open_source(con: Any, path: Path, ev: Any, stage_dir: Path, index: int) -> SourceFile:
+def open_source(con: Any, path: Path, ev: Any, stage_dir: Path, index: int,
+                required: Optional[Dict[str, str]] = None, prefix: str = "events") -> SourceFile:
     """Open one file (CSV: staged to Parquet as text), read its column types and row count; check the declared
-    columns are there."""
+    columns are there (``required``: setting -> column; default: the event roles of ``ev``)."""
     import duckdb
 
     if path.stat().st_size == 0:
@@ -127,7 +128,7 @@ def open_source(con: Any, path: Path, ev: Any, stage_dir: Path, index: int) -> S
     kind = file_kind(path, ev.format)
     parquet = str(path)
     if kind == "csv":
-        parquet = str(stage_dir / f"csv-{index:05d}.parquet")
+        parquet = str(stage_dir / f"{prefix}-{index:05d}.parquet")
         try:
             con.execute(f"COPY (SELECT * FROM read_csv({sql_str(path)}, header=true, all_varchar=true, "
                         f"delim={sql_str(ev.csv_delimiter)}, strict_mode=true)) TO {sql_str(parquet)} "
@@ -142,20 +143,21 @@ def open_source(con: Any, path: Path, ev: Any, stage_dir: Path, index: int) -> S
         raise DataError(f"cannot read as Parquet: {_first_line(e)}", path=str(path)) from None
     types = {str(r[0]): str(r[1]) for r in described if r[0] != "file_row_number"}
     src = SourceFile(str(path), kind, scan, types, rows)
-    for role, col in columns_of(ev).items():
+    if required is None:
+        required = {f"data.events.{role}_column": col for role, col in columns_of(ev).items()}
+    for key, col in required.items():
         if col not in types:
-            raise DataError(f"missing column (data.events.{role}_column); the file has: {', '.join(types)}",
-                            path=str(path), column=col)
+            raise DataError(f"missing column ({key}); the file has: {', '.join(types)}", path=str(path), column=col)
     if rows == 0:
         raise DataError("empty file (0 rows)", path=str(path))
     return src
 
 
-def check_same_schema(sources: List[SourceFile], ev: Any) -> None:
-    """Every file's declared columns have the first file's types (else: mixed schemas)."""
-    first = sources[0]
+def check_same_schema(sources: List[SourceFile], columns: Iterable[str]) -> None:
+    """Every file's declared ``columns`` have the first file's types (else: mixed schemas)."""
+    first, columns = sources[0], list(columns)
     for src in sources[1:]:
-        for col in columns_of(ev).values():
+        for col in columns:
             if src.types[col] != first.types[col]:
                 raise DataError(f"mixed schemas: type {src.types[col]} here, {first.types[col]} in {first.path}",
                                 path=src.path, column=col)
@@ -276,7 +278,7 @@ def open_and_validate(con: Any, ev: Any, stage_dir: Path, progress: bool = False
 
     files = resolve_paths(ev)
     sources = [open_source(con, p, ev, stage_dir, i) for i, p in enumerate(files)]
-    check_same_schema(sources, ev)
+    check_same_schema(sources, columns_of(ev).values())
     for src in tqdm(sources, desc="validate", unit="file", disable=not progress):
         validate_source(con, src, ev)
     return sources

@@ -138,8 +138,12 @@ class RetrievalTask:
     def data_description(self) -> Dict[str, Any]:
         from hstu.trainer.data import tie_options
 
-        return {"split": "leave-one-out (validation: second-to-last item, test: last item)",
-                **tie_options(self.cfg.data)}
+        split = "leave-one-out (validation: second-to-last item, test: last item)"
+        events = self.cfg.data.events
+        if self.cfg.data.name == "events" and events.split == "time":  # own logs (docs/data.md "Split options")
+            split = (f"time cutoff {events.time_cutoff} (test: first item at/after it, validation: last item before "
+                     "it)")
+        return {"split": split, **tie_options(self.cfg.data)}
 
     # -- model, sharding, batch, loss
     def build_model(self, device: torch.device) -> torch.nn.Module:
