@@ -227,3 +227,37 @@ def test_streamed_run_resumes_bit_identically(tmp_path, monkeypatch):
     want = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / "ref" / "metrics.jsonl"), kind="train")}
     got = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / "cut" / "metrics.jsonl"), kind="train")}
     assert max(want) == 14 and got == want
+
+
+def test_a_killed_prepare_leaves_a_folder_the_next_one_removes(tmp_path):
+    import fcntl
+    import time
+
+    f = write_table(tmp_path / "a.parquet", ml1m_like(num_users=10))
+    root = tmp_path / "cache" / "events"
+    stale, live, young = (root / f".events-{n}.tmp-x" for n in ("stale", "live", "young"))
+    for d in (stale, live, young):
+        (d / "shards").mkdir(parents=True)
+        (d / ".lock").write_bytes(b"")
+    old = time.time() - 3600
+    for d in (stale, live):
+        os.utime(d, (old, old))
+    with open(live / ".lock", "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # a build in progress (another process)
+        summary = prepare(_cfg(tmp_path, f).data, progress=False)
+    assert not stale.exists() and live.exists() and young.exists()  # only the old, unlocked one goes
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == [
+        os.path.basename(summary["dataset_dir"])]
+
+
+@pytest.mark.parametrize("split", ["leave_one_out", "time"])
+def test_train_view_is_the_split_train_part(tmp_path, split):
+    from hstu.trainer.data.events_split import load_shard, split_shard, train_view
+
+    extra = ["data.events.split=time", f"data.events.time_cutoff={956703932 + 40_000_000}"] if split == "time" else []
+    cfg = _cfg(tmp_path, write_table(tmp_path / "a.parquet", ml1m_like(num_users=40)), "data.max_seq_len=6", *extra)
+    events = load_events(cfg.data, progress=False)
+    seqs, num_pre = load_shard(events.events.folder, events.events.shards[0])
+    want, got = split_shard(seqs, num_pre, 6).train, train_view(seqs, num_pre, 6)
+    assert all(np.array_equal(getattr(want, k), getattr(got, k)) for k in ("user_ids", "offsets", "item_ids"))
+    assert got.num_users > 0

@@ -54,7 +54,7 @@ class EventsConfig:
     num_shards: int = 0  # shard files of the prepared dataset: at least this many (0 = 1), more when
     # prepare_memory_mb needs them; multi-process training needs >= the number of processes
     shard_events: int = 1_000_000  # about this many (raw) events per shard at most: what a streaming loader holds
-    prepare_memory_mb: int = 2048  # DuckDB memory_limit and the budget of one partition's numpy work
+    prepare_memory_mb: int = 2048  # budget of hstu prepare: half DuckDB's memory_limit, half one partition's numpy
     prepare_threads: int = 0  # DuckDB threads; 0 = DuckDB's default (all cores)
     item_features: ItemFeaturesConfig = field(default_factory=ItemFeaturesConfig)
     stream: bool = False  # training reads shards one at a time, each rank its own (trainer/data/events_loader.py)
@@ -139,8 +139,6 @@ def check_events_values(cfg: Any) -> None:
             raise ConfigError(_bad("time_cutoff", ev.time_cutoff, f"an ISO date/time or epoch seconds ({e})"))
     elif ev.time_cutoff:
         raise ConfigError(_bad("time_cutoff", ev.time_cutoff, "'' unless data.events.split=time"))
-    if cfg.task != "retrieval":
-        raise ConfigError(f"key 'data.name' = 'events': task={cfg.task!r} is not supported yet (retrieval only)")
 
 
 def cutoff_seconds(text: str) -> int:

@@ -29,7 +29,7 @@ import torch
 from hstu.trainer.data.batch import JaggedBatch, batch_from_sequences
 from hstu.trainer.data.batch_plan import ResumableBatchPlan
 from hstu.trainer.data.errors import DataError
-from hstu.trainer.data.events_split import load_shard, sort_by_user, split_shard
+from hstu.trainer.data.events_split import load_shard, sort_by_user, split_shard, train_view
 from hstu.trainer.data.loader import SequenceLoader
 from hstu.trainer.data.sequences import (EvalSequences, LeaveOneOutSplit, UserSequences, concat_sequences,
                                          select_ranges)
@@ -237,7 +237,7 @@ class ShardedTrainLoader(ResumableBatchPlan):
                 done += nb
                 continue
             seqs, num_pre = load_shard(self.events.folder, self.events.shards[shard])
-            train = split_shard(seqs, num_pre, self.max_seq_len).train
+            train = train_view(seqs, num_pre, self.max_seq_len)
             rows = np.flatnonzero(train.lengths() >= 2)
             perm = rows[self._user_permutation(shard, rows.size, epoch)]
             for b in range(nb):

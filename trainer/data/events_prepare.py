@@ -8,17 +8,19 @@
                                   < min_count times -> the OOV id V + 1; item_ids=raw: id = raw id)
 
 key = sha256 of the sources (path, size, sha256) and every option that changes the output. DuckDB (memory_limit =
-``data.events.prepare_memory_mb``, spilling to the temp folder) builds the vocabularies and writes the events,
+half of ``data.events.prepare_memory_mb``, spilling to the temp folder) builds the vocabularies and writes the events,
 already mapped to ids, hash-partitioned by user; each partition is then sorted per user in numpy — (time, tie key)
 with the tie order of ``data.tie_order`` — truncated and written as one shard. There are at least
 ``data.events.num_shards`` partitions, more when needed for one to fit half the memory budget or to keep shards
 near ``data.events.shard_events`` events: peak memory follows the settings, not the dataset. Everything is built in a temp folder
-beside the target and renamed into place: a failure leaves nothing half-written.
+beside the target and renamed into place: a failure leaves nothing half-written (the folder of a killed prepare
+is removed by the next one, as data/cache.py does with its temp files).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -32,6 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from hstu.trainer.data.cache import STALE_TMP_SECONDS
 from hstu.trainer.data.download import sha256_file
 from hstu.trainer.data.errors import DataError
 from hstu.trainer.data.events_schema import events_view_sql, open_and_validate, resolve_paths, sql_str
@@ -87,7 +90,10 @@ def prepare_events(data_cfg: Any, progress: bool = True) -> Tuple[Dict[str, Any]
     if (target / "manifest.json").is_file():
         return read_manifest(target), target, True
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_builds(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    lock = open(tmp / ".lock", "wb")  # held while building: clean_stale_builds leaves a live build alone
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
     try:
         manifest = _build(data_cfg, sources, tmp, progress)
         manifest["key"] = key
@@ -98,9 +104,30 @@ def prepare_events(data_cfg: Any, progress: bool = True) -> Tuple[Dict[str, Any]
             if not (target / "manifest.json").is_file():  # not a concurrent prepare that finished first
                 raise
     finally:
+        lock.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return read_manifest(target), target, False
+
+
+def clean_stale_builds(folder: Path, older_than_s: float = STALE_TMP_SECONDS) -> List[str]:
+    """Remove ``.events-*.tmp-*`` build folders a killed prepare left in ``folder``: older than ``older_than_s``
+    and not locked (a live build holds an exclusive flock on its ``.lock``; the rule of data/cache.py)."""
+    removed, now = [], time.time()
+    for tmp in folder.glob(".events-*.tmp-*"):
+        try:
+            if now - tmp.stat().st_mtime < older_than_s:
+                continue
+            with open(tmp / ".lock", "ab") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a build holds it
+                shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(str(tmp))
+        except (BlockingIOError, FileNotFoundError, NotADirectoryError):
+            continue
+    if removed:
+        log.warning("removed %d stale prepare folder(s) left by an interrupted `hstu prepare`: %s", len(removed),
+                    ", ".join(os.path.basename(r) for r in removed))
+    return removed
 
 
 def _write_json(path: Path, doc: Dict[str, Any]) -> None:
@@ -112,7 +139,7 @@ def _connect(ev: Any, work: Path) -> Any:
     import duckdb
 
     con = duckdb.connect(str(work / "work.duckdb"))
-    con.execute(f"SET memory_limit = '{int(ev.prepare_memory_mb)}MB'")
+    con.execute(f"SET memory_limit = '{int(ev.prepare_memory_mb) // 2}MB'")  # the other half: one partition
     con.execute(f"SET temp_directory = {sql_str(work / 'spill')}")
     con.execute("SET preserve_insertion_order = false")  # order comes from (f, r), never from the scan
     if ev.prepare_threads:

@@ -53,6 +53,18 @@ def split_shard(seqs: UserSequences, num_pre: Optional[np.ndarray], max_seq_len:
     return leave_one_out_split(seqs, max_seq_len) if num_pre is None else time_split(seqs, num_pre, max_seq_len)
 
 
+def train_view(seqs: UserSequences, num_pre: Optional[np.ndarray], max_seq_len: int) -> UserSequences:
+    """Only the training sequences of :func:`split_shard` (what the streaming loader needs of a shard): each
+    user's last ``max_seq_len`` events before the validation target."""
+    if num_pre is None:
+        rows = np.flatnonzero(seqs.lengths() >= 3)
+        target = seqs.offsets[rows + 1] - 2
+    else:
+        rows = np.flatnonzero(num_pre >= 2)
+        target = seqs.offsets[rows] + num_pre[rows].astype(np.int64) - 1
+    return select_ranges(seqs, rows, np.maximum(seqs.offsets[rows], target - max_seq_len), target)
+
+
 def load_shard(folder: "str | Path", record: Dict[str, Any], verify: bool = False
                ) -> Tuple[UserSequences, Optional[np.ndarray]]:
     """One shard of a prepared dataset -> (sequences, num_pre or None); ``verify``: check its sha256 first."""
