@@ -13,7 +13,7 @@ from hstu.trainer.config import load_config
 from hstu.trainer.data import build_loaders, load_sequences, prepare
 from hstu.trainer.data import events_prepare
 from hstu.trainer.data.download import sha256_file
-from hstu.trainer.data.events_loader import PreparedEvents, ShardedTrainLoader, load_events
+from hstu.trainer.data.events_loader import ShardedTrainLoader, load_events
 from hstu.trainer.data.sequences import build_user_sequences
 from hstu.trainer.metrics_log import read_metrics
 
