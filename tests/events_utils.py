@@ -32,12 +32,3 @@ def ml1m_like(num_users: int = 40, num_items: int = 60, seed: int = 0, ties: boo
     rating = rng.integers(1, 6, n)
     order = rng.permutation(n)
     return {"user_id": user[order], "item_id": item[order], "rating": rating[order], "timestamp": ts[order]}
-
-
-def write_ratings_dat(path: "str | Path", ev: Dict[str, np.ndarray]) -> Path:
-    """The same events as ML-1M's ratings.dat (``user::item::rating::timestamp``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = zip(ev["user_id"], ev["item_id"], ev["rating"], ev["timestamp"])
-    path.write_text("".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in rows))
-    return path

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from events_utils import ml1m_like, write_ratings_dat, write_table
+from events_utils import ml1m_like, write_table
 from hstu.trainer.config import load_config
 from hstu.trainer.data import build_loaders, load_sequences, prepare
 from hstu.trainer.data import events_prepare
@@ -179,9 +179,13 @@ def _train(run_dir, *overrides):
 
 
 def test_parity_with_the_ml1m_parser_sequences_and_metrics(tmp_path):
-    ev = ml1m_like(num_users=50, num_items=80, seed=7)
-    write_ratings_dat(tmp_path / "ml" / "ratings.dat", ev)
-    f = write_table(tmp_path / "ml.parquet", ev)
+    """The tiny ML-1M-format ratings.dat of the benchmark smoke tests (many same-second ties), exported to Parquet."""
+    from hstu.trainer.data.movielens import read_movielens_events
+    from test_benchmarks_smoke import _tiny_ml1m
+
+    raw = read_movielens_events("ml-1m", _tiny_ml1m(tmp_path / "ml") / "ratings.dat", progress=False)
+    f = write_table(tmp_path / "ml.parquet", {"user_id": raw.user, "item_id": raw.item, "rating": raw.rating,
+                                              "timestamp": raw.timestamp})
     events = ["data.name=events", f"data.events.paths=[{f}]", "data.events.time_unit=s", "data.events.item_ids=raw",
               "data.events.rating_column=rating", "data.events.num_shards=1", f"data.cache_dir={tmp_path / 'c'}"]
     builtin = ["data.name=ml-1m", f"data.data_dir={tmp_path / 'ml'}", f"data.cache_dir={tmp_path / 'c'}"]
