@@ -161,6 +161,8 @@ def _build(data_cfg: Any, sources: List[Dict[str, Any]], out: Path, progress: bo
         checked = open_and_validate(con, ev, work / "stage", progress)
         con.execute(f"CREATE VIEW events AS {events_view_sql(checked)}")
         extra = [c for c in ("rating", "action") if c in checked[0].sql_exprs]
+        say = tqdm.write if progress else log.info
+        say(f"prepare: {sum(c.rows for c in checked):,} events in {len(checked)} file(s) checked; vocabularies ...")
         counts = _vocabularies(con, ev, out / "vocab")
         features = None
         if ev.item_features.paths:
@@ -168,6 +170,8 @@ def _build(data_cfg: Any, sources: List[Dict[str, Any]], out: Path, progress: bo
 
             features = prepare_item_features(con, ev, work / "stage", out / "vocab")
         num_shards = shard_count(ev, counts["raw_events"])
+        say(f"prepare: {counts['raw_users']:,} users, {counts['raw_items']:,} items; writing {num_shards} "
+            "partition(s) ...")
         item = "v.id" if ev.item_ids == "raw" else f"coalesce(v.id, {counts['num_items']})"
         cols = ", ".join(["uv.id AS uid", f"{item} AS iid", "e.t", "e.f", "e.r"] + [f"e.{c}" for c in extra])
         parts = work / "parts"
