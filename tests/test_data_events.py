@@ -2,6 +2,7 @@
 partitions), the leave-one-out and time-cutoff splits, the streaming sharded loader and its resumable position,
 and parity with the built-in ML-1M parser (same sequences, same fixed-seed metrics). Small generated files."""
 
+import dataclasses
 import json
 import os
 
@@ -122,6 +123,10 @@ def test_time_cutoff_split(tmp_path):
     assert v.user_ids.tolist() == [1, 2] and v.target_ids.tolist() == [5, 13]
     seen = sorted(x for b in train for x in b.item_ids.tolist())
     assert seen == [2, 3, 4, 10, 11, 12]  # training ends before the validation item, nothing >= the cutoff
+    streamed = dataclasses.replace(cfg, events=dataclasses.replace(cfg.events, stream=True, num_shards=2))
+    train, validation, test = build_loaders(streamed, load_sequences(streamed, progress=False))
+    assert sorted(x for b in train for x in b.item_ids.tolist()) == seen
+    assert [b.target_ids.tolist() for b in test] == [[6, 21]] and [b.target_ids.tolist() for b in validation] == [[5, 13]]
 
 
 def _stream_setup(tmp_path, shards=4, users=60):
