@@ -270,3 +270,19 @@ def test_train_view_is_the_split_train_part(tmp_path, split):
     want, got = split_shard(seqs, num_pre, 6).train, train_view(seqs, num_pre, 6)
     assert all(np.array_equal(getattr(want, k), getattr(got, k)) for k in ("user_ids", "offsets", "item_ids"))
     assert got.num_users > 0
+
+
+def test_streamed_eval_has_the_same_users_on_every_rank(tmp_path):
+    from hstu.trainer.data.events_loader import build_events_loaders, eval_user_counts
+
+    cfg, events = _stream_setup(tmp_path, shards=3, users=70)  # ranks hold shards {0, 2} and {1}: unequal
+    per_rank = [sum(events.shards[s]["test_users"] for s in events.rank_shards(r, 2)) for r in range(2)]
+    assert per_rank[0] > per_rank[1]
+    source = load_events(cfg.data, progress=False)
+    for cap, want in ((0, min(per_rank)), (7, 7)):
+        data_cfg = dataclasses.replace(cfg.data, events=dataclasses.replace(cfg.data.events, eval_users=cap))
+        assert eval_user_counts(events, 2, cap)[1] == want
+        for rank in range(2):
+            _, validation, test = build_events_loaders(data_cfg, source, rank, 2)
+            users = np.concatenate([b.user_ids.numpy() for b in test])
+            assert users.size == want and set((users % 3).tolist()) <= set(events.rank_shards(rank, 2))
