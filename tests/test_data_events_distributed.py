@@ -4,10 +4,8 @@ streaming loader's position (epoch, batches consumed -> shard, offset; permutati
 checkpoint. Kill/resume helpers: tests/test_distributed_resume.py."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -44,20 +42,7 @@ def test_sigkill_streamed_run_resumes_bit_identically(tmp_path):
     ref, victim = str(tmp_path / "ref"), str(tmp_path / "victim")
     done = subprocess.run(_cmd(ref, overrides), env=dr._env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    proc = subprocess.Popen(_cmd(victim, overrides), env=dr._env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while dr._max_step(victim) < KILL_AFTER:
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, "victim run made no progress"
-        time.sleep(0.02)
-    for pid in dr._descendants(proc.pid)[::-1] + [proc.pid]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(30)
-    proc.stderr.close()
+    dr.kill_after_step(_cmd(victim, overrides), victim, KILL_AFTER)
     resumed_from = int(open(os.path.join(victim, "checkpoints", "latest")).read().strip().split("_")[1])
     assert EVERY <= resumed_from < dr._max_step(victim) < STEPS
     done = subprocess.run(_cmd(victim, overrides), env=dr._env(), capture_output=True, text=True, timeout=240)
