@@ -286,3 +286,22 @@ def test_streamed_eval_has_the_same_users_on_every_rank(tmp_path):
             _, validation, test = build_events_loaders(data_cfg, source, rank, 2)
             users = np.concatenate([b.user_ids.numpy() for b in test])
             assert users.size == want and set((users % 3).tolist()) <= set(events.rank_shards(rank, 2))
+
+
+def test_vocabularies_map_raw_ids_both_ways(tmp_path):
+    from hstu.trainer.data.events_vocab import IdVocab
+
+    log = _string_log(np.random.default_rng(5))
+    f = write_table(tmp_path / "log.parquet", log)
+    cfg = _cfg(tmp_path, f, "data.events.user_column=uid", "data.events.item_column=sku", "data.events.time_column=ts",
+               "data.events.min_count=3").data
+    folder = prepare(cfg, progress=False)["dataset_dir"]
+    items, users = IdVocab.load(folder, "items"), IdVocab.load(folder, "users")
+    names, counts = np.unique(log["sku"].astype(str), return_counts=True)
+    kept = names[counts >= 3]
+    oov = kept.size + 1
+    assert items.to_ids(list(kept)).tolist() == list(range(1, oov))  # raw-id order
+    assert items.to_ids(["never-seen", names[counts < 3][0]]).tolist() == [oov, oov]
+    assert items.to_raw([1, oov]) == [kept[0], None]
+    assert users.to_ids(sorted(set(log["uid"]))).tolist() == list(range(1, len(set(log["uid"])) + 1))
+    assert users.to_ids(["nobody"]).tolist() == [0]
