@@ -244,3 +244,15 @@ def test_item_features_parquet_list_column_and_oov_items(tmp_path):
     assert (feats["items"], feats["unknown_items"], feats["oov_items"]) == (2, 0, 1)  # item 6: seen once -> OOV
     rows = duckdb.connect().execute(f"SELECT * FROM '{summary['dataset_dir']}/vocab/item_features.parquet'").fetchall()
     assert rows == [(1, [1, 2]), (4, [])] and feats["columns"]["tags"]["vocab_size"] == 3
+
+
+def test_dropped_duplicates_keep_the_first_in_file_order(tmp_path):
+    k = np.arange(40)  # 40 events, then each again (same user, item, time) with another rating, later in the file
+    ev = {"user_id": np.ones(80, dtype=np.int64), "item_id": np.tile(k + 1, 2), "timestamp": T0 + np.tile(k // 2, 2),
+          "rating": np.repeat([1, 2], 40)}
+    f = write_table(tmp_path / "a.parquet", ev)
+    for tie in ("random", "item_id", "file"):
+        seqs = load_sequences(_cfg(tmp_path, f, "data.events.duplicates=drop", "data.events.rating_column=rating",
+                                   f"data.tie_order={tie}", "data.events.item_ids=raw", "data.max_seq_len=100"),
+                              progress=False)
+        assert seqs.num_events == 40 and set(seqs.ratings.tolist()) == {1}, tie

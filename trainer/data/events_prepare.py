@@ -269,7 +269,8 @@ def _write_shard(arrays: Optional[Dict[str, np.ndarray]], k: int, data_cfg: Any,
         key = tie_key(a, data_cfg.tie_order, data_cfg.seed)
         order = np.lexsort((key, a["t"], a["uid"]))
         a = {name: v[order] for name, v in a.items()}
-        dup_order = np.lexsort((np.arange(n), a["iid"], a["t"], a["uid"]))  # duplicates adjacent, first kept
+        file_pos = tie_key(a, "file", 0)
+        dup_order = np.lexsort((file_pos, a["iid"], a["t"], a["uid"]))  # duplicates adjacent, first in file kept
         u, t, i = a["uid"][dup_order], a["t"][dup_order], a["iid"][dup_order]
         dup_sorted = np.zeros(n, dtype=bool)
         dup_sorted[1:] = (u[1:] == u[:-1]) & (t[1:] == t[:-1]) & (i[1:] == i[:-1])
