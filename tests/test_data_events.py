@@ -305,3 +305,24 @@ def test_vocabularies_map_raw_ids_both_ways(tmp_path):
     assert items.to_raw([1, oov]) == [kept[0], None]
     assert users.to_ids(sorted(set(log["uid"]))).tolist() == list(range(1, len(set(log["uid"])) + 1))
     assert users.to_ids(["nobody"]).tolist() == [0]
+
+
+@pytest.mark.parametrize("tie", ["item_id", "random", "file"])
+def test_shard_content_does_not_depend_on_the_scan_order(tmp_path, tie):
+    """DuckDB returns a partition's rows in any order (parallel scan): the shard must not change with it, even for
+    events equal in (user, time, item) that differ in rating."""
+    cfg = load_config(None, ["data.name=events", "data.events.paths=[x.parquet]", f"data.tie_order={tie}",
+                             "data.events.rating_column=rating"]).data
+    n = 60
+    rows = {"uid": np.repeat([1, 2], n // 2), "iid": np.tile([3, 3, 4], n // 3), "t": np.tile([5, 5, 5, 6], n // 4),
+            "f": np.zeros(n, dtype=np.int32), "r": np.arange(n), "rating": (np.arange(n) % 5).astype(np.int8)}
+    shards = []
+    for seed in (0, 1):
+        perm = np.random.default_rng(seed).permutation(n)
+        folder = tmp_path / str(seed)
+        folder.mkdir()
+        events_prepare._write_shard({k: v[perm] for k, v in rows.items()}, 0, cfg, 4, folder,
+                                    {"duplicates": 0, "dropped_duplicates": 0, "short_users": 0})
+        z = np.load(folder / "shard-00000.npz")
+        shards.append({k: z[k] for k in z.files})
+    assert all(np.array_equal(shards[0][k], shards[1][k]) for k in shards[0])

@@ -266,10 +266,10 @@ def _write_shard(arrays: Optional[Dict[str, np.ndarray]], k: int, data_cfg: Any,
     n = 0 if arrays is None else int(arrays["uid"].shape[0])
     if n:
         a = {name: np.asarray(v) for name, v in arrays.items()}
-        key = tie_key(a, data_cfg.tie_order, data_cfg.seed)
-        order = np.lexsort((key, a["t"], a["uid"]))
+        key, file_pos = tie_key(a, data_cfg.tie_order, data_cfg.seed), tie_key(a, "file", 0)
+        order = np.lexsort((file_pos, key, a["t"], a["uid"]))  # file position last: a total, scan-independent order
         a = {name: v[order] for name, v in a.items()}
-        file_pos = tie_key(a, "file", 0)
+        file_pos = file_pos[order]
         dup_order = np.lexsort((file_pos, a["iid"], a["t"], a["uid"]))  # duplicates adjacent, first in file kept
         u, t, i = a["uid"][dup_order], a["t"][dup_order], a["iid"][dup_order]
         dup_sorted = np.zeros(n, dtype=bool)
