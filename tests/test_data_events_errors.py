@@ -256,3 +256,10 @@ def test_dropped_duplicates_keep_the_first_in_file_order(tmp_path):
                                    f"data.tie_order={tie}", "data.events.item_ids=raw", "data.max_seq_len=100"),
                               progress=False)
         assert seqs.num_events == 40 and set(seqs.ratings.tolist()) == {1}, tie
+
+
+def test_csv_row_with_a_missing_field_names_its_line(tmp_path):
+    (tmp_path / "a.csv").write_text("user_id,item_id,timestamp\n1,2,1000000000\n1,3\n1,4,1000000002\n")
+    err = _fails(tmp_path, tmp_path / "a.csv", r"a\.csv: line 3: expected 3 fields \(user_id, item_id, timestamp\), "
+                 r"got 2: '1,3'")
+    assert err.line == 3

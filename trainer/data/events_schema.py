@@ -113,6 +113,36 @@ def file_kind(path: Path, fmt: str) -> str:
                     path=str(path))
 
 
+def stage_csv(con: Any, path: Path, delimiter: str, parquet: str) -> None:
+    """Copy a CSV file (header line, then rows) to Parquet as text columns, in file order; a malformed row is a
+    DataError naming its line."""
+    import csv
+    import re
+
+    import duckdb
+
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        header = next(csv.reader(f, delimiter=delimiter), [])
+    if not header or any(not h.strip() for h in header) or len(set(header)) != len(header):
+        raise DataError("bad header line (needs distinct, non-empty column names)", path=str(path), line=1,
+                        value=delimiter.join(header))
+    columns = "{" + ", ".join(f"{sql_str(h)}: 'VARCHAR'" for h in header) + "}"
+    try:
+        con.execute(f"COPY (SELECT * FROM read_csv({sql_str(path)}, header=true, auto_detect=false, columns={columns}, "
+                    f"delim={sql_str(delimiter)}, quote='\"', strict_mode=true)) TO {sql_str(parquet)} (FORMAT parquet)")
+    except duckdb.Error as e:
+        text = str(e)
+        line = re.search(r"CSV Error on Line: (\d+)", text)
+        found = re.search(r"Expected Number of Columns: (\d+) Found: (\d+)", text)
+        original = re.search(r"Original Line: (.*)", text)
+        if line and found:
+            raise DataError(f"expected {found.group(1)} fields ({', '.join(header)}), got {found.group(2)}",
+                            path=str(path), line=int(line.group(1)),
+                            value=original.group(1) if original else None) from None
+        where = {"line": int(line.group(1))} if line else {}
+        raise DataError(f"cannot read as CSV: {_first_line(e)}", path=str(path), **where) from None
+
+
 def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
@@ -129,12 +159,7 @@ def open_source(con: Any, path: Path, ev: Any, stage_dir: Path, index: int,
     parquet = str(path)
     if kind == "csv":
         parquet = str(stage_dir / f"{prefix}-{index:05d}.parquet")
-        try:
-            con.execute(f"COPY (SELECT * FROM read_csv({sql_str(path)}, header=true, all_varchar=true, "
-                        f"delim={sql_str(ev.csv_delimiter)}, strict_mode=true)) TO {sql_str(parquet)} "
-                        "(FORMAT parquet)")
-        except duckdb.Error as e:
-            raise DataError(f"cannot read as CSV: {_first_line(e)}", path=str(path)) from None
+        stage_csv(con, path, ev.csv_delimiter, parquet)
     scan = f"read_parquet({sql_str(parquet)}, file_row_number=true)"
     try:
         described = con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()
