@@ -131,6 +131,22 @@ def scale(root: str, name: str, events: int, args: argparse.Namespace) -> Dict[s
     return {"events": events, "generate": gen, "prepare": prep, "train": run}
 
 
+def _row(name: str, s: Dict[str, Any]) -> Dict[str, Any]:
+    """The table row of one scale (benchmarks/summarize.py renders ``runs`` as a table)."""
+    prep, train = s["prepare"], s["train"]
+    row = {"scale": name, "events": s["events"], "users": prep["counts"]["users"], "num_items": train["num_items"],
+           "prepare_s": prep["seconds"], "prepare_events_per_s": prep["events_per_s"],
+           "prepare_peak_rss_mib": prep["peak_rss_mib"], "shards": prep["num_shards"],
+           "shard_bytes_per_event": prep["shard_bytes_per_event"],
+           "parquet_bytes_per_event": s["generate"]["parquet_bytes_per_event"], "train_s": train["seconds"]}
+    for rank, mib in train["peak_rss_mib"].items():
+        if rank.startswith("rank"):
+            row[f"{rank}_peak_rss_mib"] = mib
+    for rank, mib in train.get("rss_mib_at_last_train_log", {}).items():
+        row[f"{rank}_rss_mib_last_step"] = mib
+    return row
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=100_000_000, help="events of the large scale")
@@ -174,7 +190,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                   f"~{args.events_per_user:g} events per user, times over 2024; hstu prepare (DuckDB, "
                   f"prepare_memory_mb={args.prepare_memory_mb}); hstu train --nproc-per-node {args.nproc}, "
                   f"data.events.stream=true, {args.steps} steps, eval capped at {args.eval_users} users per rank"),
-        "model": MODEL, "scales": {"small": small, "large": large},
+        "model": MODEL, "runs": [_row(name, s) for name, s in (("small", small), ("large", large))],
+        "detail": [dict(scale="small", **small), dict(scale="large", **large)],  # a table with footnotes in RESULTS
         "prepare_events_per_s": large["prepare"]["events_per_s"],
         "prepare_peak_rss_mib": large["prepare"]["peak_rss_mib"],
         "per_rank_train_peak_rss_mib": {"small": small["train"]["peak_rss_mib"],

@@ -23,8 +23,9 @@ def test_events_scale_smoke(tmp_path):
     out = mod.main(["--smoke", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")])
     saved = json.load(open(tmp_path / "out" / "events_scale.json"))
     assert saved["smoke"] and saved["commit"] and saved["machine"] and saved["command"]
-    for scale, events in (("small", 4_000), ("large", 20_000)):
-        s = saved["scales"][scale]
+    assert [r["scale"] for r in saved["runs"]] == ["small", "large"] and saved["runs"][1]["rank1_peak_rss_mib"] > 0
+    for s, (scale, events) in zip(saved["detail"], (("small", 4_000), ("large", 20_000))):
+        assert s["scale"] == scale
         assert s["prepare"]["counts"]["raw_events"] == events == s["generate"]["events"]
         assert s["prepare"]["num_shards"] == 2 and s["prepare"]["peak_rss_mib"] > 0
         assert {"rank0", "rank1"} <= set(s["train"]["peak_rss_mib"])
