@@ -326,3 +326,29 @@ def test_shard_content_does_not_depend_on_the_scan_order(tmp_path, tie):
         z = np.load(folder / "shard-00000.npz")
         shards.append({k: z[k] for k in z.files})
     assert all(np.array_equal(shards[0][k], shards[1][k]) for k in shards[0])
+
+
+def test_weights_and_context_columns_stored_per_event_and_windowed(tmp_path):
+    """Weights and context ids follow their events through sorting, truncation and the time window."""
+    from hstu.trainer.data.events_split import load_shard
+
+    n = 30
+    user = np.repeat([1, 2], n // 2)
+    ts = T0 + np.tile(np.arange(n // 2)[::-1], 2)  # listed newest first: the sort must carry the extras along
+    ev = {"user_id": user, "item_id": np.arange(n) % 7 + 1, "timestamp": ts, "w": ts.astype(np.float64) - T0 + 0.5,
+          "device": np.array([["ios", "web", None][i % 3] for i in range(n)], dtype=object)}
+    f = write_table(tmp_path / "a.parquet", ev)
+    for extra in ([], ["data.events.split=time", f"data.events.time_cutoff={T0 + 10}"]):
+        cfg = _cfg(tmp_path, f, "data.events.weight_column=w", "data.events.context_columns=[device]",
+                   "data.max_seq_len=5", *extra).data
+        events = load_events(dataclasses.replace(cfg, events=dataclasses.replace(cfg.events, stream=True)), False)
+        folder, manifest = events.events.folder, events.events.manifest
+        z = np.load(folder / manifest["shards"][0]["file"])
+        seqs, _ = load_shard(folder, manifest["shards"][0])
+        assert np.array_equal(z["weights"], (seqs.timestamps - T0 + 0.5).astype(np.float32))  # aligned events
+        by_time = {int(t): d for t, d in zip(ev["timestamp"], ev["device"])}  # same device for both users' time t
+        vocab = {None: 0, "ios": 1, "web": 2}
+        assert z["context_0"].tolist() == [vocab[by_time[int(t)]] for t in seqs.timestamps]
+        assert seqs.lengths().tolist() == [7, 7]  # max_seq_len + 2 | 6 before the cutoff + the first after
+        assert manifest["per_event_arrays"] == ["weights", "context_0"]
+        assert manifest["contexts"][0]["vocab_size"] == 2

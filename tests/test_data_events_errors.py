@@ -263,3 +263,20 @@ def test_csv_row_with_a_missing_field_names_its_line(tmp_path):
     err = _fails(tmp_path, tmp_path / "a.csv", r"a\.csv: line 3: expected 3 fields \(user_id, item_id, timestamp\), "
                  r"got 2: '1,3'")
     assert err.line == 3
+
+
+def test_bad_weight_and_context_columns(tmp_path):
+    ev = _events()
+    ev["w"] = np.linspace(0, 1, 12)
+    ev["w"][5] = -1.0
+    _fails(tmp_path / "a", write_table(tmp_path / "a.parquet", ev), r"a\.parquet: row 6: column 'w': not a finite "
+           r"weight >= 0: '-1.0'", "data.events.weight_column=w")
+    ev["w"] = np.linspace(0, 1, 12).astype(object)
+    ev["w"][2] = None
+    _fails(tmp_path / "b", write_table(tmp_path / "b.parquet", ev), r"b\.parquet: row 3: column 'w': null weight",
+           "data.events.weight_column=w")
+    ev = dict(_events(), device=np.linspace(0, 1, 12))
+    _fails(tmp_path / "c", write_table(tmp_path / "c.parquet", ev), r"c\.parquet: column 'device': wrong type DOUBLE: "
+           r"a context column must be an integer or string column", "data.events.context_columns=[device]")
+    _fails(tmp_path / "d", write_table(tmp_path / "d.parquet", _events()), r"d\.parquet: column 'country': missing "
+           r"column \(data\.events\.context_columns\[0\]\)", "data.events.context_columns=[country]")

@@ -44,6 +44,10 @@ class EventsConfig:
     time_unit: str = ""  # integer times: s | ms | us | ns (required); timestamp/date columns: "" or timestamp
     rating_column: str = ""  # optional, numeric -> int8 (rounded); "" = none
     action_column: str = ""  # optional, integer 0..127 (action type); "" = none
+    weight_column: str = ""  # optional, numeric >= 0 (event weight, stored per event as float32); "" = none
+    # optional per-event contextual columns (device, country, ...): integer / string, stored per event as ids
+    # 1..K of a per-column vocabulary (null = 0)
+    context_columns: List[str] = field(default_factory=list)
     user_type: str = "auto"  # auto | int | string
     item_type: str = "auto"  # auto | int | string
     item_ids: str = "vocab"  # vocab (contiguous, min_count, OOV id) | raw (integer ids kept: num_items = max id)
@@ -88,10 +92,11 @@ def check_events_values(cfg: Any) -> None:
         if not getattr(ev, key):
             raise ConfigError(_bad(key, getattr(ev, key), "a column name"))
     roles = [(k, getattr(ev, k)) for k in ("user_column", "item_column", "time_column", "rating_column",
-                                           "action_column") if getattr(ev, k)]
+                                           "action_column", "weight_column") if getattr(ev, k)]
+    roles += [(f"context_columns[{i}]", c) for i, c in enumerate(ev.context_columns)]
     names = [v for _, v in roles]
     for k, v in roles:
-        if names.count(v) > 1:
+        if not v or names.count(v) > 1:
             raise ConfigError(_bad(k, v, "a column no other role uses"))
     if len(ev.csv_delimiter) != 1:
         raise ConfigError(_bad("csv_delimiter", ev.csv_delimiter, "one character"))

@@ -38,14 +38,14 @@ from hstu.trainer.data.cache import STALE_TMP_SECONDS
 from hstu.trainer.data.download import sha256_file
 from hstu.trainer.data.errors import DataError
 from hstu.trainer.data.events_schema import events_view_sql, open_and_validate, resolve_paths, sql_str
-from hstu.trainer.data.sequences import KEPT_BEYOND_MAX_LEN, UserSequences, truncate
+from hstu.trainer.data.sequences import UserSequences, gather_ranges, select_ranges
 from hstu.trainer.events_config import cutoff_seconds
 
 PREPARE_VERSION = 1
 WORK_BYTES_PER_EVENT = 160  # numpy work on one partition: 7 columns fetched + sort keys + permuted copies
 OUTPUT_OPTIONS = ("format", "csv_delimiter", "user_column", "item_column", "time_column", "time_unit",
                   "rating_column", "action_column", "user_type", "item_type", "item_ids", "min_count", "duplicates",
-                  "split", "time_cutoff")
+                  "split", "time_cutoff", "weight_column", "context_columns")
 log = logging.getLogger(__name__)
 
 
@@ -160,7 +160,7 @@ def _build(data_cfg: Any, sources: List[Dict[str, Any]], out: Path, progress: bo
     try:
         checked = open_and_validate(con, ev, work / "stage", progress)
         con.execute(f"CREATE VIEW events AS {events_view_sql(checked)}")
-        extra = [c for c in ("rating", "action") if c in checked[0].sql_exprs]
+        extra = [c for c in ("rating", "action", "weight") if c in checked[0].sql_exprs]
         say = tqdm.write if progress else log.info
         say(f"prepare: {sum(c.rows for c in checked):,} events in {len(checked)} file(s) checked; vocabularies ...")
         counts = _vocabularies(con, ev, out / "vocab")
@@ -173,10 +173,13 @@ def _build(data_cfg: Any, sources: List[Dict[str, Any]], out: Path, progress: bo
         say(f"prepare: {counts['raw_users']:,} users, {counts['raw_items']:,} items; writing {num_shards} "
             "partition(s) ...")
         item = "v.id" if ev.item_ids == "raw" else f"coalesce(v.id, {counts['num_items']})"
-        cols = ", ".join(["uv.id AS uid", f"{item} AS iid", "e.t", "e.f", "e.r"] + [f"e.{c}" for c in extra])
+        contexts = _context_vocabularies(con, ev, out / "vocab")
+        cols = ", ".join(["uv.id AS uid", f"{item} AS iid", "e.t", "e.f", "e.r"] + [f"e.{c}" for c in extra]
+                         + [f"coalesce(c{i}.id, 0) AS ctx{i}" for i in range(len(contexts))])
+        joins = "".join(f" LEFT JOIN context_{i} c{i} ON e.context{i} = c{i}.raw" for i in range(len(contexts)))
         parts = work / "parts"
         con.execute(f"COPY (SELECT uv.id % {num_shards} AS part, {cols} FROM events e JOIN users uv ON e.u = uv.raw "
-                    f"JOIN items v ON e.i = v.raw) TO {sql_str(parts)} (FORMAT parquet, PARTITION_BY (part))")
+                    f"JOIN items v ON e.i = v.raw{joins}) TO {sql_str(parts)} (FORMAT parquet, PARTITION_BY (part))")
         shards, stats = [], {"duplicates": 0, "dropped_duplicates": 0, "short_users": 0}
         for k in tqdm(range(num_shards), desc="shards", unit="shard", disable=not progress):
             folder = parts / f"part={k}"
@@ -201,6 +204,8 @@ def _build(data_cfg: Any, sources: List[Dict[str, Any]], out: Path, progress: bo
         "vocab": {n: {"file": f"vocab/{n}.parquet", "sha256": sha256_file(out / "vocab" / f"{n}.parquet")}
                   for n in ("users", "items")},
         "item_features": features,
+        "per_event_arrays": (["weights"] if "weight" in extra else []) + [f"context_{i}" for i in range(len(contexts))],
+        "contexts": contexts,
     }
 
 
@@ -209,6 +214,20 @@ def shard_count(ev: Any, raw_events: int) -> int:
     half of prepare_memory_mb, and about shard_events events per shard at most (what a streaming loader holds)."""
     by_memory = math.ceil(raw_events * WORK_BYTES_PER_EVENT / (ev.prepare_memory_mb * (1 << 20) / 2))
     return max(ev.num_shards, 1, by_memory, math.ceil(raw_events / ev.shard_events))
+
+
+def _context_vocabularies(con: Any, ev: Any, folder: Path) -> List[Dict[str, Any]]:
+    """Per context column i: table context_<i> (raw value -> 1..K by raw order), vocab/context-<column>.parquet."""
+    out = []
+    for i, col in enumerate(ev.context_columns):
+        con.execute(f"CREATE TABLE context_{i} AS SELECT raw, row_number() OVER (ORDER BY raw) AS id FROM "
+                    f"(SELECT DISTINCT context{i} AS raw FROM events WHERE context{i} IS NOT NULL)")
+        path = folder / f"context-{col}.parquet"
+        con.execute(f"COPY (SELECT * FROM context_{i} ORDER BY id) TO {sql_str(path)} (FORMAT parquet)")
+        size = int(con.execute(f"SELECT count(*) FROM context_{i}").fetchone()[0])
+        out.append({"column": col, "array": f"context_{i}", "vocab_size": size,
+                    "vocab_file": f"vocab/{path.name}", "sha256": sha256_file(path)})
+    return out
 
 
 def _vocabularies(con: Any, ev: Any, folder: Path) -> Dict[str, int]:
@@ -260,7 +279,7 @@ def tie_key(arrays: Dict[str, np.ndarray], tie_order: str, seed: int) -> np.ndar
 def _write_shard(arrays: Optional[Dict[str, np.ndarray]], k: int, data_cfg: Any, num_items: int, folder: Path,
                  stats: Dict[str, int]) -> Dict[str, Any]:
     """One partition's events -> shard-<k>.npz (users sorted by uid, events by (time, tie key)); its record."""
-    from hstu.trainer.data.events_split import split_shard, time_window
+    from hstu.trainer.data.events_split import event_window, split_shard
 
     ev = data_cfg.events
     n = 0 if arrays is None else int(arrays["uid"].shape[0])
@@ -287,18 +306,23 @@ def _write_shard(arrays: Optional[Dict[str, np.ndarray]], k: int, data_cfg: Any,
                              timestamps=a["t"].astype(np.int64), num_items=num_items,
                              ratings=a["rating"].astype(np.int8) if "rating" in a else None,
                              action_types=a["action"].astype(np.int8) if "action" in a else None)
+        extra = {"weights": a["weight"].astype(np.float32)} if "weight" in a else {}
+        extra.update({f"context_{n[3:]}": a[n].astype(np.int32) for n in a if n.startswith("ctx")})
     else:
         empty = np.zeros(0, dtype=np.int64)
         full = UserSequences(empty, np.zeros(1, dtype=np.int64), empty, empty, None, num_items)
+        extra = {}
     keep_users = full.lengths() >= data_cfg.min_seq_len
     stats["short_users"] += int((~keep_users).sum())
-    if ev.split == "time":
-        seqs, num_pre = time_window(full, data_cfg.max_seq_len, data_cfg.min_seq_len, cutoff_seconds(ev.time_cutoff))
-    else:
-        seqs, num_pre = truncate(full, data_cfg.max_seq_len + KEPT_BEYOND_MAX_LEN, data_cfg.min_seq_len), None
+    cutoff = cutoff_seconds(ev.time_cutoff) if ev.split == "time" else None
+    rows, first, end, num_pre = event_window(full, data_cfg.max_seq_len, data_cfg.min_seq_len, cutoff)
+    seqs = select_ranges(full, rows, first, end)
     split = split_shard(seqs, num_pre, data_cfg.max_seq_len)
     path = folder / f"shard-{k:05d}.npz"
     arrays_out = seqs.to_arrays()
+    if extra:  # weights / context ids: per event, aligned with item_ids (no model reads them yet)
+        idx = gather_ranges(first, end)[0]
+        arrays_out.update({name: arr[idx] for name, arr in extra.items()})
     if num_pre is not None:
         arrays_out["num_pre"] = num_pre
     np.savez(path, **arrays_out)

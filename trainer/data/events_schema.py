@@ -73,7 +73,16 @@ def columns_of(ev: Any) -> Dict[str, str]:
         out["rating"] = ev.rating_column
     if ev.action_column:
         out["action"] = ev.action_column
+    if ev.weight_column:
+        out["weight"] = ev.weight_column
+    for i, col in enumerate(ev.context_columns):
+        out[f"context{i}"] = col
     return out
+
+
+def setting_of(role: str) -> str:
+    """The data.events key that declares ``role``."""
+    return f"context_columns[{role[7:]}]" if role.startswith("context") else f"{role}_column"
 
 
 def resolve_paths(ev: Any, key: str = "data.events.paths") -> List[Path]:
@@ -169,7 +178,7 @@ def open_source(con: Any, path: Path, ev: Any, stage_dir: Path, index: int,
     types = {str(r[0]): str(r[1]) for r in described if r[0] != "file_row_number"}
     src = SourceFile(str(path), kind, scan, types, rows)
     if required is None:
-        required = {f"data.events.{role}_column": col for role, col in columns_of(ev).items()}
+        required = {f"data.events.{setting_of(role)}": col for role, col in columns_of(ev).items()}
     for key, col in required.items():
         if col not in types:
             raise DataError(f"missing column ({key}); the file has: {', '.join(types)}", path=str(path), column=col)
@@ -249,6 +258,24 @@ def role_expressions(src: SourceFile, ev: Any) -> Dict[str, Tuple[str, str]]:
         bad = f"({value} IS NULL OR {value} < {low} OR {value} > {high}"
         bad += ")" if numeric_ok else f" OR {value} != round({value}))"
         out[role] = (f"CAST(round({value}) AS TINYINT)", bad)
+    if "weight" in cols:
+        col, tp = cols["weight"], src.types[cols["weight"]]
+        q = sql_ident(col)
+        if tp == "VARCHAR":
+            value = f"TRY_CAST({q} AS DOUBLE)"
+        elif _is_int(tp) or tp.startswith(NUMERIC_PREFIXES):
+            value = f"CAST({q} AS DOUBLE)"
+        else:
+            raise DataError(f"wrong type {tp}: weight must be numeric", path=src.path, column=col)
+        out["weight"] = (f"CAST({value} AS FLOAT)", f"({value} IS NULL OR isnan({value}) OR isinf({value}) OR "
+                         f"{value} < 0)")
+    for role, col in cols.items():
+        if role.startswith("context"):
+            tp = src.types[col]
+            if tp != "VARCHAR" and not _is_int(tp):
+                raise DataError(f"wrong type {tp}: a context column must be an integer or string column",
+                                path=src.path, column=col)
+            out[role] = (sql_ident(col), "false")
     return out
 
 
@@ -259,11 +286,12 @@ def validate_source(con: Any, src: SourceFile, ev: Any, now_s: Optional[int] = N
     now_s = int(time.time()) if now_s is None else now_s
     checks: List[Tuple[str, str, str]] = []  # (role, condition, message)
     for role, col in cols.items():
-        checks.append((role, f"{sql_ident(col)} IS NULL", f"null {role}"))
+        if not role.startswith("context"):  # a missing context value is allowed (id 0)
+            checks.append((role, f"{sql_ident(col)} IS NULL", f"null {role}"))
         value, bad = exprs[role]
         if bad != "false":
-            what = {"rating": "a rating in [-128, 127]", "action": "an integer action type in 0..127"}.get(
-                role, f"a valid {role} ({src.types[col]} read as declared)")
+            what = {"rating": "a rating in [-128, 127]", "action": "an integer action type in 0..127",
+                    "weight": "a finite weight >= 0"}.get(role, f"a valid {role} ({src.types[col]} read as declared)")
             checks.append((role, f"{sql_ident(col)} IS NOT NULL AND {bad}", f"not {what}"))
     t = exprs["time"][0]
     unit = ev.time_unit or "timestamp"
@@ -292,7 +320,8 @@ def events_view_sql(sources: List[SourceFile]) -> str:
     for idx, src in enumerate(sources):
         e = src.sql_exprs
         cols = [f"{idx} AS f", "file_row_number AS r", f"{e['user']} AS u", f"{e['item']} AS i", f"{e['time']} AS t"]
-        cols += [f"{e[role]} AS {role}" for role in ("rating", "action") if role in e]
+        cols += [f"{e[role]} AS {role}" for role in e if role in ("rating", "action", "weight")
+                 or role.startswith("context")]
         parts.append(f"SELECT {', '.join(cols)} FROM {src.scan}")
     return "\nUNION ALL\n".join(parts)
 

@@ -18,15 +18,21 @@ import numpy as np
 
 from hstu.trainer.data.download import sha256_file
 from hstu.trainer.data.errors import DataError
-from hstu.trainer.data.sequences import (LeaveOneOutSplit, UserSequences, _eval_view, leave_one_out_split,
-                                         select_ranges)
+from hstu.trainer.data.sequences import (KEPT_BEYOND_MAX_LEN, LeaveOneOutSplit, UserSequences, _eval_view,
+                                         leave_one_out_split, select_ranges)
 
 
-def time_window(full: UserSequences, max_seq_len: int, min_seq_len: int,
-                cutoff: int) -> Tuple[UserSequences, np.ndarray]:
-    """Users (>= min_seq_len events, >= 1 before ``cutoff``) cut to their last max_seq_len + 1 events before the
-    cutoff + the first one at/after it -> (sequences, num_pre [U] int32)."""
+def event_window(full: UserSequences, max_seq_len: int, min_seq_len: int, cutoff: Optional[int]
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """The events a shard keeps -> (rows, first, end, num_pre): users ``rows`` with >= min_seq_len events keep
+    events [first, end) (absolute indices). leave_one_out (``cutoff`` None): the last max_seq_len + 2 events
+    (as sequences.truncate), num_pre None. time: users with >= 1 event before ``cutoff`` keep their last
+    max_seq_len + 1 events before it + the first one at/after it; num_pre [U] int32 = how many are before it."""
     lengths = full.lengths()
+    if cutoff is None:
+        rows = np.flatnonzero(lengths >= min_seq_len)
+        end = full.offsets[rows + 1]
+        return rows, np.maximum(full.offsets[rows], end - (max_seq_len + KEPT_BEYOND_MAX_LEN)), end, None
     before = np.zeros(full.num_events + 1, dtype=np.int64)
     np.cumsum(full.timestamps < cutoff, out=before[1:])
     pre = before[full.offsets[1:]] - before[full.offsets[:-1]]  # events before the cutoff, per user
@@ -34,7 +40,7 @@ def time_window(full: UserSequences, max_seq_len: int, min_seq_len: int,
     start, pre_end = full.offsets[rows], full.offsets[rows] + pre[rows]
     first = np.maximum(start, pre_end - (max_seq_len + 1))
     end = np.minimum(full.offsets[rows + 1], pre_end + 1)
-    return select_ranges(full, rows, first, end), (pre_end - first).astype(np.int32)
+    return rows, first, end, (pre_end - first).astype(np.int32)
 
 
 def time_split(seqs: UserSequences, num_pre: np.ndarray, max_seq_len: int) -> LeaveOneOutSplit:
