@@ -124,6 +124,21 @@ class RssPoller(threading.Thread):
         self.join()
 
 
+def run_polled(cmd: List[str], nproc: int, log_path: str, env: Dict[str, str]) -> RssPoller:
+    """Run ``cmd`` in the repository (output to ``log_path``) while an RssPoller watches it and its ranks; raise
+    RuntimeError with the log's tail when it fails. Returns the stopped poller (peak_kb, series)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        poller = RssPoller(proc.pid, nproc)
+        poller.start()
+        rc = proc.wait()
+        poller.stop()
+    if rc != 0:
+        with open(log_path) as f:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({rc}):\n{f.read()[-4000:]}")
+    return poller
+
+
 def train_cli(run_dir: str, nproc: int, overrides: List[str]) -> Dict[str, Any]:
     """The real `hstu train` (--nproc-per-node when nproc > 1); timing from metrics.jsonl, peak RSS per rank."""
     cmd = [sys.executable, "-m", "hstu.trainer.cli", "train", "--config", CONFIG, "--run-dir", run_dir, "--json"]
@@ -131,15 +146,7 @@ def train_cli(run_dir: str, nproc: int, overrides: List[str]) -> Dict[str, Any]:
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(os.path.dirname(run_dir), os.path.basename(run_dir) + ".out")
     t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd + overrides, env=_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        poller = RssPoller(proc.pid, nproc)
-        poller.start()
-        rc = proc.wait()
-        poller.stop()
-    if rc != 0:
-        with open(log_path) as f:
-            raise RuntimeError(f"{' '.join(cmd + overrides)} failed ({rc}):\n{f.read()[-4000:]}")
+    poller = run_polled(cmd + overrides, nproc, log_path, _env())
     out = summarize_run(run_dir, nproc, time.perf_counter() - t0)
     out["peak_rss_mib"] = {k: round(v / 1024, 1) for k, v in sorted(poller.peak_kb.items())}
     from hstu.trainer.metrics_log import read_metrics

@@ -75,16 +75,11 @@ def _max_step(run_dir: str) -> int:
         return 0
 
 
-def test_sigkill_and_resume_gives_identical_losses(tmp_path):
-    cache = str(tmp_path / "cache")
-    ref, victim = str(tmp_path / "ref"), str(tmp_path / "victim")
-    done = subprocess.run(_cmd(ref, cache), env=_env(), capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    proc = subprocess.Popen(_cmd(victim, cache), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+def kill_after_step(cmd: List[str], run_dir: str, step: int) -> None:
+    """Start ``cmd`` (a 2-process `hstu train`) and SIGKILL it and all its workers once ``run_dir`` logged ``step``."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
-    while _max_step(victim) < KILL_AFTER:
+    while _max_step(run_dir) < step:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "victim run made no progress"
         time.sleep(0.02)
@@ -95,6 +90,15 @@ def test_sigkill_and_resume_gives_identical_losses(tmp_path):
             pass
     proc.wait(30)
     proc.stderr.close()
+
+
+def test_sigkill_and_resume_gives_identical_losses(tmp_path):
+    cache = str(tmp_path / "cache")
+    ref, victim = str(tmp_path / "ref"), str(tmp_path / "victim")
+    done = subprocess.run(_cmd(ref, cache), env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    kill_after_step(_cmd(victim, cache), victim, KILL_AFTER)
     killed_at = _max_step(victim)
     latest = open(os.path.join(victim, "checkpoints", "latest")).read().strip()
     resumed_from = int(latest.split("_")[1])

@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from hstu.trainer.config_checks import TIE_ORDERS, ConfigError, check_values, validate_ranking_stream  # noqa: F401 (re-export)
+from hstu.trainer.events_config import EventsConfig
 from hstu.trainer.parallel.config import ShardingConfig
 from hstu.trainer.ranking_config import RankingConfig
 
@@ -46,7 +48,7 @@ class SyntheticConfig:
 class DataConfig:
     """Which dataset, where it lives and how sequences are cut and batched."""
 
-    name: str = "synthetic"  # ml-1m | ml-20m | ml-100k | amzn-books | synthetic
+    name: str = "synthetic"  # ml-1m | ml-20m | ml-100k | amzn-books | synthetic | events (own logs: data.events)
     data_dir: Optional[str] = None  # directory with the raw files; None -> download (or generate for synthetic)
     cache_dir: str = "~/.cache/hstu"  # preprocessed-sequence cache, keyed by source checksum + options
     max_seq_len: int = 200  # keep the last N items of each user (history length cap)
@@ -59,6 +61,7 @@ class DataConfig:
     # order of a user's events with equal timestamps: random (seeded shuffle, data.seed) | file | item_id
     tie_order: str = "random"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)  # data.name=events (trainer/events_config.py)
 
 
 @dataclass
@@ -252,6 +255,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):  # e.g. run_dir=2024 on the CLI
             return str(value)
+        if isinstance(value, (datetime.date, datetime.datetime)):  # YAML reads 2003-01-01 as a date
+            return value.isoformat()
         fail()
     return value
 

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- allowed values
-DATASETS = ("ml-1m", "ml-20m", "ml-100k", "amzn-books", "synthetic")
+DATASETS = ("ml-1m", "ml-20m", "ml-100k", "amzn-books", "synthetic", "events")  # events: data.events (own logs)
 TASKS = ("retrieval", "ranking")
 ARCHS = ("hstu", "sasrec", "dlrm")  # dlrm: task=ranking only
 RANKING_ARCHS = ("hstu", "dlrm")
@@ -150,6 +150,9 @@ def _check_data(c: _Checks) -> None:
     c.at_least(0, "data.synthetic.zipf_exponent", "data.synthetic.num_action_types")
     for key in ("drift", "interest_focus", "sequential_strength"):
         c.interval("data.synthetic." + key, 0.0, 1.0, closed_high=True)
+    from hstu.trainer.events_config import check_events_values  # stdlib-only, beside the ranking sections
+
+    check_events_values(cfg)
 
 
 def _check_model(c: _Checks) -> None:

@@ -103,7 +103,13 @@ def _load(data_cfg: DataConfig, progress: bool = True) -> Tuple[UserSequences, P
 
 
 def load_sequences(data_cfg: DataConfig, progress: bool = True) -> UserSequences:
-    """DataConfig -> UserSequences (read data_dir, else download; synthetic: generate), through the cache."""
+    """DataConfig -> UserSequences (read data_dir, else download; synthetic: generate), through the cache.
+    data.name=events: the prepared dataset of data.events (trainer/data/events_loader.py; with
+    data.events.stream a StreamedEvents handle that build_loaders turns into per-rank streaming loaders)."""
+    if data_cfg.name == "events":
+        from hstu.trainer.data.events_loader import load_events
+
+        return load_events(data_cfg, progress)
     return _load(data_cfg, progress)[0]
 
 
@@ -111,7 +117,12 @@ def build_loaders(data_cfg: DataConfig, seqs: UserSequences, rank: int = 0,
                   world_size: int = 1) -> Tuple[SequenceLoader, SequenceLoader, SequenceLoader]:
     """Leave-one-out split with validation (sequences.leave_one_out_split) -> (train loader: shuffled per (seed,
     epoch), resumable, sequences end before the validation item; validation loader; test loader: in user order,
-    batches carry target_ids / target_timestamps). rank/world_size: this process's slice of every global batch."""
+    batches carry target_ids / target_timestamps). rank/world_size: this process's slice of every global batch.
+    data.name=events: the split of data.events.split (trainer/data/events_split.py)."""
+    if data_cfg.name == "events":
+        from hstu.trainer.data.events_loader import build_events_loaders
+
+        return build_events_loaders(data_cfg, seqs, rank, world_size)
     split = leave_one_out_split(seqs, data_cfg.max_seq_len)
     train = SequenceLoader(split.train, data_cfg.batch_size, shuffle=True, seed=data_cfg.seed,
                            num_workers=data_cfg.num_workers, min_len=2, rank=rank, world_size=world_size)
@@ -123,7 +134,13 @@ def build_loaders(data_cfg: DataConfig, seqs: UserSequences, rank: int = 0,
 
 def prepare(data_cfg: DataConfig, progress: bool = True) -> Dict[str, Any]:
     """Load (and cache) the dataset; return a summary for the ``hstu prepare`` CLI: counts of the kept
-    sequences (users, items, events), raw counts of the source (raw_events, ...), cache path and hit."""
+    sequences (users, items, events), raw counts of the source (raw_events, ...), cache path and hit.
+    data.name=events: prepares the dataset folder (trainer/data/events_prepare.py) and summarises its manifest."""
+    if data_cfg.name == "events":
+        from hstu.trainer.data.events_loader import events_summary, load_events
+
+        return events_summary(data_cfg, load_events(dataclasses.replace(
+            data_cfg, events=dataclasses.replace(data_cfg.events, stream=True)), progress))
     seqs, path, hit, source, meta = _load(data_cfg, progress)
     lengths = seqs.lengths()
     summary: Dict[str, Any] = {

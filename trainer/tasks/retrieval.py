@@ -97,7 +97,9 @@ def prepare_retrieval_batch(out: PreparedBatch, ctx: Any) -> PreparedBatch:
 def popularity_baseline(cfg: RunConfig, seqs, eval_loader, env: Any = None) -> Dict[str, float]:
     """Most-popular baseline on ``eval_loader``: items ranked by their count in the training sequences;
     collective with ``env`` of world size > 1."""
-    counts = popularity_counts(torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets), seqs.num_items)
+    counts_of = getattr(seqs, "popularity_counts", None)  # streamed own logs: per-rank counts summed over ranks
+    counts = counts_of(env) if counts_of is not None else popularity_counts(
+        torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets), seqs.num_items)
     return evaluate_popularity(counts, eval_loader, cfg.eval, reduce=env.all_reduce_sum
                                if env is not None and env.world_size > 1 else None)
 
@@ -136,8 +138,12 @@ class RetrievalTask:
     def data_description(self) -> Dict[str, Any]:
         from hstu.trainer.data import tie_options
 
-        return {"split": "leave-one-out (validation: second-to-last item, test: last item)",
-                **tie_options(self.cfg.data)}
+        split = "leave-one-out (validation: second-to-last item, test: last item)"
+        events = self.cfg.data.events
+        if self.cfg.data.name == "events" and events.split == "time":  # own logs (docs/data.md "Split options")
+            split = (f"time cutoff {events.time_cutoff} (test: first item at/after it, validation: last item before "
+                     "it)")
+        return {"split": split, **tie_options(self.cfg.data)}
 
     # -- model, sharding, batch, loss
     def build_model(self, device: torch.device) -> torch.nn.Module:
