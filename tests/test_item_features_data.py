@@ -1,0 +1,106 @@
+"""Item feature parsing (movies.dat, u.item; tiny fixtures written here) and never-seen item holdout."""
+
+import numpy as np
+import pytest
+
+from hstu.trainer.config import load_config
+from hstu.trainer.data import DataError, build_loaders, build_user_sequences
+from hstu.trainer.data import item_features as itf
+from hstu.trainer.data.holdout import holdout_items, remove_items, train_item_counts
+
+MOVIES = ("1::Toy Story (1995)::Animation|Children's|Comedy\n"
+          "2::Jumanji (1995)::Adventure|Children's|Fantasy\n"
+          "\n"
+          "4::Caf\xe9 au lait, Le (1993)::Comedy\r\n")
+U_ITEM = ("1|Toy Story (1995)|01-Jan-1995||http://x|0|0|0|1|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0\n"
+          "3|unknown||||1|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0\n")
+
+
+def write(tmp_path, name, text, bom=False):
+    path = tmp_path / name
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("latin-1"))
+    return path
+
+
+def test_movies_dat_rows_latin1_bom_and_table(tmp_path):
+    rows = itf.parse_movies_dat(write(tmp_path, "movies.dat", MOVIES, bom=True))
+    assert [r.item for r in rows] == [1, 2, 4]
+    assert rows[2].title == "Caf\xe9 au lait, Le" and rows[2].year == 1993
+    g = itf.ML1M_GENRES
+    assert rows[0].genres == [1 + g.index("Animation"), 1 + g.index("Children's"), 1 + g.index("Comedy")]
+    table = itf.movie_table(rows, 4, ("genre", "year", "title"), len(g), title_buckets=64, year_bucket_years=5)
+    assert table.values.shape == (5, len(g) + 1 + itf.MAX_TITLE_WORDS)
+    assert table.cardinalities == (len(g) + 1, itf.num_year_buckets(5), 65)
+    assert (table.values[0] == 0).all() and (table.values[3] == 0).all()  # padding row, item without a row
+    assert table.block("year")[1, 0] == 1 + (1995 - itf.YEAR_MIN) // 5
+    assert table.block("year")[4, 0] == 1 + (1993 - itf.YEAR_MIN) // 5
+    assert sorted(table.block("genre")[2][table.block("genre")[2] > 0]) == sorted(rows[1].genres)
+    words = table.block("title")[1]
+    assert list(words[words > 0]) == itf.title_words("Toy Story", 64) and len(words[words > 0]) == 2
+    assert itf.title_words("Story Toy", 64) == itf.title_words("Toy Story", 64)[::-1]  # hashed, no vocabulary
+
+
+@pytest.mark.parametrize("line, field, value", [
+    ("x::A (1990)::Drama", "item", "x"),
+    ("5::A (1990)::Dramaa", "genres", "Dramaa"),
+    ("5::No year::Drama", "title", "No year"),
+    ("5::A (1990)", "line", "5::A (1990)"),
+    ("1::Again (1990)::Drama", "item", "1"),
+])
+def test_movies_dat_malformed_row_names_file_line_field_value(tmp_path, line, field, value):
+    path = write(tmp_path, "movies.dat", MOVIES + line + "\n")
+    with pytest.raises(DataError) as e:
+        itf.parse_movies_dat(path)
+    msg = str(e.value)
+    assert e.value.line == 5 and e.value.field == field and e.value.value == value
+    assert msg.startswith(str(path) + ": line 5: field '" + field + "'") and "\n" not in msg
+
+
+def test_u_item_genres_release_year_and_errors(tmp_path):
+    rows = itf.parse_u_item(write(tmp_path, "u.item", U_ITEM))
+    assert rows[0].year == 1995 and rows[0].title == "Toy Story"
+    assert rows[0].genres == [1 + itf.ML100K_GENRES.index(g) for g in ("Animation", "Children's", "Comedy")]
+    assert rows[1].year is None and rows[1].genres == [1]  # "unknown"
+    bad = U_ITEM + "4|X (1990)|1995-01-01||u|" + "|".join("0" * 19) + "\n"
+    with pytest.raises(DataError, match=r"u.item: line 3: field 'release_date'.*'1995-01-01'"):
+        itf.parse_u_item(write(tmp_path, "u.item", bad))
+    bad = U_ITEM + "4|X (1990)|01-Jan-1990||u|" + "|".join("0" * 18) + "|2\n"
+    with pytest.raises(DataError, match=r"line 3: field 'genre Western'.*'2'"):
+        itf.parse_u_item(write(tmp_path, "u.item", bad))
+
+
+def test_load_item_features_from_config(tmp_path):
+    write(tmp_path, "movies.dat", MOVIES)
+    cfg = load_config(None, ["data.name=ml-1m", f"data.data_dir={tmp_path}", "model.item_features.enabled=true",
+                             "model.item_features.features=[year]"])
+    table = itf.load_item_features(cfg.data, cfg.model.item_features, 3, tmp_path)
+    assert table.names == ("year",) and table.values.shape == (4, 1) and table.values[3, 0] == 0
+    cfg = load_config(None, ["model.item_features.enabled=true", "data.synthetic.num_items=50",
+                             "data.synthetic.num_interests=5"])
+    table = itf.load_item_features(cfg.data, cfg.model.item_features, 50)
+    assert table.names == ("cluster",) and set(table.values[1:, 0]) <= set(range(1, 6)) and table.values[0, 0] == 0
+
+
+def test_holdout_removes_items_from_training_only():
+    rng = np.random.default_rng(0)
+    user = np.repeat(np.arange(30), 8)
+    item = rng.integers(1, 41, size=user.size)
+    ts = np.tile(np.arange(8), 30)
+    seqs = build_user_sequences(user, item, ts, max_seq_len=50, min_seq_len=4, tie_order="file")
+    held = holdout_items(seqs, 0.25, seed=3)
+    assert held.size == round(0.25 * np.unique(seqs.item_ids).size)
+    assert np.array_equal(held, holdout_items(seqs, 0.25, seed=3)) and not np.array_equal(held,
+                                                                                        holdout_items(seqs, .25, 4))
+    cut = remove_items(seqs, held)
+    cut.validate()
+    assert not np.isin(cut.item_ids, held).any()
+    for u in range(seqs.num_users):  # each user keeps exactly its other events, in order
+        assert np.array_equal(cut.user(u), seqs.user(u)[~np.isin(seqs.user(u), held)])
+    cfg = load_config(None, ["data.holdout_items_frac=0.25", "data.seed=3", "data.max_seq_len=50"])
+    train, valid, test = build_loaders(cfg.data, seqs)
+    assert not np.isin(train.seqs.item_ids, held).any()
+    counts = train_item_counts(train.seqs)
+    assert (counts[held] == 0).all() and counts.sum() == train.seqs.item_ids[np.repeat(
+        train.seqs.lengths() >= 2, train.seqs.lengths())].size
+    targets = np.concatenate([valid.seqs.item_ids, test.seqs.item_ids])  # eval histories keep held-out items
+    assert np.isin(held, targets).any()
