@@ -17,7 +17,7 @@ import torch
 
 from hstu.modules.losses import lookup_all_items, next_item_labels, sample_negatives, sampled_softmax_loss
 from hstu.trainer.config import ConfigError, RunConfig
-from hstu.trainer.evaluate import evaluate, evaluate_popularity, popularity_counts
+from hstu.trainer.evaluate import evaluate, evaluate_popularity, item_groups, popularity_counts
 from hstu.trainer.pipeline import PreparedBatch
 from hstu.trainer.tasks.spec import TaskData
 
@@ -41,10 +41,17 @@ def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1, with_validati
     return seqs, train_loader, test_loader
 
 
-def build_model_for(cfg: RunConfig, num_items: int, device: torch.device) -> torch.nn.Module:
+def build_model_for(cfg: RunConfig, num_items: int, device: torch.device, item_features: Any = None,
+                    train_counts: Any = None) -> torch.nn.Module:
+    """The RetrievalModel; with item features, items with <= model.item_features.content_only_max_events
+    training events (``train_counts`` [N+1]) get their id embedding dropped (content part only)."""
     from hstu.modules.model import build_model
 
-    return build_model(cfg, num_items).to(device)
+    model = build_model(cfg, num_items, item_features)
+    threshold = cfg.model.item_features.content_only_max_events
+    if model.item_tower is not None and threshold >= 0 and train_counts is not None:
+        model.item_tower.drop_ids(torch.as_tensor(train_counts) <= threshold)
+    return model.to(device)
 
 
 def compute_loss(model: torch.nn.Module, batch: Any, ctx: Any) -> torch.Tensor:
@@ -94,12 +101,13 @@ def prepare_retrieval_batch(out: PreparedBatch, ctx: Any) -> PreparedBatch:
     return out
 
 
-def popularity_baseline(cfg: RunConfig, seqs, eval_loader, env: Any = None) -> Dict[str, float]:
+def popularity_baseline(cfg: RunConfig, seqs, eval_loader, env: Any = None,
+                        groups: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
     """Most-popular baseline on ``eval_loader``: items ranked by their count in the training sequences;
     collective with ``env`` of world size > 1."""
     counts = popularity_counts(torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets), seqs.num_items)
     return evaluate_popularity(counts, eval_loader, cfg.eval, reduce=env.all_reduce_sum
-                               if env is not None and env.world_size > 1 else None)
+                               if env is not None and env.world_size > 1 else None, groups=groups)
 
 
 class RetrievalTask:
@@ -109,6 +117,8 @@ class RetrievalTask:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg, self.data = cfg, None
+        self.item_features = None  # ItemFeatureTable when model.item_features.enabled
+        self.train_counts: Optional[torch.Tensor] = None  # [N+1] training events per item
 
     # -- config
     def check_config(self) -> None:
@@ -131,17 +141,28 @@ class RetrievalTask:
         rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
         seqs, train_loader, valid_loader, test_loader = build_data(self.cfg, rank, world, with_validation=True)
         self.data = TaskData(train_loader, test_loader, seqs.num_items, seqs.num_users, seqs, valid_loader)
+        from hstu.trainer.data.holdout import train_item_counts
+
+        self.train_counts = torch.as_tensor(train_item_counts(train_loader.seqs))
+        if self.cfg.model.item_features.enabled:
+            from hstu.trainer.data import load_item_features
+
+            self.item_features = load_item_features(self.cfg.data, self.cfg.model.item_features, seqs.num_items)
         return self.data
 
     def data_description(self) -> Dict[str, Any]:
         from hstu.trainer.data import tie_options
 
-        return {"split": "leave-one-out (validation: second-to-last item, test: last item)",
-                **tie_options(self.cfg.data)}
+        out = {"split": "leave-one-out (validation: second-to-last item, test: last item)",
+               **tie_options(self.cfg.data)}
+        if self.cfg.data.holdout_items_frac > 0:
+            out["holdout_items_frac"] = self.cfg.data.holdout_items_frac
+            out["never_seen_items"] = int((self.train_counts[1:] == 0).sum()) if self.train_counts is not None else None
+        return out
 
     # -- model, sharding, batch, loss
     def build_model(self, device: torch.device) -> torch.nn.Module:
-        return build_model_for(self.cfg, self.data.num_items, device)
+        return build_model_for(self.cfg, self.data.num_items, device, self.item_features, self.train_counts)
 
     def wrap_sharded_tables(self, model: torch.nn.Module, weight_dtype: str) -> None:
         """The item table becomes a CollectionItemEmbeddings (a TorchRec EmbeddingCollection that DMP shards)."""
@@ -180,10 +201,17 @@ class RetrievalTask:
 
             model = hd.unwrap(model)  # its sharded table stays sharded (collective lookups)
         return evaluate(model, loader, self.data.num_items, self.cfg.eval, getattr(ctx, "device", ctx),
-                        reduce=env.all_reduce_sum if env is not None and env.world_size > 1 else None)
+                        reduce=env.all_reduce_sum if env is not None and env.world_size > 1 else None,
+                        groups=self.groups())
+
+    def groups(self) -> Optional[Dict[str, torch.Tensor]]:
+        """eval.item_groups: the cold / never-seen target groups from the training counts (else None)."""
+        if not self.cfg.eval.item_groups or self.train_counts is None:
+            return None
+        return item_groups(self.train_counts, self.cfg.eval.cold_max_events)
 
     def baseline_metrics(self, env=None) -> Dict[str, float]:
-        return popularity_baseline(self.cfg, self.data.source, self.data.eval_loader, env)
+        return popularity_baseline(self.cfg, self.data.source, self.data.eval_loader, env, self.groups())
 
     def baseline(self, metrics, env=None) -> Dict[str, float]:
         """The most-popular baseline on the test split, logged once (eval.popularity_baseline; else {})."""
