@@ -19,6 +19,7 @@ torch.export for serving (serving/export.py).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -97,10 +98,10 @@ class ItemTower(nn.Module):
         return out * (ids != 0).unsqueeze(-1).to(out.dtype)
 
 
-def tower_from_state(state: Dict[str, torch.Tensor], prefix: str, dim: int, combine: str, pooling: str
-                     ) -> Optional[ItemTower]:
-    """Rebuild an ItemTower's structure from a state_dict (``prefix`` e.g. "item_tower."): feature names and
-    cardinalities from the table weights (in order), widths and values from the buffers; None when absent."""
+def features_from_state(state: Dict[str, torch.Tensor], prefix: str = "item_tower.") -> Optional[SimpleNamespace]:
+    """The feature layout of a saved ItemTower (``prefix`` e.g. "item_tower."): names and cardinalities from the
+    table weights (in order), widths and values from the buffers — what RetrievalModel(item_features=...) takes
+    to rebuild the same structure (serving export). None when the state has no tower."""
     values = state.get(prefix + "feature_values")
     if values is None:
         return None
@@ -108,4 +109,16 @@ def tower_from_state(state: Dict[str, torch.Tensor], prefix: str, dim: int, comb
     names = [k[len(table_prefix):-len(".weight")] for k in state if k.startswith(table_prefix)]
     cards = [int(state[f"{table_prefix}{n}.weight"].shape[0]) for n in names]
     widths = [int(w) for w in state[prefix + "feature_widths"].tolist()]
-    return ItemTower(names, widths, cards, values, dim, combine, pooling)
+    return SimpleNamespace(names=tuple(names), widths=tuple(widths), cardinalities=tuple(cards), values=values)
+
+
+class ContentStep(nn.Module):
+    """The exported serving program: (id part [M, D], packed features [M, W] int64) -> item vectors [M, D]
+    (``ItemTower.combine``; a new item passes zeros as its id part)."""
+
+    def __init__(self, tower: ItemTower) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, id_part: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        return self.tower.combine(id_part, packed)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hstu.modules.item_tower import ItemTower, tower_from_state
+from hstu.modules.item_tower import ItemTower, features_from_state
 from hstu.modules.model import RetrievalModel, build_model
 from hstu.trainer.config import ConfigError, load_config
 from hstu.trainer.evaluate import evaluate, item_groups
@@ -113,12 +113,14 @@ def test_tower_rebuilds_from_state_dict():
     model = build_model(cfg, 5, TABLE)
     model.item_tower.drop_ids(torch.tensor([False, True, False, False, False, False]))
     state = model.state_dict()
-    rebuilt = tower_from_state(state, "item_tower.", D, "mlp", "sum")
-    rebuilt.load_state_dict({k[len("item_tower."):]: v for k, v in state.items() if k.startswith("item_tower.")})
+    layout = features_from_state(state)
+    assert layout.names == TABLE.names and layout.widths == TABLE.widths
+    assert layout.cardinalities == TABLE.cardinalities
+    rebuilt = build_model(cfg, 5, layout)
+    rebuilt.load_state_dict(state)
     ids = torch.arange(6)
-    emb = model.item_embeddings(ids)
-    torch.testing.assert_close(rebuilt(ids, emb), model.item_tower(ids, emb))
-    assert tower_from_state({}, "item_tower.", D, "sum", "mean") is None
+    torch.testing.assert_close(rebuilt.item_vectors(ids), model.item_vectors(ids))
+    assert features_from_state({}) is None
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -18,7 +18,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -217,6 +217,20 @@ def synthetic_table(data_cfg, num_items: int) -> ItemFeatureTable:
     n = min(num_items, world.cluster_of.shape[0] - 1)
     cluster[1:n + 1, 0] = world.cluster_of[1:n + 1] + 1
     return ItemFeatureTable(("cluster",), (1,), (world.num_clusters + 1,), cluster)
+
+
+def feature_encodings(name: str, feat_cfg: Any) -> Dict[str, str]:
+    """How raw item metadata maps to each feature's indices (recorded in a serving artifact's manifest, so a new
+    item's features can be encoded without the trainer)."""
+    genres = ML1M_GENRES if name == "ml-1m" else ML100K_GENRES
+    get = (lambda k: feat_cfg[k]) if isinstance(feat_cfg, dict) else (lambda k: getattr(feat_cfg, k))  # noqa: E731
+    return {
+        "genre": "1 + index in [" + ", ".join(genres) + "]",
+        "year": f"1 + (clip(year, {YEAR_MIN}, {YEAR_MAX}) - {YEAR_MIN}) // {get('year_bucket_years')}",
+        "title": f"distinct lower-cased [a-z0-9]+ words, 1 + crc32(utf-8 word) % {get('title_buckets')}, "
+                 f"first {MAX_TITLE_WORDS}",
+        "cluster": "1 + synthetic interest cluster",
+    }
 
 
 def features_file(name: str, data_dir: "str | Path") -> Path:
