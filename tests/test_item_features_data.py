@@ -104,3 +104,29 @@ def test_holdout_removes_items_from_training_only():
         train.seqs.lengths() >= 2, train.seqs.lengths())].size
     targets = np.concatenate([valid.seqs.item_ids, test.seqs.item_ids])  # eval histories keep held-out items
     assert np.isin(held, targets).any()
+
+
+def test_held_out_items_are_never_negatives():
+    import torch
+    from types import SimpleNamespace
+
+    from hstu.trainer.pipeline import PreparedBatch
+    from hstu.trainer.tasks.retrieval import RetrievalTask, prepare_retrieval_batch
+
+    cfg = load_config(None, ["data.synthetic.num_users=60", "data.synthetic.num_items=40", "data.max_seq_len=12",
+                             "data.holdout_items_frac=0.2", "loss.num_negatives=64", "train.progress=false"])
+    task = RetrievalTask(cfg)
+    data = task.build_data()
+    held = holdout_items(data.source, 0.2, cfg.data.seed)
+    assert held.size == 8 and sorted(set(range(1, 41)) - set(task.negative_pool.tolist())) == held.tolist()
+    ctx = SimpleNamespace(cfg=cfg, num_items=40, neg_generator=torch.Generator().manual_seed(0), device="cpu",
+                          task=task, env=None)
+    batch = next(iter(data.train_loader))
+    seen = set()
+    for _ in range(5):
+        p = prepare_retrieval_batch(PreparedBatch(batch, int(batch.item_ids.numel())), ctx)
+        seen |= set(p.negatives.flatten().tolist())
+    assert seen == set(task.negative_pool.tolist())  # every other item is drawn, no held-out one
+    task.negative_pool = None  # without holdout: uniform over 1..N, held-out ids included
+    p = prepare_retrieval_batch(PreparedBatch(batch, int(batch.item_ids.numel())), ctx)
+    assert set(p.negatives.flatten().tolist()) & set(held.tolist())

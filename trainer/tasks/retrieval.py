@@ -82,13 +82,19 @@ def _lookup_all(cfg: RunConfig, num_items: int) -> bool:
 
 def prepare_retrieval_batch(out: PreparedBatch, ctx: Any) -> PreparedBatch:
     """Both paths: next-item labels [T], valid [T] and the negatives [V, R] of the V valid positions, drawn from
-    ``ctx.neg_generator`` here and nowhere else. Sharded path (``ctx.env.sharded``) also: the ids of the ONE table
+    ``ctx.neg_generator`` here and nowhere else (uniform over 1..N; with ``data.holdout_items_frac`` uniform over
+    the items not held out, ``task.negative_pool``). Sharded path (``ctx.env.sharded``) also: the ids of the ONE table
     lookup of the step: ``lookup_ids`` = all ids 0..N when the loss uses the whole table (``_lookup_all``), else
     the unique ids of the batch and its negatives; ``input_index`` [T] maps each batch item into lookup_ids."""
     cfg, batch = ctx.cfg, out.batch
     labels, valid = next_item_labels(batch.item_ids, batch.offsets)
     lc, n = cfg.loss, ctx.num_items
-    negatives = sample_negatives(int(valid.sum()), lc.num_negatives, n, ctx.neg_generator, ctx.device)
+    pool = getattr(getattr(ctx, "task", None), "negative_pool", None)
+    if pool is None:
+        negatives = sample_negatives(int(valid.sum()), lc.num_negatives, n, ctx.neg_generator, ctx.device)
+    else:  # data.holdout_items_frac: held-out items do not exist at training time, never a negative either
+        draw = sample_negatives(int(valid.sum()), lc.num_negatives, int(pool.numel()), ctx.neg_generator, ctx.device)
+        negatives = pool.to(draw.device)[draw - 1]
     out.labels, out.valid, out.negatives = labels, valid, negatives
     env = getattr(ctx, "env", None)
     if env is None or not env.sharded:
@@ -119,6 +125,7 @@ class RetrievalTask:
         self.cfg, self.data = cfg, None
         self.item_features = None  # ItemFeatureTable when model.item_features.enabled
         self.train_counts: Optional[torch.Tensor] = None  # [N+1] training events per item
+        self.negative_pool: Optional[torch.Tensor] = None  # with data.holdout_items_frac: the items not held out
 
     # -- config
     def check_config(self) -> None:
@@ -144,6 +151,13 @@ class RetrievalTask:
         from hstu.trainer.data.holdout import train_item_counts
 
         self.train_counts = torch.as_tensor(train_item_counts(train_loader.seqs))
+        if self.cfg.data.holdout_items_frac > 0:
+            from hstu.trainer.data.holdout import holdout_items
+
+            held = torch.as_tensor(holdout_items(seqs, self.cfg.data.holdout_items_frac, self.cfg.data.seed))
+            keep = torch.ones(seqs.num_items + 1, dtype=torch.bool)
+            keep[0], keep[held] = False, False
+            self.negative_pool = keep.nonzero().flatten()
         if self.cfg.model.item_features.enabled:
             from hstu.trainer.data import load_item_features
 
