@@ -24,6 +24,7 @@ import numpy as np
 
 from hstu.trainer.config_checks import ITEM_FEATURES_BY_DATASET  # the one definition (a stdlib-only module)
 from hstu.trainer.data.errors import DataError
+from hstu.trainer.data.movielens import dataset_file
 from hstu.trainer.data.textparse import UTF8_BOM
 
 ML1M_GENRES = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -113,18 +114,26 @@ def _item_id(text: str, path: Path, line: int) -> int:
     return int(text)
 
 
-def parse_movies_dat(path: "str | Path") -> List[MovieRow]:
-    """ML-1M ``movies.dat`` (``MovieID::Title (Year)::Genre|Genre|...``) -> rows."""
-    path, rows, seen = Path(path), [], set()
+def _item_rows(path: Path, sep: str, num_fields: int, layout: str):
+    """(line, fields, item id) of every row with exactly ``num_fields`` ``sep``-separated fields and a new
+    positive item id in field 0 (DataError otherwise; ``layout`` names the fields in the message)."""
+    seen = set()
     for line, text in _lines(path):
-        parts = text.split("::")
-        if len(parts) != 3:
-            raise DataError(f"expected 3 fields (item::title::genres), got {len(parts)}", path=str(path), line=line,
+        parts = text.split(sep)
+        if len(parts) != num_fields:
+            raise DataError(f"expected {num_fields} fields ({layout}), got {len(parts)}", path=str(path), line=line,
                             field="line", value=text)
         item = _item_id(parts[0], path, line)
         if item in seen:
             raise DataError("duplicate item id", path=str(path), line=line, field="item", value=parts[0])
         seen.add(item)
+        yield line, parts, item
+
+
+def parse_movies_dat(path: "str | Path") -> List[MovieRow]:
+    """ML-1M ``movies.dat`` (``MovieID::Title (Year)::Genre|Genre|...``) -> rows."""
+    path, rows = Path(path), []
+    for line, parts, item in _item_rows(path, "::", 3, "item::title::genres"):
         m = _TITLE_YEAR.match(parts[1])
         if m is None:
             raise DataError("title must end with the release year '(YYYY)'", path=str(path), line=line,
@@ -154,17 +163,9 @@ def _release_year(text: str, path: Path, line: int) -> Optional[int]:
 
 def parse_u_item(path: "str | Path") -> List[MovieRow]:
     """ML-100K ``u.item`` (``id|title|release date|video release date|IMDb URL|19 genre flags``) -> rows."""
-    path, rows, seen = Path(path), [], set()
-    nf = 5 + len(ML100K_GENRES)
-    for line, text in _lines(path):
-        parts = text.split("|")
-        if len(parts) != nf:
-            raise DataError(f"expected {nf} '|'-separated fields, got {len(parts)}", path=str(path), line=line,
-                            field="line", value=text)
-        item = _item_id(parts[0], path, line)
-        if item in seen:
-            raise DataError("duplicate item id", path=str(path), line=line, field="item", value=parts[0])
-        seen.add(item)
+    path, rows = Path(path), []
+    layout = "item|title|release date|video release date|url|" + "|".join(ML100K_GENRES)
+    for line, parts, item in _item_rows(path, "|", 5 + len(ML100K_GENRES), layout):
         genres = []
         for g, flag in enumerate(parts[5:]):
             if flag not in ("0", "1"):
@@ -237,11 +238,7 @@ def features_file(name: str, data_dir: "str | Path") -> Path:
     """movies.dat / u.item of dataset ``name`` in ``data_dir`` (or ``data_dir/<name>/``)."""
     if name not in FEATURE_FILES:
         raise DataError(f"{name}: no item feature file (item features exist for {', '.join(FEATURES_BY_DATASET)})")
-    data_dir = Path(data_dir).expanduser()
-    for candidate in (data_dir / FEATURE_FILES[name], data_dir / name / FEATURE_FILES[name]):
-        if candidate.is_file():
-            return candidate
-    raise DataError(f"{name}: {FEATURE_FILES[name]} not found", path=str(data_dir / FEATURE_FILES[name]))
+    return dataset_file(name, data_dir, FEATURE_FILES[name])
 
 
 def load_item_features(data_cfg, feat_cfg, num_items: int, raw_dir: "Optional[str | Path]" = None
