@@ -100,3 +100,20 @@ def test_served_new_item_matches_the_training_model(served):
     hist, ts = [1, 2, 3], torch.tensor([10, 20, 30]) + 1_600_000_000
     uv = reference_user_vector(trained, torch.tensor(hist), ts, int(ts[-1]))
     torch.testing.assert_close(served_model.user_vector(hist, ts), uv, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [("fp32", 0.0), ("bf16", 1e-2), ("int8", 1e-2)])
+def test_item_table_append_matches_a_table_built_with_the_rows(dtype, tol):
+    from hstu.serving.retrieval import ItemTable, brute_force_topk, topk_inner_product
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(12, 6, generator=g)
+    grown = ItemTable.quantize(rows[:9], dtype)
+    assert grown.append(rows[9:]).tolist() == [9, 10, 11] and grown.num_rows == 12
+    whole = ItemTable.quantize(rows, dtype)
+    ids = torch.arange(1, 12)
+    torch.testing.assert_close(grown.vectors(ids), whole.vectors(ids), rtol=0, atol=0)  # rowwise: same storage
+    torch.testing.assert_close(grown.vectors(ids), rows[1:] / rows[1:].norm(dim=1, keepdim=True), rtol=tol,
+                               atol=tol)
+    q = torch.randn(3, 6, generator=g)
+    assert torch.equal(topk_inner_product(q, grown, 11, chunk_size=4).ids, brute_force_topk(q, whole, 11).ids)
