@@ -154,6 +154,14 @@ class ServingModel:
                    "topk_scores": self.retrieve_state(state, len(r["topk_ids"])).scores}
             for name, value in got.items():
                 check_record_field(where, i, name, value, r[name], atol, rtol, worst)
+        tower = self.item_tower
+        if tower is not None and "check_packed" in tower.check:
+            where = os.path.join(self.path, self.manifest["item_tower"]["values_file"])
+            worst["item_tower"] = 0.0
+            with torch.inference_mode():
+                got = tower.program(torch.zeros(tower.check["check_packed"].shape[0], self.table.dim),
+                                    tower.check["check_packed"])
+            check_record_field(where, 0, "item_tower", got, tower.check["check_vectors"], atol, rtol, worst)
         return worst
 
 
@@ -161,9 +169,11 @@ class ItemTowerProgram:
     """The exported content tower (manifest ``item_tower``): program (id part [M, D], packed [M, W]) -> [M, D],
     the feature layout and the packed features of the catalog's items (values [rows, W] int64)."""
 
-    def __init__(self, program: Any, features: List[Dict[str, Any]], values: torch.Tensor) -> None:
+    def __init__(self, program: Any, features: List[Dict[str, Any]], values: torch.Tensor,
+                 check: Optional[Dict[str, torch.Tensor]] = None) -> None:
         self.program, self.features, self.values = program, features, values
         self.width = sum(int(f["width"]) for f in features)
+        self.check = check or {}  # {"check_packed" [K, W], "check_vectors" [K, D]} recorded at export
 
     def pack(self, items: Sequence[Dict[str, Sequence[int]]]) -> torch.Tensor:
         """[{name: indices}] -> [M, W] int64; ValueError naming the item, feature and value when out of range."""
@@ -191,13 +201,15 @@ def _load_item_tower(path: str, manifest: Dict[str, Any], rows: int) -> Optional
     mpath = os.path.join(path, MANIFEST)
     program = torch.export.load(os.path.join(path, _field(manifest, "item_tower.program", mpath))).module()
     vfile = os.path.join(path, _field(manifest, "item_tower.values_file", mpath))
-    values = torch.load(vfile, map_location="cpu", weights_only=True).get("values")
+    state = torch.load(vfile, map_location="cpu", weights_only=True)
+    values = state.get("values") if isinstance(state, dict) else None
     features = _field(manifest, "item_tower.features", mpath)
     width = sum(int(f["width"]) for f in features)
     if values is None or tuple(values.shape) != (rows, width):
         raise ArtifactError(f"{vfile}: field values must be [{rows}, {width}] (rows, sum of item_tower.features "
                             f"widths in {mpath})")
-    return ItemTowerProgram(program, features, values)
+    return ItemTowerProgram(program, features, values,
+                            {k: state[k] for k in ("check_packed", "check_vectors") if k in state})
 
 
 def check_record_field(where: str, i: int, name: str, value: torch.Tensor, ref: torch.Tensor, atol: float,

@@ -236,7 +236,8 @@ def export_model(model, config: Dict[str, Any], out: str, *, embedding_dtype: st
 def export_item_tower(tower, config: Dict[str, Any]):
     """(manifest["item_tower"], files) of a model with item features: the content program ``item_tower.pt2``
     ((id part [M, D], packed features [M, W]) -> item vectors [M, D], feature tables inside, dynamic M) and
-    ``item_features.pt`` ({"values": [num_items + 1, W] int64}, the trained items' packed features)."""
+    ``item_features.pt`` ({"values": [num_items + 1, W] int64}, the trained items' packed features, plus
+    "check_packed" [K, W] / "check_vectors" [K, D]: the training tower's content-only vectors of K items)."""
     from torch.export import Dim
 
     from hstu.modules.item_tower import ContentStep
@@ -247,13 +248,17 @@ def export_item_tower(tower, config: Dict[str, Any]):
     with torch.no_grad():
         program = torch.export.export(ContentStep(tower).eval(), example, dynamic_shapes=({0: M}, {0: M}))
     values = tower.feature_values.detach().cpu().clone()
+    check = values[values.ne(0).any(1)][:8]  # a few items with features: the program must reproduce their
+    with torch.no_grad():  # content-only vectors (checked by the loader's verify)
+        check_vectors = tower.combine(torch.zeros(check.shape[0], tower.dim), check)
     encodings = feature_encodings(config["data"]["name"], config["model"]["item_features"])
     meta = {"program": ITEM_TOWER_FILE, "values_file": ITEM_FEATURES_FILE, "combine": tower.combine_mode,
             "pooling": tower.pooling, "dim": tower.dim,
             "features": [{"name": n, "width": w, "cardinality": int(tower.tables[n].num_embeddings),
                           "encoding": encodings.get(n, "")} for n, w in zip(tower.names, tower.widths)]}
     files = {ITEM_TOWER_FILE: lambda p: torch.export.save(program, p),
-             ITEM_FEATURES_FILE: lambda p: torch.save({"values": values}, p)}
+             ITEM_FEATURES_FILE: lambda p: torch.save({"values": values, "check_packed": check,
+                                                       "check_vectors": check_vectors}, p)}
     return meta, files
 
 

@@ -117,3 +117,44 @@ def test_item_table_append_matches_a_table_built_with_the_rows(dtype, tol):
                                atol=tol)
     q = torch.randn(3, 6, generator=g)
     assert torch.equal(topk_inner_product(q, grown, 11, chunk_size=4).ids, brute_force_topk(q, whole, 11).ids)
+
+
+def test_verify_replays_the_item_tower_check(served, tmp_path):
+    import shutil
+
+    from hstu.serving.artifact import ArtifactError
+
+    _, _, out, *_ = served
+    assert "item_tower" in hstu.serving.load(out).verify()
+    art = tmp_path / "art"
+    shutil.copytree(out, art)
+    state = torch.load(art / "item_features.pt", weights_only=True)
+    state["check_vectors"] = state["check_vectors"] + 0.01  # the program no longer reproduces them
+    torch.save(state, art / "item_features.pt")
+    with pytest.raises(ArtifactError, match="item_features.pt: record 0 field 'item_tower' differs"):
+        hstu.serving.load(str(art), verify_checksums=False)
+
+
+def test_add_items_needs_only_torch(served):
+    import subprocess
+    import sys
+    import textwrap
+
+    _, _, out, *_ = served
+    script = textwrap.dedent(f"""
+        import sys
+        BLOCKED = ("hstu.trainer", "hstu.modules", "hstu.ops", "triton", "torchrec", "fbgemm_gpu")
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.startswith(BLOCKED):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import hstu.serving
+        m = hstu.serving.load({out!r})
+        new = m.add_items([{{"cluster": [2]}}])
+        assert new.tolist() == [61] and 61 in m.retrieve([1, 2, 3], [10, 20, 30], 61).ids.tolist()
+        print("LOADED", sorted(k for k in sys.modules if k.startswith(BLOCKED)))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LOADED []" in proc.stdout
