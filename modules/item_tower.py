@@ -75,10 +75,15 @@ class ItemTower(nn.Module):
 
     def pooled(self, packed: torch.Tensor) -> torch.Tensor:
         """packed [N, W] int64 feature indices -> [N, F, D] pooled embedding per feature."""
+        blocks = {name: packed[:, lo:lo + width] for name, lo, width in zip(self.names, self.offsets, self.widths)}
+        if isinstance(self.tables, nn.ModuleDict):
+            looked_up = {name: self.tables[name](idx) for name, idx in blocks.items()}  # [N, w, D]
+        else:  # sharded: trainer/parallel/item_features.py CollectionFeatureTables, one collective lookup
+            looked_up = self.tables.lookup(blocks)
         parts = []
-        for name, lo, width in zip(self.names, self.offsets, self.widths):
-            idx = packed[:, lo:lo + width]  # [N, w]
-            emb = self.tables[name](idx).sum(1)  # padding rows are zero
+        for name in self.names:
+            idx = blocks[name]
+            emb = looked_up[name].sum(1)  # padding rows are zero
             if self.pooling == "mean":
                 emb = emb / (idx > 0).sum(1, keepdim=True).clamp(min=1).to(emb.dtype)
             parts.append(emb)

@@ -179,10 +179,15 @@ class RetrievalTask:
         return build_model_for(self.cfg, self.data.num_items, device, self.item_features, self.train_counts)
 
     def wrap_sharded_tables(self, model: torch.nn.Module, weight_dtype: str) -> None:
-        """The item table becomes a CollectionItemEmbeddings (a TorchRec EmbeddingCollection that DMP shards)."""
+        """The item table becomes a CollectionItemEmbeddings (a TorchRec EmbeddingCollection that DMP shards), the
+        item tower's feature tables (model.item_features) a CollectionFeatureTables."""
         from hstu.trainer.parallel.item_embeddings import CollectionItemEmbeddings
 
         model.item_embeddings = CollectionItemEmbeddings(model.item_embeddings, weight_dtype)
+        if getattr(model, "item_tower", None) is not None:  # the feature tables too, one more collection
+            from hstu.trainer.parallel.item_features import CollectionFeatureTables
+
+            model.item_tower.tables = CollectionFeatureTables(model.item_tower.tables, weight_dtype)
 
     def prefetcher(self, model: torch.nn.Module) -> Any:
         """The sharded model's CollectionItemEmbeddings: ``prefetch(lookup_ids)`` starts the input all-to-all of
