@@ -71,7 +71,8 @@ def run_variant(name: str, cfg_path: str, run_root: str, common: Sequence[str]) 
         "epochs": result.epochs_run, "best_epoch": result.best_epoch,
         "train_seconds_per_epoch": round(result.train_seconds / max(result.epochs_run, 1), 2),
         "train_seconds": round(result.train_seconds, 1), "wall_seconds": round(wall, 1),
-        "never_seen_items": result.data.get("never_seen_items"),
+        "held_out_items": result.data.get("held_out_items"),
+        "never_seen_items": result.data.get("never_seen_items"),  # held out + those only in validation / test
         "features": cfg.model.item_features.features or "all of the dataset's",
         "combine": cfg.model.item_features.combine if cfg.model.item_features.enabled else "",
     })

@@ -126,6 +126,7 @@ class RetrievalTask:
         self.item_features = None  # ItemFeatureTable when model.item_features.enabled
         self.train_counts: Optional[torch.Tensor] = None  # [N+1] training events per item
         self.negative_pool: Optional[torch.Tensor] = None  # with data.holdout_items_frac: the items not held out
+        self.held_out: Optional[int] = None  # how many items data.holdout_items_frac held out
 
     # -- config
     def check_config(self) -> None:
@@ -158,6 +159,7 @@ class RetrievalTask:
             keep = torch.ones(seqs.num_items + 1, dtype=torch.bool)
             keep[0], keep[held] = False, False
             self.negative_pool = keep.nonzero().flatten()
+            self.held_out = int(held.numel())
         if self.cfg.model.item_features.enabled:
             from hstu.trainer.data import load_item_features
 
@@ -171,7 +173,10 @@ class RetrievalTask:
                **tie_options(self.cfg.data)}
         if self.cfg.data.holdout_items_frac > 0:
             out["holdout_items_frac"] = self.cfg.data.holdout_items_frac
-            out["never_seen_items"] = int((self.train_counts[1:] == 0).sum()) if self.train_counts is not None else None
+            out["held_out_items"] = int(self.held_out) if self.held_out is not None else None
+            if self.train_counts is not None and self.data is not None:  # items of the data with no training event
+                present = torch.as_tensor(self.data.source.item_ids).unique()
+                out["never_seen_items"] = int((self.train_counts[present] == 0).sum())
         return out
 
     # -- model, sharding, batch, loss
