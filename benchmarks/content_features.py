@@ -12,6 +12,9 @@ Every variant trains configs/ml-1m/hstu.yaml (``--config``) with ``data.holdout_
 and ``model.item_features.*`` set as below; ``key=value`` overrides apply to all of them. Items with no training
 event use their content part only (``content_only_max_events=0``); with ids only they keep their untrained id
 embedding (the baseline for never-seen items). Run directories go to ``--run-root`` (default: a temp folder).
+The JSON is updated after every variant (under a lock): rows of variants measured with the same settings are
+kept, so ``--variants ids`` and ``--variants ids+features,features`` may run as two processes (one per core)
+and fill one table.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import ensure_hstu_importable, provenance, write_json  # noqa: E402
+from common import RESULTS_DIR, ensure_hstu_importable, provenance, write_json  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_FILE = "content_features.json"
@@ -79,6 +82,44 @@ def run_variant(name: str, cfg_path: str, run_root: str, common: Sequence[str]) 
     return row
 
 
+PROTOCOL = ("leave-one-out (validation: second-to-last item, test: last item); a random share of the items "
+            "(holdout_items_frac, seeded) is removed from every training sequence and stays a candidate and target "
+            "(never a training negative); test metrics at the epoch selected on validation ndcg@10; cold = targets "
+            "with <= cold_max_events training events, unseen = targets with none")
+
+
+def save_row(out_dir: str, settings: dict, row: dict) -> dict:
+    """Merge ``row`` into RESULT_FILE under an exclusive lock: rows of other variants are kept when they were
+    measured with the same ``settings`` (so variants may run in separate processes, one after another or at
+    once); rows of other settings are dropped. Returns the payload written."""
+    import fcntl
+    import json
+
+    directory = out_dir or RESULTS_DIR
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, RESULT_FILE)
+    import hashlib
+
+    lock_path = os.path.join(tempfile.gettempdir(),
+                             f"content-features-{hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:16]}.lock")
+    with open(lock_path, "w") as lock:  # beside nothing in the repository: results/ holds results only
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        old: dict = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        same = all(old.get(k) == v for k, v in settings.items())
+        kept = [r for r in old.get("variants", []) if same and r["variant"] != row["variant"]]
+        if old and not same:
+            print(f"{path}: earlier rows had other settings and are replaced", flush=True)
+        prov = provenance()
+        row = dict(row, commit=prov["commit"], date=prov["date"])
+        rows = sorted(kept + [row], key=lambda r: list(VARIANTS).index(r["variant"]))
+        payload = {**prov, **settings, "protocol": PROTOCOL, "variants": rows}
+        write_json(RESULT_FILE, payload, directory)
+    return payload
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=os.path.join(REPO, "..", "shared", "data", "ml-1m"))
@@ -112,24 +153,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     common += list(args.overrides)
     out_dir = args.out or (tempfile.mkdtemp(prefix="content-features-") if args.smoke else "")
     run_root = args.run_root or tempfile.mkdtemp(prefix="content-features-runs-")
-    rows = []
+    settings = {"smoke": bool(args.smoke), "dataset": "synthetic (smoke)" if args.smoke else "ml-1m",
+                "config": os.path.relpath(args.config, REPO), "seed": args.seed, "epochs_requested": args.epochs,
+                "holdout_items_frac": args.holdout, "cold_max_events": args.cold_max_events,
+                "overrides": " ".join(args.overrides)}
+    payload: dict = {}
     for name in variants:
-        rows.append(run_variant(name, args.config, run_root, common))
-        print(f"{name}: HR@10 {rows[-1]['hr@10']}, cold {rows[-1]['cold_hr@10']}, never-seen "
-              f"{rows[-1]['unseen_hr@10']}; {rows[-1]['train_seconds_per_epoch']} s/epoch", flush=True)
-    payload = {
-        **provenance(), "smoke": bool(args.smoke),
-        "dataset": "synthetic (smoke)" if args.smoke else "ml-1m",
-        "config": os.path.relpath(args.config, REPO), "seed": args.seed, "holdout_items_frac": args.holdout,
-        "cold_max_events": args.cold_max_events, "overrides": " ".join(args.overrides),
-        "protocol": ("leave-one-out (validation: second-to-last item, test: last item); a random share of the "
-                     "items (holdout_items_frac, seeded) is removed from every training sequence and stays a "
-                     "candidate and target; test metrics at the epoch selected on validation ndcg@10; cold = "
-                     "targets with <= cold_max_events training events, unseen = targets with none"),
-        "variants": rows,
-    }
-    path = write_json(RESULT_FILE, payload, out_dir)
-    print(f"wrote {path}")
+        row = run_variant(name, args.config, run_root, common)
+        print(f"{name}: HR@10 {row['hr@10']}, cold {row['cold_hr@10']}, never-seen {row['unseen_hr@10']}; "
+              f"{row['train_seconds_per_epoch']} s/epoch", flush=True)
+        payload = save_row(out_dir, settings, row)  # after every variant: a long run keeps what it finished
+    print(f"wrote {os.path.join(out_dir or RESULTS_DIR, RESULT_FILE)}")
     if not args.smoke and not args.out:
         from summarize import write_results_md
 

@@ -31,6 +31,17 @@ def test_smoke_writes_every_variant_and_renders(tmp_path):
     assert "smoke run" in text and "| ids+features |" in text and "never-seen HR@10" in text
 
 
+def test_variants_run_separately_fill_one_table(tmp_path):
+    common = ["--smoke", "--out", str(tmp_path), "--run-root", str(tmp_path / "runs"), "--epochs", "1"]
+    bench.main(common + ["--variants", "features"])
+    payload = bench.main(common + ["--variants", "ids"])
+    assert [r["variant"] for r in payload["variants"]] == ["ids", "features"]  # kept, in table order
+    payload = bench.main(common + ["--variants", "ids", "--seed", "2"])  # other settings: the old rows go
+    assert [r["variant"] for r in payload["variants"]] == ["ids"] and payload["seed"] == 2
+    assert json.loads((tmp_path / bench.RESULT_FILE).read_text()) == payload
+    assert sorted(os.listdir(tmp_path)) == ["content_features.json", "runs"]  # no lock or temp file left here
+
+
 def _tiny_ml1m(folder):
     """ratings.dat: 40 users x 20 ratings of items 1..60; movies.dat: items 1..60 (latin-1, genres by id)."""
     rng = np.random.default_rng(0)
