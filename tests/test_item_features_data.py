@@ -130,3 +130,23 @@ def test_held_out_items_are_never_negatives():
     task.negative_pool = None  # without holdout: uniform over 1..N, held-out ids included
     p = prepare_retrieval_batch(PreparedBatch(batch, int(batch.item_ids.numel())), ctx)
     assert set(p.negatives.flatten().tolist()) & set(held.tolist())
+
+
+def test_popularity_baseline_does_not_know_held_out_items():
+    import torch
+
+    from hstu.trainer.evaluate import popularity_counts
+    from hstu.trainer.tasks.retrieval import RetrievalTask, popularity_baseline
+
+    cfg = load_config(None, ["data.synthetic.num_users=80", "data.synthetic.num_items=30", "data.max_seq_len=12",
+                             "data.holdout_items_frac=0.3", "eval.item_groups=true", "eval.ks=[1,5]",
+                             "train.progress=false"])
+    task = RetrievalTask(cfg)
+    data = task.build_data()
+    with_pool = task.baseline_metrics()
+    full = popularity_baseline(cfg, data.source, data.eval_loader, groups=task.groups())
+    assert with_pool["unseen/num_users"] == full["unseen/num_users"] > 0
+    assert with_pool["unseen/hr@5"] <= full["unseen/hr@5"] and with_pool["unseen/mrr"] < full["unseen/mrr"]
+    counts = popularity_counts(torch.as_tensor(data.source.item_ids), torch.as_tensor(data.source.offsets), 30)
+    held = holdout_items(data.source, 0.3, cfg.data.seed)
+    assert (counts[held] > 0).all()  # without the pool the baseline would rank them by their real popularity

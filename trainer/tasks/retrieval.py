@@ -108,10 +108,16 @@ def prepare_retrieval_batch(out: PreparedBatch, ctx: Any) -> PreparedBatch:
 
 
 def popularity_baseline(cfg: RunConfig, seqs, eval_loader, env: Any = None,
-                        groups: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
+                        groups: Optional[Dict[str, torch.Tensor]] = None,
+                        pool: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """Most-popular baseline on ``eval_loader``: items ranked by their count in the training sequences;
-    collective with ``env`` of world size > 1."""
+    collective with ``env`` of world size > 1. ``pool``: the items that exist at training time (holdout: the
+    held-out items count 0, as for the model)."""
     counts = popularity_counts(torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets), seqs.num_items)
+    if pool is not None:
+        keep = torch.zeros_like(counts, dtype=torch.bool)
+        keep[pool] = True
+        counts = counts.masked_fill(~keep, 0)
     return evaluate_popularity(counts, eval_loader, cfg.eval, reduce=env.all_reduce_sum
                                if env is not None and env.world_size > 1 else None, groups=groups)
 
@@ -235,7 +241,8 @@ class RetrievalTask:
         return item_groups(self.train_counts, self.cfg.eval.cold_max_events)
 
     def baseline_metrics(self, env=None) -> Dict[str, float]:
-        return popularity_baseline(self.cfg, self.data.source, self.data.eval_loader, env, self.groups())
+        return popularity_baseline(self.cfg, self.data.source, self.data.eval_loader, env, self.groups(),
+                                   self.negative_pool)
 
     def baseline(self, metrics, env=None) -> Dict[str, float]:
         """The most-popular baseline on the test split, logged once (eval.popularity_baseline; else {})."""
