@@ -8,13 +8,14 @@ a TorchRec EmbeddingCollection and ``encode_embeddings`` called with its output.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from hstu.modules.embeddings import ItemEmbeddings
 from hstu.modules.hstu import HSTUEncoder
+from hstu.modules.item_tower import ItemTower
 from hstu.modules.sasrec import SASRecEncoder
 from hstu.ops.backend import BackendLike
 
@@ -39,18 +40,29 @@ def build_encoder(model_cfg: "ModelConfig", max_seq_len: int, ops_backend: Backe
 
 
 class RetrievalModel(nn.Module):
-    """Two-tower-style retrieval model: user vectors from the sequence encoder, item vectors from the item table."""
+    """Two-tower-style retrieval model: user vectors from the sequence encoder, item vectors from the item table
+    (with ``item_features``: from the item tower over the id embedding and the content features)."""
 
     def __init__(self, model_cfg: "ModelConfig", num_items: int, max_seq_len: int,
-                 ops_backend: BackendLike = "pytorch") -> None:
+                 ops_backend: BackendLike = "pytorch", item_features: Any = None) -> None:
         super().__init__()
         self.num_items, self.l2_norm_output = num_items, model_cfg.l2_norm_output
         self.item_embeddings = ItemEmbeddings(num_items, model_cfg.embedding_dim)
         self.encoder = build_encoder(model_cfg, max_seq_len, ops_backend)
+        self.item_tower: Optional[ItemTower] = None
+        if item_features is not None:  # an ItemFeatureTable (trainer/data/item_features.py) or alike
+            values = torch.as_tensor(item_features.values, dtype=torch.int64)
+            if values.shape[0] != num_items + 1:
+                raise ValueError(f"item features cover {values.shape[0] - 1} items, the model has {num_items}")
+            fc = model_cfg.item_features
+            self.item_tower = ItemTower(item_features.names, item_features.widths, item_features.cardinalities,
+                                        values, model_cfg.embedding_dim, fc.combine, fc.pooling, fc.use_ids)
 
     def embed_items(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [N] -> [N, D] raw item embeddings (the input table, also the output item vectors)."""
-        return self.item_embeddings(ids)
+        """ids [N] -> [N, D] raw item embeddings (the input tokens, also the output item vectors): the id table,
+        or the item tower over it when the model has item features."""
+        emb = self.item_embeddings(ids)
+        return emb if self.item_tower is None else self.item_tower(ids, emb)
 
     def encode_embeddings(self, item_embeddings: torch.Tensor, batch: Any) -> torch.Tensor:
         """Dense tower only: already-looked-up item embeddings [T, D] of ``batch`` -> sequence embeddings [T, D]."""
@@ -89,6 +101,10 @@ class RetrievalModel(nn.Module):
         return enc[last.clamp(min=0)] * nonempty.to(enc.dtype)
 
 
-def build_model(cfg: "RunConfig", num_items: int) -> RetrievalModel:
-    """RunConfig -> RetrievalModel (arch from cfg.model.arch, history cap cfg.data.max_seq_len, cfg.ops.backend)."""
-    return RetrievalModel(cfg.model, num_items, cfg.data.max_seq_len, cfg.ops.backend)
+def build_model(cfg: "RunConfig", num_items: int, item_features: Any = None) -> RetrievalModel:
+    """RunConfig -> RetrievalModel (arch from cfg.model.arch, history cap cfg.data.max_seq_len, cfg.ops.backend);
+    ``item_features`` (an ItemFeatureTable) is required when model.item_features.enabled, ignored otherwise."""
+    if cfg.model.item_features.enabled and item_features is None:
+        raise ValueError("model.item_features.enabled=true: build_model needs the item feature table")
+    return RetrievalModel(cfg.model, num_items, cfg.data.max_seq_len, cfg.ops.backend,
+                          item_features if cfg.model.item_features.enabled else None)

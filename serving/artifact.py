@@ -70,9 +70,11 @@ class ServingModel:
     task = "retrieval"
 
     def __init__(self, path: str, manifest: Dict[str, Any], config: Dict[str, Any], engine: MFalcon,
-                 table: ItemTable, records: List[Dict[str, torch.Tensor]]) -> None:
+                 table: ItemTable, records: List[Dict[str, torch.Tensor]],
+                 item_tower: Optional[ItemTowerProgram] = None) -> None:
         self.path, self.manifest, self.config = path, manifest, config
         self.engine, self.table, self.records = engine, table, records
+        self.item_tower = item_tower  # None unless the model was trained with item features
         m = manifest["model"]
         self.num_items, self.max_seq_len, self.variant = int(m["num_items"]), int(m["max_seq_len"]), m["variant"]
         self.embedding_dtype = manifest["embedding"]["dtype"]
@@ -125,6 +127,22 @@ class ServingModel:
         state = self.encode(history_ids, history_timestamps, query_time)
         return self.retrieve_state(state, k, exclude_history=exclude_history, chunk_size=chunk_size)
 
+    # -------------------------------------------------------------------------------------- new items
+    @torch.inference_mode()
+    def add_items(self, features: Sequence[Dict[str, Sequence[int]]]) -> torch.Tensor:
+        """New items from their content features alone, no retraining: features[i] = {feature name: indices}
+        (encoded as manifest.json ``item_tower.features[].encoding`` says; a feature left out = missing). Their
+        vectors come from the exported item tower with no id part; returns the new ids [M] (num_items + 1, ...),
+        usable at once in retrieve / rank / histories. Needs an artifact of a model with item features."""
+        if self.item_tower is None:
+            raise ValueError(f"{self.path}: this model has no item tower (trained without model.item_features)")
+        packed = self.item_tower.pack(features)
+        rows = self.item_tower.program(torch.zeros(packed.shape[0], self.table.dim), packed)
+        ids = self.table.append(rows)
+        self.item_tower.values = torch.cat([self.item_tower.values, packed])
+        self.num_items = self.engine.num_items = self.table.num_rows - 1
+        return ids
+
     # -------------------------------------------------------------------------------------- self-check
     def verify(self, atol: float = TOLERANCE["atol"], rtol: float = TOLERANCE["rtol"]) -> Dict[str, float]:
         """Replay the recorded requests; raises ArtifactError on a mismatch, returns the max abs errors."""
@@ -136,7 +154,62 @@ class ServingModel:
                    "topk_scores": self.retrieve_state(state, len(r["topk_ids"])).scores}
             for name, value in got.items():
                 check_record_field(where, i, name, value, r[name], atol, rtol, worst)
+        tower = self.item_tower
+        if tower is not None and "check_packed" in tower.check:
+            where = os.path.join(self.path, self.manifest["item_tower"]["values_file"])
+            worst["item_tower"] = 0.0
+            with torch.inference_mode():
+                got = tower.program(torch.zeros(tower.check["check_packed"].shape[0], self.table.dim),
+                                    tower.check["check_packed"])
+            check_record_field(where, 0, "item_tower", got, tower.check["check_vectors"], atol, rtol, worst)
         return worst
+
+
+class ItemTowerProgram:
+    """The exported content tower (manifest ``item_tower``): program (id part [M, D], packed [M, W]) -> [M, D],
+    the feature layout and the packed features of the catalog's items (values [rows, W] int64)."""
+
+    def __init__(self, program: Any, features: List[Dict[str, Any]], values: torch.Tensor,
+                 check: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        self.program, self.features, self.values = program, features, values
+        self.width = sum(int(f["width"]) for f in features)
+        self.check = check or {}  # {"check_packed" [K, W], "check_vectors" [K, D]} recorded at export
+
+    def pack(self, items: Sequence[Dict[str, Sequence[int]]]) -> torch.Tensor:
+        """[{name: indices}] -> [M, W] int64; ValueError naming the item, feature and value when out of range."""
+        if len(items) == 0:
+            raise ValueError("add_items: no items given")
+        known = {f["name"]: f for f in self.features}
+        out = torch.zeros(len(items), self.width, dtype=torch.int64)
+        for i, item in enumerate(items):
+            for name, vals in item.items():
+                if name not in known:
+                    raise ValueError(f"add_items: item {i}: unknown feature {name!r} (known: {list(known)})")
+                f, lo = known[name], sum(int(g["width"]) for g in self.features[:self.features.index(known[name])])
+                vals = [int(v) for v in (vals if isinstance(vals, (list, tuple)) else [vals])]
+                if len(vals) > int(f["width"]) or any(not 1 <= v < int(f["cardinality"]) for v in vals):
+                    raise ValueError(f"add_items: item {i}: feature {name!r} = {vals} must be at most {f['width']} "
+                                     f"values in 1..{int(f['cardinality']) - 1}")
+                out[i, lo:lo + len(vals)] = torch.tensor(vals, dtype=torch.int64)
+        return out
+
+
+def _load_item_tower(path: str, manifest: Dict[str, Any], rows: int) -> Optional[ItemTowerProgram]:
+    meta = manifest.get("item_tower")
+    if meta is None:
+        return None
+    mpath = os.path.join(path, MANIFEST)
+    program = torch.export.load(os.path.join(path, _field(manifest, "item_tower.program", mpath))).module()
+    vfile = os.path.join(path, _field(manifest, "item_tower.values_file", mpath))
+    state = torch.load(vfile, map_location="cpu", weights_only=True)
+    values = state.get("values") if isinstance(state, dict) else None
+    features = _field(manifest, "item_tower.features", mpath)
+    width = sum(int(f["width"]) for f in features)
+    if values is None or tuple(values.shape) != (rows, width):
+        raise ArtifactError(f"{vfile}: field values must be [{rows}, {width}] (rows, sum of item_tower.features "
+                            f"widths in {mpath})")
+    return ItemTowerProgram(program, features, values,
+                            {k: state[k] for k in ("check_packed", "check_vectors") if k in state})
 
 
 def check_record_field(where: str, i: int, name: str, value: torch.Tensor, ref: torch.Tensor, atol: float,
@@ -253,7 +326,8 @@ def load(path: str, *, task: Optional[str] = None, verify: bool = True, verify_c
                      max_seq_len=m["max_seq_len"], num_items=m["num_items"], num_layers=m["num_layers"],
                      num_heads=m["num_heads"], attention_dim=m["attention_dim"], linear_dim=m["linear_dim"],
                      embedding_dim=m["embedding_dim"], micro_batch=micro_batch)
-    model = ServingModel(path, manifest, config, engine, table, records)
+    model = ServingModel(path, manifest, config, engine, table, records,
+                         _load_item_tower(path, manifest, table.num_rows))
     if verify:
         model.verify()
     return model

@@ -37,6 +37,7 @@ FORMAT, FORMAT_VERSION = "hstu-serving", 2  # 2: manifest.task (retrieval | rank
 MANIFEST, CONFIG_YAML, CONFIG_JSON = "manifest.json", "config.yaml", "config.json"
 EXTEND_FILE, SCORE_FILE = "dense_extend.pt2", "dense_score.pt2"
 EMBEDDINGS_FILE, RECORDS_FILE = "embeddings.pt", "records.pt"
+ITEM_TOWER_FILE, ITEM_FEATURES_FILE = "item_tower.pt2", "item_features.pt"
 STEP_INPUTS = ["x", "pos", "ts", "t_next", "q_time", "past_k", "past_v", "past_pos", "past_ts"]
 MODEL_FIELDS = ("arch", "variant", "embedding_dim", "num_layers", "num_heads", "attention_dim", "linear_dim",
                 "l2_norm_output")
@@ -197,9 +198,11 @@ def export_model(model, config: Dict[str, Any], out: str, *, embedding_dtype: st
         raise ValueError(f"serving export supports model.arch hstu only, got {mc.get('arch')!r}")
     out = check_out(out, overwrite)
     model = model.eval()
-    table = ItemTable.quantize(model.item_embeddings.table.weight, embedding_dtype, l2_norm=model.l2_norm_output,
-                               eps=L2_EPS)
+    with torch.no_grad():  # the item vectors before normalisation: the id table, or the item tower's output
+        rows = model.embed_items(torch.arange(model.num_items + 1))
+    table = ItemTable.quantize(rows, embedding_dtype, l2_norm=model.l2_norm_output, eps=L2_EPS)
     ref = copy.deepcopy(model)  # reference outputs use exactly the rows the artifact stores
+    ref.item_tower = None
     with torch.no_grad():
         ref.item_embeddings.table.weight.copy_(table.lookup(torch.arange(table.num_rows)))
     enc = model.encoder
@@ -223,8 +226,40 @@ def export_model(model, config: Dict[str, Any], out: str, *, embedding_dtype: st
         manifest["quantization_max_abs_rank_error"] = err
     files = {EXTEND_FILE: lambda p: torch.export.save(extend, p), SCORE_FILE: lambda p: torch.export.save(score, p),
              EMBEDDINGS_FILE: lambda p: torch.save(table.state(), p), RECORDS_FILE: lambda p: torch.save(records, p)}
+    if model.item_tower is not None:
+        manifest["item_tower"], tower_files = export_item_tower(model.item_tower, config)
+        files.update(tower_files)
     write_artifact(out, manifest, config, files)
     return manifest
+
+
+def export_item_tower(tower, config: Dict[str, Any]):
+    """(manifest["item_tower"], files) of a model with item features: the content program ``item_tower.pt2``
+    ((id part [M, D], packed features [M, W]) -> item vectors [M, D], feature tables inside, dynamic M) and
+    ``item_features.pt`` ({"values": [num_items + 1, W] int64}, the trained items' packed features, plus
+    "check_packed" [K, W] / "check_vectors" [K, D]: the training tower's content-only vectors of K items)."""
+    from torch.export import Dim
+
+    from hstu.modules.item_tower import ContentStep
+    from hstu.trainer.data.item_features import feature_encodings
+
+    M = Dim("items", min=1, max=1 << 24)
+    example = (torch.zeros(3, tower.dim), tower.feature_values[:3].clone())
+    with torch.no_grad():
+        program = torch.export.export(ContentStep(tower).eval(), example, dynamic_shapes=({0: M}, {0: M}))
+    values = tower.feature_values.detach().cpu().clone()
+    check = values[values.ne(0).any(1)][:8]  # a few items with features: the program must reproduce their
+    with torch.no_grad():  # content-only vectors (checked by the loader's verify)
+        check_vectors = tower.combine(torch.zeros(check.shape[0], tower.dim), check)
+    encodings = feature_encodings(config["data"]["name"], config["model"]["item_features"])
+    meta = {"program": ITEM_TOWER_FILE, "values_file": ITEM_FEATURES_FILE, "combine": tower.combine_mode,
+            "pooling": tower.pooling, "dim": tower.dim,
+            "features": [{"name": n, "width": w, "cardinality": int(tower.tables[n].num_embeddings),
+                          "encoding": encodings.get(n, "")} for n, w in zip(tower.names, tower.widths)]}
+    files = {ITEM_TOWER_FILE: lambda p: torch.export.save(program, p),
+             ITEM_FEATURES_FILE: lambda p: torch.save({"values": values, "check_packed": check,
+                                                       "check_vectors": check_vectors}, p)}
+    return meta, files
 
 
 def export_run(run_dir: str, out: str, *, embedding_dtype: str = "fp32", checkpoint: Optional[str] = None,
@@ -260,9 +295,14 @@ def export_retrieval_state(cfg, state: Dict[str, torch.Tensor], ckpt: str, out: 
     from hstu.trainer.config import ConfigError, to_dict
     from hstu.trainer.plain_weights import check_fits
 
+    from hstu.modules.item_tower import features_from_state
+
     if ITEM_KEY not in state:
         raise ConfigError(f"{ckpt}: no {ITEM_KEY} (not a RetrievalModel checkpoint?)")
-    model = build_model(cfg, int(state[ITEM_KEY].shape[0]) - 1)
+    layout = features_from_state(state)  # the item tower's structure comes from the checkpoint, no data is read
+    if cfg.model.item_features.enabled and layout is None:
+        raise ConfigError(f"{ckpt}: model.item_features.enabled=true but the checkpoint has no item_tower.*")
+    model = build_model(cfg, int(state[ITEM_KEY].shape[0]) - 1, layout)
     check_fits(model.state_dict(), state, ckpt, "hstu export")
     model.load_state_dict(state)
     return export_model(model, to_dict(cfg), out, embedding_dtype=embedding_dtype, overwrite=overwrite,

@@ -66,6 +66,20 @@ class ItemTable:
             return cls(q, scale.float(), **kw)
         raise ValueError(f"embedding dtype must be one of {EMBEDDING_DTYPES}, got {dtype!r}")
 
+    def append(self, rows: torch.Tensor) -> torch.Tensor:
+        """Add rows [M, D] (fp32 item vectors before normalisation, stored in this table's dtype) as new items
+        num_rows..num_rows + M - 1; returns their ids [M]."""
+        rows = rows.detach().float().reshape(-1, self.dim)
+        new = ItemTable.quantize(rows, self.dtype, l2_norm=self.l2_norm, eps=self.eps)
+        ids = torch.arange(self.num_rows, self.num_rows + rows.shape[0])
+        self.weight = torch.cat([self.weight, new.weight])
+        if self.scale is not None:
+            self.scale = torch.cat([self.scale, new.scale])
+        if self.row_factor is not None:
+            self.row_factor = torch.cat([self.row_factor, new.row_factor])
+        self.num_rows += rows.shape[0]
+        return ids
+
     def state(self) -> Dict[str, torch.Tensor]:
         return {"weight": self.weight} if self.scale is None else {"weight": self.weight, "scale": self.scale}
 

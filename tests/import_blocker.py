@@ -58,3 +58,25 @@ def bare_checkout(dst: str, root: str = ROOT) -> int:
         shutil.copy2(src, os.path.join(dst, name))
         total += os.path.getsize(src)
     return total
+
+
+SERVING_BLOCKED = ("hstu.trainer", "hstu.modules", "hstu.ops", "triton", "torchrec", "fbgemm_gpu")
+
+
+def run_torch_only(body: str, timeout_s: int = 120) -> str:
+    """Run python ``body`` in a subprocess whose imports of SERVING_BLOCKED (prefixes) fail, then print the blocked
+    modules that got loaded anyway as ``LOADED [...]``; returns stdout (raises AssertionError on a failure)."""
+    import sys
+
+    script = textwrap.dedent(f"""
+        import sys
+        BLOCKED = {SERVING_BLOCKED!r}
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.startswith(BLOCKED):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+    """) + textwrap.dedent(body) + '\nprint("LOADED", sorted(k for k in sys.modules if k.startswith(BLOCKED)))\n'
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

@@ -60,8 +60,27 @@ class DataConfig:
     seed: int = 42  # shuffling seed (epoch e uses seed + e); also seeds tie_order=random
     # order of a user's events with equal timestamps: random (seeded shuffle, data.seed) | file | item_id
     tie_order: str = "random"
+    # share of the items (seeded by data.seed) removed from every TRAINING sequence; they stay in the catalog and
+    # are validation / test targets ("never-seen" items, docs/model.md "Item tower")
+    holdout_items_frac: float = 0.0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     events: EventsConfig = field(default_factory=EventsConfig)  # data.name=events (trainer/events_config.py)
+
+
+@dataclass
+class ItemFeaturesConfig:
+    """Item tower (modules/item_tower.py, docs/model.md): id embedding + pooled content-feature embeddings."""
+
+    enabled: bool = False
+    combine: str = "sum"  # sum | mlp (a small MLP over the concatenated parts)
+    pooling: str = "mean"  # multi-valued features (genre, title words): mean | sum over the item's values
+    features: List[str] = field(default_factory=list)  # [] = all the dataset has (trainer/data/item_features.py)
+    use_ids: bool = True  # false: content features only (the id table is kept but unused)
+    # an item with <= this many training events uses its content part only (its id embedding is dropped);
+    # 0 = items never seen in training; -1 = never drop
+    content_only_max_events: int = 0
+    title_buckets: int = 2048  # hashed title-word vocabulary
+    year_bucket_years: int = 5  # release-year bucket width
 
 
 @dataclass
@@ -86,6 +105,7 @@ class ModelConfig:
     # production variant only: time goes in as an INPUT embedding of bucket(query_time - t_j)
     input_time_buckets: int = 2048  # table has input_time_buckets + 1 rows
     input_time_bucket_fn: str = "sqrt"  # sqrt: floor(sqrt(dt/60)) | log: floor(ln(dt/60)), clamped
+    item_features: ItemFeaturesConfig = field(default_factory=ItemFeaturesConfig)
 
 
 @dataclass
@@ -162,6 +182,10 @@ class EvalConfig:
     selection_metric: str = "ndcg@10"  # best-epoch selection
     select_on: str = "validation"  # split the best epoch is selected on: validation | test (docs/model.md)
     popularity_baseline: bool = True  # also evaluate the most-popular baseline once per run (logged, results.json)
+    # also report the metrics on cold targets (<= cold_max_events training events: "cold/hr@10", ...) and on
+    # targets never seen in training ("unseen/hr@10", ...)
+    item_groups: bool = False
+    cold_max_events: int = 5
 
 
 @dataclass

@@ -38,6 +38,11 @@ DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 TIE_ORDERS = ("random", "file", "item_id")  # data.tie_order (trainer/data/sequences.py)
 SELECT_ON = ("validation", "test")  # eval.select_on
+ITEM_FEATURE_COMBINES = ("sum", "mlp")  # model.item_features.combine
+ITEM_FEATURE_POOLINGS = ("mean", "sum")  # model.item_features.pooling
+# item features each dataset has (trainer/data/item_features.py)
+ITEM_FEATURES_BY_DATASET = {"ml-1m": ("genre", "year", "title"), "ml-100k": ("genre", "year", "title"),
+                            "synthetic": ("cluster",)}
 # ranking datasets: (binary tasks, regression target or "")
 RANKING_DATASETS = {"ml-1m": (("like", "love"), "rating"), "synthetic": (("click", "like", "share", "complete"), "")}
 
@@ -122,6 +127,7 @@ def check_values(cfg: Any) -> None:
     c.choice("eval.select_on", SELECT_ON)
     _check_data(c)
     _check_model(c)
+    _check_item_features(c)
     _check_optim_loss(c)
     _check_train_eval(c)
     _check_sharding(cfg)
@@ -169,6 +175,35 @@ def _check_model(c: _Checks) -> None:
                           f"{m.embedding_dim} (model.arch=sasrec)")
     if m.arch == "dlrm" and c.cfg.task != "ranking":
         raise ConfigError("key 'model.arch' = 'dlrm' needs task=ranking")
+
+
+def _check_item_features(c: _Checks) -> None:
+    """model.item_features.* and data.holdout_items_frac (the item tower is built for task=retrieval)."""
+    cfg, f = c.cfg, c.cfg.model.item_features
+    c.interval("data.holdout_items_frac", 0.0, 1.0)
+    c.at_least(0, "eval.cold_max_events")
+    c.choice("model.item_features.combine", ITEM_FEATURE_COMBINES)
+    c.choice("model.item_features.pooling", ITEM_FEATURE_POOLINGS)
+    c.positive("model.item_features.title_buckets", "model.item_features.year_bucket_years")
+    c.at_least(-1, "model.item_features.content_only_max_events")
+    if len(set(f.features)) != len(f.features):
+        raise _fail("model.item_features.features", f.features, "a list without repeats")
+    if cfg.data.holdout_items_frac > 0 and cfg.task != "retrieval":
+        raise ConfigError(f"key 'data.holdout_items_frac' = {cfg.data.holdout_items_frac}: needs task=retrieval")
+    if not f.enabled:
+        if not f.use_ids:
+            raise ConfigError("key 'model.item_features.use_ids' = False needs model.item_features.enabled=true "
+                              "(an item needs ids or features)")
+        return
+    if cfg.task != "retrieval":
+        raise ConfigError(f"key 'model.item_features.enabled' = True: supported with task=retrieval only, got "
+                          f"task={cfg.task!r}")
+    known = ITEM_FEATURES_BY_DATASET.get(cfg.data.name)
+    if known is None:
+        raise ConfigError(f"key 'model.item_features.enabled' = True: data.name = {cfg.data.name!r} has no item "
+                          f"features ({' | '.join(ITEM_FEATURES_BY_DATASET)})")
+    for i, name in enumerate(f.features):
+        c.choice(f"model.item_features.features[{i}]", known, name)
 
 
 def _check_optim_loss(c: _Checks) -> None:

@@ -15,6 +15,10 @@ Protocol
 
 A most-popular baseline (items ranked by training frequency) uses the same ranking code.
 
+Target groups (``eval.item_groups``, :func:`item_groups`): the same metrics restricted to the users whose target
+is a cold item (<= ``eval.cold_max_events`` training events) -> keys ``cold/hr@10``, ..., ``cold/num_users`` —
+and to those whose target never occurs in training (``unseen/...``; e.g. the ``data.holdout_items_frac`` items).
+
 Data parallel: each rank ranks its own slice of the users (its eval loader) and passes ``reduce`` (an in-place
 SUM over ranks); metric sums and user counts are reduced before dividing, so the result equals a
 single-process evaluation. The item table is built by every rank (a collective lookup when it is sharded).
@@ -108,6 +112,34 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int], ndcg_ks: Sequence
     return out
 
 
+def item_groups(train_counts: torch.Tensor, cold_max_events: int) -> Dict[str, torch.Tensor]:
+    """train_counts [N+1] (training events per item) -> {"cold": bool [N+1] (<= cold_max_events events),
+    "unseen": bool [N+1] (no training event)}; row 0 (padding) is in neither."""
+    cold, unseen = train_counts <= cold_max_events, train_counts == 0
+    cold[0] = unseen[0] = False
+    return {"cold": cold, "unseen": unseen}
+
+
+class _GroupedAccumulator:
+    """One accumulator over all targets plus one per target group (bool [N+1] masks over item ids)."""
+
+    def __init__(self, ks: Sequence[int], ndcg_ks: Sequence[int],
+                 groups: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        self.all = _Accumulator(ks, ndcg_ks)
+        self.groups = {name: (mask.cpu(), _Accumulator(ks, ndcg_ks)) for name, mask in (groups or {}).items()}
+
+    def add(self, ranks: torch.Tensor, target_ids: torch.Tensor) -> None:
+        self.all.add(ranks)
+        for mask, acc in self.groups.values():
+            acc.add(ranks[mask[target_ids.cpu()].to(ranks.device)])
+
+    def result(self, reduce: Optional[Reduce] = None) -> Metrics:
+        out = self.all.result(reduce)
+        for name, (_, acc) in self.groups.items():  # every rank reduces every group: same collective count
+            out.update({f"{name}/{k}": v for k, v in acc.result(reduce).items()})
+        return out
+
+
 class _Accumulator:
     def __init__(self, ks: Sequence[int], ndcg_ks: Sequence[int]) -> None:
         self.ks, self.ndcg_ks, self.sums, self.n = list(ks), list(ndcg_ks), {}, 0
@@ -146,27 +178,30 @@ def _history(batch, remove_history: bool):
 
 @torch.no_grad()
 def evaluate(model, loader: Iterable, num_items: int, eval_cfg, device="cpu", return_ranks: bool = False,
-             reduce: Optional[Reduce] = None):
+             reduce: Optional[Reduce] = None, groups: Optional[Dict[str, torch.Tensor]] = None):
     """Full-ranking evaluation of ``model`` on an eval loader of JaggedBatch (target_ids set).
 
     Uses ``model.user_vectors(batch)`` [B, D] and ``model.item_vectors(ids)``; ``eval_cfg`` is an EvalConfig.
     Returns metrics dict (and this process's ranks [U] when ``return_ranks``). Restores the model's train/eval
-    mode. ``reduce``: see the module docstring (every rank must have the same number of batches).
+    mode. ``reduce``: see the module docstring (every rank must have the same number of batches). ``groups``:
+    {name: bool [N+1]} target groups (:func:`item_groups`) also reported as ``name/<metric>``.
     """
     was_training = model.training
     model.eval()
     try:
         table = all_item_vectors(model, num_items, device, eval_cfg.item_chunk_size)
-        acc = _Accumulator(eval_cfg.ks, eval_cfg.ndcg_ks)
+        acc = _GroupedAccumulator(eval_cfg.ks, eval_cfg.ndcg_ks, groups)
         for batch in loader:
             batch = batch.to(device)
             user_vecs = model.user_vectors(batch).float()
             hist_ids, hist_off = _history(batch, eval_cfg.remove_history)
-            acc.add(rank_targets(user_vecs, batch.target_ids, table, hist_ids, hist_off, eval_cfg.item_chunk_size))
+            ranks = rank_targets(user_vecs, batch.target_ids, table, hist_ids, hist_off, eval_cfg.item_chunk_size)
+            acc.add(ranks, batch.target_ids)
     finally:
         model.train(was_training)
     result = acc.result(reduce)
-    return (result, torch.cat(acc.ranks) if acc.ranks else torch.zeros(0, dtype=torch.long)) if return_ranks else result
+    ranks = acc.all.ranks
+    return (result, torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)) if return_ranks else result
 
 
 def popularity_counts(item_ids: torch.Tensor, offsets: torch.Tensor, num_items: int) -> torch.Tensor:
@@ -188,13 +223,15 @@ def popularity_table(counts: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_popularity(counts: torch.Tensor, loader: Iterable, eval_cfg, reduce: Optional[Reduce] = None) -> Metrics:
+def evaluate_popularity(counts: torch.Tensor, loader: Iterable, eval_cfg, reduce: Optional[Reduce] = None,
+                        groups: Optional[Dict[str, torch.Tensor]] = None) -> Metrics:
     """Most-popular baseline: every user gets the same ranking by training frequency ``counts`` [N+1]."""
     table = popularity_table(counts)
-    acc = _Accumulator(eval_cfg.ks, eval_cfg.ndcg_ks)
+    acc = _GroupedAccumulator(eval_cfg.ks, eval_cfg.ndcg_ks, groups)
     for batch in loader:
         batch = batch.to("cpu")
         user_vecs = torch.ones(batch.target_ids.numel(), 1, dtype=torch.float64)
         hist_ids, hist_off = _history(batch, eval_cfg.remove_history)
-        acc.add(rank_targets(user_vecs, batch.target_ids, table, hist_ids, hist_off, eval_cfg.item_chunk_size))
+        acc.add(rank_targets(user_vecs, batch.target_ids, table, hist_ids, hist_off, eval_cfg.item_chunk_size),
+                batch.target_ids)
     return acc.result(reduce)

@@ -47,6 +47,10 @@ def plain_name(name: str, coll: str = "") -> str:
         name = name.split(".", 1)[1]
     if coll and name == coll:
         return ITEM_KEY
+    if name.startswith("item_tower.tables.collection."):  # retrieval item-tower feature tables
+        from hstu.trainer.parallel.item_features import plain_feature_name
+
+        return plain_feature_name(name)
     if ".collection.embeddings." in name:
         from hstu.trainer.parallel.ranking_embeddings import plain_name as ranking_plain_name
 

@@ -118,18 +118,33 @@ def build_loaders(data_cfg: DataConfig, seqs: UserSequences, rank: int = 0,
     """Leave-one-out split with validation (sequences.leave_one_out_split) -> (train loader: shuffled per (seed,
     epoch), resumable, sequences end before the validation item; validation loader; test loader: in user order,
     batches carry target_ids / target_timestamps). rank/world_size: this process's slice of every global batch.
+    ``data.holdout_items_frac`` > 0: those items are removed from the train sequences only (trainer/data/holdout.py).
     data.name=events: the split of data.events.split (trainer/data/events_split.py)."""
     if data_cfg.name == "events":
         from hstu.trainer.data.events_loader import build_events_loaders
 
         return build_events_loaders(data_cfg, seqs, rank, world_size)
     split = leave_one_out_split(seqs, data_cfg.max_seq_len)
-    train = SequenceLoader(split.train, data_cfg.batch_size, shuffle=True, seed=data_cfg.seed,
+    train_seqs = split.train
+    if data_cfg.holdout_items_frac > 0:
+        from hstu.trainer.data.holdout import holdout_items, remove_items
+
+        train_seqs = remove_items(split.train, holdout_items(seqs, data_cfg.holdout_items_frac, data_cfg.seed))
+    train = SequenceLoader(train_seqs, data_cfg.batch_size, shuffle=True, seed=data_cfg.seed,
                            num_workers=data_cfg.num_workers, min_len=2, rank=rank, world_size=world_size)
     validation, test = (SequenceLoader.for_eval(view, data_cfg.eval_batch_size, num_workers=data_cfg.num_workers,
                                                 rank=rank, world_size=world_size)
                         for view in (split.validation, split.test))
     return train, validation, test
+
+
+def load_item_features(data_cfg: DataConfig, feat_cfg: Any, num_items: int, progress: bool = False) -> Any:
+    """The item feature table of the dataset (trainer/data/item_features.py): movies.dat / u.item from the raw
+    folder (downloaded when data.data_dir is unset), the clusters of the synthetic world."""
+    from hstu.trainer.data import item_features as itf
+
+    raw = None if data_cfg.name == "synthetic" else _raw_dir(data_cfg, progress)
+    return itf.load_item_features(data_cfg, feat_cfg, num_items, raw)
 
 
 def prepare(data_cfg: DataConfig, progress: bool = True) -> Dict[str, Any]:

@@ -49,11 +49,16 @@ def ratings_file(name: str, data_dir: "str | Path") -> Path:
     """The ratings file of dataset ``name`` in ``data_dir`` (or in ``data_dir/<name>/``)."""
     if name not in ML_FILES:
         raise DataError(f"unknown MovieLens dataset {name!r} (known: {', '.join(ML_FILES)})")
+    return dataset_file(name, data_dir, ML_FILES[name])
+
+
+def dataset_file(name: str, data_dir: "str | Path", filename: str) -> Path:
+    """``data_dir/filename`` or ``data_dir/<name>/filename`` (the first that exists), else DataError."""
     data_dir = Path(data_dir).expanduser()
-    for candidate in (data_dir / ML_FILES[name], data_dir / name / ML_FILES[name]):
+    for candidate in (data_dir / filename, data_dir / name / filename):
         if candidate.is_file():
             return candidate
-    raise DataError(f"{name}: {ML_FILES[name]} not found in {data_dir}", path=str(data_dir / ML_FILES[name]))
+    raise DataError(f"{name}: {filename} not found in {data_dir}", path=str(data_dir / filename))
 
 
 def read_movielens_events(name: str, path: "str | Path", progress: bool = True) -> RawEvents:

@@ -107,12 +107,17 @@ def full_table(weight: Any, pg: Optional[dist.ProcessGroup] = None) -> torch.Ten
 
 def plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """State dict of the plain RetrievalModel (CPU tensors): the sharded table is gathered (collective) and
-    renamed to ``item_embeddings.table.weight``; dense parameters keep their names."""
+    renamed to ``item_embeddings.table.weight``, sharded feature tables to ``item_tower.tables.<f>.weight``;
+    dense parameters keep their names."""
+    from hstu.trainer.parallel.item_features import plain_feature_name
+
     sd = model.state_dict()
     out = {}
     for key, value in sd.items():
         if key == COLLECTION_KEY:
             out[PLAIN_KEY] = full_table(value).cpu()
+        elif plain_feature_name(key) != key:  # an item-tower feature table (trainer/parallel/item_features.py)
+            out[plain_feature_name(key)] = full_table(value).cpu()
         elif isinstance(value, torch.Tensor):
             out[key] = value.detach().cpu()
     return out

@@ -17,7 +17,7 @@ import torch
 
 from hstu.modules.losses import lookup_all_items, next_item_labels, sample_negatives, sampled_softmax_loss
 from hstu.trainer.config import ConfigError, RunConfig
-from hstu.trainer.evaluate import evaluate, evaluate_popularity, popularity_counts
+from hstu.trainer.evaluate import evaluate, evaluate_popularity, item_groups, popularity_counts
 from hstu.trainer.pipeline import PreparedBatch
 from hstu.trainer.tasks.spec import TaskData
 
@@ -41,10 +41,17 @@ def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1, with_validati
     return seqs, train_loader, test_loader
 
 
-def build_model_for(cfg: RunConfig, num_items: int, device: torch.device) -> torch.nn.Module:
+def build_model_for(cfg: RunConfig, num_items: int, device: torch.device, item_features: Any = None,
+                    train_counts: Any = None) -> torch.nn.Module:
+    """The RetrievalModel; with item features, items with <= model.item_features.content_only_max_events
+    training events (``train_counts`` [N+1]) get their id embedding dropped (content part only)."""
     from hstu.modules.model import build_model
 
-    return build_model(cfg, num_items).to(device)
+    model = build_model(cfg, num_items, item_features)
+    threshold = cfg.model.item_features.content_only_max_events
+    if model.item_tower is not None and threshold >= 0 and train_counts is not None:
+        model.item_tower.drop_ids(torch.as_tensor(train_counts) <= threshold)
+    return model.to(device)
 
 
 def compute_loss(model: torch.nn.Module, batch: Any, ctx: Any) -> torch.Tensor:
@@ -75,13 +82,19 @@ def _lookup_all(cfg: RunConfig, num_items: int) -> bool:
 
 def prepare_retrieval_batch(out: PreparedBatch, ctx: Any) -> PreparedBatch:
     """Both paths: next-item labels [T], valid [T] and the negatives [V, R] of the V valid positions, drawn from
-    ``ctx.neg_generator`` here and nowhere else. Sharded path (``ctx.env.sharded``) also: the ids of the ONE table
+    ``ctx.neg_generator`` here and nowhere else (uniform over 1..N; with ``data.holdout_items_frac`` uniform over
+    the items not held out, ``task.negative_pool``). Sharded path (``ctx.env.sharded``) also: the ids of the ONE table
     lookup of the step: ``lookup_ids`` = all ids 0..N when the loss uses the whole table (``_lookup_all``), else
     the unique ids of the batch and its negatives; ``input_index`` [T] maps each batch item into lookup_ids."""
     cfg, batch = ctx.cfg, out.batch
     labels, valid = next_item_labels(batch.item_ids, batch.offsets)
     lc, n = cfg.loss, ctx.num_items
-    negatives = sample_negatives(int(valid.sum()), lc.num_negatives, n, ctx.neg_generator, ctx.device)
+    pool = getattr(getattr(ctx, "task", None), "negative_pool", None)
+    if pool is None:
+        negatives = sample_negatives(int(valid.sum()), lc.num_negatives, n, ctx.neg_generator, ctx.device)
+    else:  # data.holdout_items_frac: held-out items do not exist at training time, never a negative either
+        draw = sample_negatives(int(valid.sum()), lc.num_negatives, int(pool.numel()), ctx.neg_generator, ctx.device)
+        negatives = pool.to(draw.device)[draw - 1]
     out.labels, out.valid, out.negatives = labels, valid, negatives
     env = getattr(ctx, "env", None)
     if env is None or not env.sharded:
@@ -94,14 +107,21 @@ def prepare_retrieval_batch(out: PreparedBatch, ctx: Any) -> PreparedBatch:
     return out
 
 
-def popularity_baseline(cfg: RunConfig, seqs, eval_loader, env: Any = None) -> Dict[str, float]:
+def popularity_baseline(cfg: RunConfig, seqs, eval_loader, env: Any = None,
+                        groups: Optional[Dict[str, torch.Tensor]] = None,
+                        pool: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """Most-popular baseline on ``eval_loader``: items ranked by their count in the training sequences;
-    collective with ``env`` of world size > 1."""
+    collective with ``env`` of world size > 1. ``pool``: the items that exist at training time (holdout: the
+    held-out items count 0, as for the model)."""
     counts_of = getattr(seqs, "popularity_counts", None)  # streamed own logs: per-rank counts summed over ranks
     counts = counts_of(env) if counts_of is not None else popularity_counts(
         torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets), seqs.num_items)
+    if pool is not None:
+        keep = torch.zeros_like(counts, dtype=torch.bool)
+        keep[pool] = True
+        counts = counts.masked_fill(~keep, 0)
     return evaluate_popularity(counts, eval_loader, cfg.eval, reduce=env.all_reduce_sum
-                               if env is not None and env.world_size > 1 else None)
+                               if env is not None and env.world_size > 1 else None, groups=groups)
 
 
 class RetrievalTask:
@@ -111,6 +131,10 @@ class RetrievalTask:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg, self.data = cfg, None
+        self.item_features = None  # ItemFeatureTable when model.item_features.enabled
+        self.train_counts: Optional[torch.Tensor] = None  # [N+1] training events per item
+        self.negative_pool: Optional[torch.Tensor] = None  # with data.holdout_items_frac: the items not held out
+        self.held_out: Optional[int] = None  # how many items data.holdout_items_frac held out
 
     # -- config
     def check_config(self) -> None:
@@ -133,6 +157,21 @@ class RetrievalTask:
         rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
         seqs, train_loader, valid_loader, test_loader = build_data(self.cfg, rank, world, with_validation=True)
         self.data = TaskData(train_loader, test_loader, seqs.num_items, seqs.num_users, seqs, valid_loader)
+        from hstu.trainer.data.holdout import train_item_counts
+
+        self.train_counts = torch.as_tensor(train_item_counts(train_loader.seqs))
+        if self.cfg.data.holdout_items_frac > 0:
+            from hstu.trainer.data.holdout import holdout_items
+
+            held = torch.as_tensor(holdout_items(seqs, self.cfg.data.holdout_items_frac, self.cfg.data.seed))
+            keep = torch.ones(seqs.num_items + 1, dtype=torch.bool)
+            keep[0], keep[held] = False, False
+            self.negative_pool = keep.nonzero().flatten()
+            self.held_out = int(held.numel())
+        if self.cfg.model.item_features.enabled:
+            from hstu.trainer.data import load_item_features
+
+            self.item_features = load_item_features(self.cfg.data, self.cfg.model.item_features, seqs.num_items)
         return self.data
 
     def data_description(self) -> Dict[str, Any]:
@@ -143,17 +182,29 @@ class RetrievalTask:
         if self.cfg.data.name == "events" and events.split == "time":  # own logs (docs/data.md "Split options")
             split = (f"time cutoff {events.time_cutoff} (test: first item at/after it, validation: last item before "
                      "it)")
-        return {"split": split, **tie_options(self.cfg.data)}
+        out = {"split": split, **tie_options(self.cfg.data)}
+        if self.cfg.data.holdout_items_frac > 0:
+            out["holdout_items_frac"] = self.cfg.data.holdout_items_frac
+            out["held_out_items"] = int(self.held_out) if self.held_out is not None else None
+            if self.train_counts is not None and self.data is not None:  # items of the data with no training event
+                present = torch.as_tensor(self.data.source.item_ids).unique()
+                out["never_seen_items"] = int((self.train_counts[present] == 0).sum())
+        return out
 
     # -- model, sharding, batch, loss
     def build_model(self, device: torch.device) -> torch.nn.Module:
-        return build_model_for(self.cfg, self.data.num_items, device)
+        return build_model_for(self.cfg, self.data.num_items, device, self.item_features, self.train_counts)
 
     def wrap_sharded_tables(self, model: torch.nn.Module, weight_dtype: str) -> None:
-        """The item table becomes a CollectionItemEmbeddings (a TorchRec EmbeddingCollection that DMP shards)."""
+        """The item table becomes a CollectionItemEmbeddings (a TorchRec EmbeddingCollection that DMP shards), the
+        item tower's feature tables (model.item_features) a CollectionFeatureTables."""
         from hstu.trainer.parallel.item_embeddings import CollectionItemEmbeddings
 
         model.item_embeddings = CollectionItemEmbeddings(model.item_embeddings, weight_dtype)
+        if getattr(model, "item_tower", None) is not None:  # the feature tables too, one more collection
+            from hstu.trainer.parallel.item_features import CollectionFeatureTables
+
+            model.item_tower.tables = CollectionFeatureTables(model.item_tower.tables, weight_dtype)
 
     def prefetcher(self, model: torch.nn.Module) -> Any:
         """The sharded model's CollectionItemEmbeddings: ``prefetch(lookup_ids)`` starts the input all-to-all of
@@ -186,10 +237,18 @@ class RetrievalTask:
 
             model = hd.unwrap(model)  # its sharded table stays sharded (collective lookups)
         return evaluate(model, loader, self.data.num_items, self.cfg.eval, getattr(ctx, "device", ctx),
-                        reduce=env.all_reduce_sum if env is not None and env.world_size > 1 else None)
+                        reduce=env.all_reduce_sum if env is not None and env.world_size > 1 else None,
+                        groups=self.groups())
+
+    def groups(self) -> Optional[Dict[str, torch.Tensor]]:
+        """eval.item_groups: the cold / never-seen target groups from the training counts (else None)."""
+        if not self.cfg.eval.item_groups or self.train_counts is None:
+            return None
+        return item_groups(self.train_counts, self.cfg.eval.cold_max_events)
 
     def baseline_metrics(self, env=None) -> Dict[str, float]:
-        return popularity_baseline(self.cfg, self.data.source, self.data.eval_loader, env)
+        return popularity_baseline(self.cfg, self.data.source, self.data.eval_loader, env, self.groups(),
+                                   self.negative_pool)
 
     def baseline(self, metrics, env=None) -> Dict[str, float]:
         """The most-popular baseline on the test split, logged once (eval.popularity_baseline; else {})."""
