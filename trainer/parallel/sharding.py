@@ -38,6 +38,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from hstu.trainer.parallel.config import ShardingConfig
 from hstu.trainer.parallel.rowwise_adamw import STATE_PLACEMENT_KEY, RowwiseAdamWEmbedding
+from hstu.trainer.parallel.table_init import SeededTableInit
 
 TABLE_NAME = "item_id_table"  # not "items": that collides with ModuleDict.items
 FEATURE_NAME = "item_id"
@@ -47,15 +48,17 @@ _DTYPES = {"float32": (torch.float32, DataType.FP32), "bfloat16": (torch.bfloat1
 
 def make_item_embedding_collection(num_embeddings: int, dim: int, weight_dtype: str = "float32",
                                    device: Optional[torch.device] = None, init_range: float = 0.05,
-                                   seed: Optional[int] = None) -> EmbeddingCollection:
+                                   seed: Optional[int] = None, init_fn: Any = None) -> EmbeddingCollection:
     """EmbeddingCollection with one table ``item_id_table`` [num_embeddings, dim] for feature ``item_id``.
 
     Weights uniform in [-init_range, init_range] (seeded when ``seed`` is given) so every rank starts equal.
+    ``init_fn`` (e.g. ``table_init.seeded_init_fn``): TorchRec calls it on the weight, or on each rank's
+    ShardedTensor after DMP materialised the shards of a ``device="meta"`` collection.
     """
     data_type = _DTYPES[weight_dtype][1]
     table = EmbeddingConfig(name=TABLE_NAME, embedding_dim=dim, num_embeddings=num_embeddings,
                             feature_names=[FEATURE_NAME], data_type=data_type,
-                            weight_init_min=-init_range, weight_init_max=init_range)
+                            weight_init_min=-init_range, weight_init_max=init_range, init_fn=init_fn)
     ec = EmbeddingCollection(tables=[table], device=device or torch.device("cpu"))
     if seed is not None and ec.device.type != "meta":
         gen = torch.Generator().manual_seed(seed)
@@ -106,6 +109,19 @@ class RowwiseAdamWShardedEmbeddingCollection(ShardedEmbeddingCollection):
             if self.enable_embedding_update and sharding.enable_embedding_update:
                 raise ValueError("rowwise_adamw does not support enable_embedding_update tables")
             self._lookups.append(lookup)
+
+    def reset_parameters(self) -> None:
+        """TorchRec's reset, except that a :class:`SeededTableInit` init_fn gets this rank's shards with their
+        global offsets (TorchRec would hand it the local slice only), so per-shard init is world-size free."""
+        if self._device and self._device.type == "meta":
+            return
+        for table in self._embedding_configs:
+            init_fn = table.init_fn
+            if isinstance(init_fn, SeededTableInit):
+                init_fn.init_shards(self._model_parallel_name_to_local_shards.get(table.name, []),
+                                    table.embedding_dim)
+            elif init_fn is not None:
+                init_fn(self.embeddings[table.name].weight)
 
 
 class RowwiseAdamWEmbeddingCollectionSharder(EmbeddingCollectionSharder):

@@ -42,9 +42,10 @@ def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1, with_validati
 
 
 def build_model_for(cfg: RunConfig, num_items: int, device: torch.device) -> torch.nn.Module:
+    from hstu.modules.embeddings import to_device_keeping_meta
     from hstu.modules.model import build_model
 
-    return build_model(cfg, num_items).to(device)
+    return to_device_keeping_meta(build_model(cfg, num_items), device)
 
 
 def compute_loss(model: torch.nn.Module, batch: Any, ctx: Any) -> torch.Tensor:
@@ -143,11 +144,12 @@ class RetrievalTask:
     def build_model(self, device: torch.device) -> torch.nn.Module:
         return build_model_for(self.cfg, self.data.num_items, device)
 
-    def wrap_sharded_tables(self, model: torch.nn.Module, weight_dtype: str) -> None:
-        """The item table becomes a CollectionItemEmbeddings (a TorchRec EmbeddingCollection that DMP shards)."""
+    def wrap_sharded_tables(self, model: torch.nn.Module, weight_dtype: str, init_seed: Optional[int] = None) -> None:
+        """The item table becomes a CollectionItemEmbeddings (a TorchRec EmbeddingCollection that DMP shards);
+        a table on the meta device stays there and is initialised per shard from ``init_seed``."""
         from hstu.trainer.parallel.item_embeddings import CollectionItemEmbeddings
 
-        model.item_embeddings = CollectionItemEmbeddings(model.item_embeddings, weight_dtype)
+        model.item_embeddings = CollectionItemEmbeddings(model.item_embeddings, weight_dtype, init_seed)
 
     def prefetcher(self, model: torch.nn.Module) -> Any:
         """The sharded model's CollectionItemEmbeddings: ``prefetch(lookup_ids)`` starts the input all-to-all of
