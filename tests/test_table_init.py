@@ -110,3 +110,36 @@ def test_each_rank_materialises_only_its_shards(gathered):
             assert sum(local) == total, (world, st, local)
             if st != "table_wise" and world > 1:  # row/column-wise: every rank holds ~1/world of each table
                 assert max(local) <= total / world + 4 * DIM * 2, (world, st, local)
+
+
+def test_trainer_per_shard_runs_at_world_1_and_2_train_the_same_model(tmp_path):
+    """(c) train() with sharding.table_init=per_shard (meta tables, DMP per-shard init, DCP checkpoint) at world
+    size 1 and 2: the same losses and the same final model (best.pt), as for the copied init."""
+    from test_distributed_world_size import _best, _losses, _worker as train_worker
+
+    cache, w1, w2 = str(tmp_path / "cache"), str(tmp_path / "w1"), str(tmp_path / "w2")
+    extra = ["sharding.table_init=per_shard", "sharding.sharding_type=row_wise"]
+    run_distributed(train_worker, 1, ([[w1, *extra]], cache), timeout_s=240)
+    run_distributed(train_worker, 2, ([[w2, *extra]], cache), timeout_s=240)
+    copied = str(tmp_path / "copied")
+    run_distributed(train_worker, 1, ([[copied]], cache), timeout_s=240)
+    l1, l2 = _losses(w1), _losses(w2)
+    assert l1[0] != _losses(copied)[0]  # per_shard really replaced the plain model's init
+    assert len(l1) == 4
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=1e-6)
+    b1, b2 = _best(w1), _best(w2)
+    assert b1.keys() == b2.keys()
+    for k in b1:
+        torch.testing.assert_close(b2[k], b1[k], rtol=1e-4, atol=2e-5, msg=lambda m: f"{k}: {m}")
+    assert b1["item_embeddings.table.weight"][0].abs().max() == 0  # padding row of the seeded init
+
+
+def test_per_shard_config_rules():
+    from hstu.trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="sharding.table_init.*needs sharding.enabled=true"):
+        load_config(None, ["sharding.table_init=per_shard"])
+    with pytest.raises(ConfigError, match="train.init_from"):
+        load_config(None, ["sharding.enabled=true", "sharding.table_init=per_shard", "train.init_from=/x"])
+    with pytest.raises(ConfigError, match="table_init"):
+        load_config(None, ["sharding.enabled=true", "sharding.table_init=lazy"])

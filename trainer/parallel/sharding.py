@@ -15,7 +15,8 @@ rowwise AdamW state. How it plugs into TorchRec (torchrec 1.8.0), see docs/rowwi
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import os
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -203,12 +204,40 @@ def build_planner(cfg: ShardingConfig, world_size: int, compute_device: str, tab
                                     constraints=constraints, debug=False)
 
 
+def table_dims(module: nn.Module) -> Dict[str, int]:
+    """{table name: embedding dim} of every EmbeddingCollection in ``module`` (meta tables included)."""
+    return {c.name: c.embedding_dim for m in module.modules() if isinstance(m, EmbeddingCollection)
+            for c in m.embedding_configs()}
+
+
+def local_world_size(world_size: int) -> int:
+    """Processes per host: LOCAL_WORLD_SIZE (set by torchrun / the SLURM launcher), else ``world_size``."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
+def plan_sharding(module: nn.Module, cfg: ShardingConfig, world_size: int, compute_device: str,
+                  local_world_size: Optional[int] = None, pg: Optional[dist.ProcessGroup] = None,
+                  ) -> Tuple[ShardingPlan, RowwiseAdamWEmbeddingCollectionSharder]:
+    """The sharding plan of every EmbeddingCollection in ``module`` (tables may be on the meta device) and the
+    sharder that executes it. With ``pg`` the plan is made collectively (rank 0 plans, all ranks get it), as
+    the trainer does; without, in this process only (``hstu plan``). The one planner path for both."""
+    cfg.validate()
+    sharder = RowwiseAdamWEmbeddingCollectionSharder(cfg)
+    planner = build_planner(cfg, world_size, compute_device, table_dims(module), local_world_size)
+    if pg is not None:
+        plan = planner.collective_plan(module, [sharder], pg)  # type: ignore[list-item]
+    else:
+        plan = planner.plan(module, [sharder])  # type: ignore[list-item]
+    return plan, sharder
+
+
 def shard_embedding_collection(module: nn.Module, cfg: ShardingConfig, pg: Optional[dist.ProcessGroup] = None,
                                device: Optional[torch.device] = None) -> DistributedModelParallel:
     """Plan (collectively) and shard every EmbeddingCollection in ``module``; returns the DMP.
 
     Needs an initialised process group (gloo on CPU, nccl on GPU). ``device``: this rank's compute device
     (default cuda:LOCAL_RANK when CUDA is available, else cpu). Optimizer state: ``dmp.fused_optimizer``.
+    Collections on the meta device are materialised per shard (each rank allocates only its shards).
     """
     cfg.validate()
     pg = pg or dist.GroupMember.WORLD
@@ -216,11 +245,8 @@ def shard_embedding_collection(module: nn.Module, cfg: ShardingConfig, pg: Optio
     if device is None:
         device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                   else torch.device("cpu"))
-    tables = {c.name: c.embedding_dim for m in module.modules() if isinstance(m, EmbeddingCollection)
-              for c in m.embedding_configs()}
-    sharder = RowwiseAdamWEmbeddingCollectionSharder(cfg)
-    planner = build_planner(cfg, dist.get_world_size(pg), device.type, tables)
-    plan: ShardingPlan = planner.collective_plan(module, [sharder], pg)  # type: ignore[list-item]
+    world = dist.get_world_size(pg)
+    plan, sharder = plan_sharding(module, cfg, world, device.type, local_world_size(world), pg)
     return DistributedModelParallel(module, env=ShardingEnv.from_process_group(pg), device=device, plan=plan,
                                     sharders=[sharder])  # type: ignore[list-item]
 
@@ -261,5 +287,5 @@ __all__ = [
     "TABLE_NAME", "FEATURE_NAME", "make_item_embedding_collection", "rowwise_adamw_fused_params",
     "RowwiseAdamWGroupedEmbeddingsLookup", "RowwiseAdamWShardedEmbeddingCollection",
     "RowwiseAdamWEmbeddingCollectionSharder", "RowwiseAdamWStorageEstimator", "optimizer_state_bytes",
-    "build_planner", "shard_embedding_collection", "rowwise_kernels", "element_bytes",
+    "build_planner", "table_dims", "local_world_size", "plan_sharding", "shard_embedding_collection", "rowwise_kernels", "element_bytes",
 ]

@@ -144,6 +144,10 @@ class RetrievalTask:
     def build_model(self, device: torch.device) -> torch.nn.Module:
         return build_model_for(self.cfg, self.data.num_items, device)
 
+    def build_model_for_items(self, num_items: int, device: torch.device) -> torch.nn.Module:
+        """The model for ``num_items`` items without loading data (``hstu plan --num-items``)."""
+        return build_model_for(self.cfg, num_items, device)
+
     def wrap_sharded_tables(self, model: torch.nn.Module, weight_dtype: str, init_seed: Optional[int] = None) -> None:
         """The item table becomes a CollectionItemEmbeddings (a TorchRec EmbeddingCollection that DMP shards);
         a table on the meta device stays there and is initialised per shard from ``init_seed``."""
