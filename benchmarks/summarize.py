@@ -250,6 +250,11 @@ def _table_scale_section(payload: dict) -> List[str]:
         out.append(f"| {r['from_world_size']} -> {r['to_world_size']} | {'yes' if r.get('ok') else '**no**'} | "
                    f"{_cell(r.get('sums_equal_saved'))} | {_fmt(r.get('load_gb_per_s'))} | "
                    f"{_fmt(r.get('max_peak_over_shard_plus_base'))} |")
+    kr = payload.get("kill_resume") or {}
+    if kr:
+        out += ["", f"- kill and resume ({kr.get('world_size')} ranks, rank 0 SIGKILLed inside a save): killed "
+                f"{_cell(kr.get('killed'))}, resumed from {kr.get('resumed_from')} (step {kr.get('resumed_step')}), "
+                f"same table + state {_cell(kr.get('sums_equal_last_good_save'))}"]
     return out + [""]
 
 

@@ -7,7 +7,9 @@ path: trainer/parallel/table_init.py), train ``--steps`` steps of random ids (fo
 rowwise AdamW) and save a checkpoint with the trainer's CheckpointManager (DCP files + sha256 manifest + atomic
 rename). Each fp32 checkpoint is then loaded by a fresh set of processes at the other world size (2 -> 4, 4 -> 2)
 into a meta-initialised table; the float64 sums of weights and optimizer state over all ranks must equal the
-saving run's (no rank ever holds the full table).
+saving run's (no rank ever holds the full table). Last, one kill: at the largest world size rank 0 is SIGKILLed
+inside a second save (DCP files written, before the rename); the restart resolves the newest checkpoint that
+verifies and must load the first save's table and state exactly.
 
 Memory cap: RLIMIT_AS, set by each rank after its imports and process-group start to (its address space then)
 + 1.3 x its theoretical shard (weights + rowwise AdamW state) + ``--overhead-mib``. Why RLIMIT_AS: it needs no
@@ -30,6 +32,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -160,9 +163,26 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
 
         phase("train", train)
         out["sums"] = _sums(dmp)
-        out["checkpoint"] = phase("save", lambda: _manager(dmp, env, spec["ckpt_dir"], progress).save(progress.step))
+        manager = _manager(dmp, env, spec["ckpt_dir"], progress)
+        out["checkpoint"] = phase("save", lambda: manager.save(progress.step))
+        if spec.get("kill_in_second_save"):  # train on, then rank 0 dies inside the next save (before rename)
+            with open(spec["result"] + ".partial", "w") as f:
+                json.dump(out, f)
+            train()
+            from hstu.trainer import checkpoint as ckpt
+
+            ckpt._crash_point = lambda stage: (rank == 0 and stage == "before_rename"
+                                               and os.kill(os.getpid(), signal.SIGKILL))
+            manager.save(progress.step)
+            raise RuntimeError("the injected kill did not happen")
     else:
-        meta = phase("load", lambda: _manager(dmp, env, "", progress).load(spec["load_from"]))
+        load_from = spec["load_from"]
+        if load_from == "resume":  # what a restarted run does: the newest checkpoint that verifies
+            from hstu.trainer import checkpoint as ckpt
+
+            load_from = ckpt.resolve_resume(spec["ckpt_dir"]).path
+            out["resumed_from"] = os.path.basename(load_from or "")
+        meta = phase("load", lambda: _manager(dmp, env, "", progress).load(load_from))
         out["loaded_step"] = int(meta["step"])
         out["sums"] = _sums(dmp)
     dist.destroy_process_group()
@@ -170,37 +190,49 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def launch(spec: Dict[str, Any], world: int, timeout_s: float) -> List[Dict[str, Any]]:
-    """Run ``world`` worker processes of this script with ``spec``; their results by rank (or an error dict)."""
+    """Run ``world`` worker processes of this script with ``spec``; their results by rank (an error dict for a
+    rank that failed). When one rank dies the others are killed (as torchrun's agent does), not left waiting
+    in a collective; ``partial``: what a rank wrote before it died."""
     port = find_free_port()
     with tempfile.TemporaryDirectory(prefix="table_scale_") as tmp:
         spec_path = os.path.join(tmp, "spec.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        procs = []
+        procs, logs = [], []
         for rank in range(world):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="2")
+            logs.append(open(os.path.join(tmp, f"rank{rank}.log"), "w+"))
             procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", spec_path,
                                            "--result", os.path.join(tmp, f"rank{rank}.json")], env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                                          stdout=logs[-1], stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout_s
-        logs = []
-        for p in procs:
-            try:
-                logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()  # only the ranks this call started
-                logs.append(p.communicate()[0])
+        while any(p.poll() is None for p in procs):
+            failed = any(p.returncode not in (None, 0) for p in procs)
+            if failed or time.monotonic() > deadline:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()  # only the ranks this call started
+                        p.wait()
+                break
+            time.sleep(0.2)
         results = []
         for rank, p in enumerate(procs):
             path = os.path.join(tmp, f"rank{rank}.json")
+            partial = path + ".partial"
             if p.returncode == 0 and os.path.exists(path):
                 with open(path) as f:
                     results.append(json.load(f))
-            else:
-                tail = (logs[rank] or "").strip().splitlines()[-3:]
-                results.append({"rank": rank, "error": f"exit {p.returncode}: " + " | ".join(tail)})
+                continue
+            logs[rank].seek(0)
+            tail = logs[rank].read().strip().splitlines()[-3:]
+            entry: Dict[str, Any] = {"rank": rank, "error": f"exit {p.returncode}: " + " | ".join(tail)}
+            if os.path.exists(partial):
+                with open(partial) as f:
+                    entry["partial"] = json.load(f)
+            results.append(entry)
+        for log_file in logs:
+            log_file.close()
         return results
 
 
@@ -219,11 +251,38 @@ def _summary(results: List[Dict[str, Any]]) -> Dict[str, Any]:
             "max_peak_over_shard_plus_base": round(max(ratios), 3)}
 
 
+def _kill_and_resume(args: argparse.Namespace, workdir: str, world: int) -> Dict[str, Any]:
+    """fp32 run at ``world``: save at ``steps``, train ``steps`` more, SIGKILL rank 0 inside the second save
+    (after the DCP files, before the rename); a restart resolves the newest verified checkpoint and must load the
+    first save's table and state exactly."""
+    dtype, placement = PLACEMENTS["fp32_device_state"]
+    base = {"rows": args.rows, "dim": args.dim, "steps": args.steps, "ids_per_step": args.ids_per_step, "seed": 0,
+            "weight_dtype": dtype, "state_placement": placement, "overhead_mib": args.overhead_mib,
+            "ckpt_dir": os.path.join(workdir, f"kill_w{world}")}
+    killed = launch({**base, "role": "train", "kill_in_second_save": True}, world, args.timeout_s)
+    first = killed[0].get("partial")
+    out: Dict[str, Any] = {"world_size": world, "rank0_exit": killed[0].get("error", "").split(":")[0],
+                           "killed": "exit -9" in killed[0].get("error", "")}
+    if first is None or not out["killed"]:
+        return {**out, "ok": False, "errors": [r.get("error", "") for r in killed]}
+    resumed = launch({**base, "role": "load", "load_from": "resume", "seed": 2}, world, args.timeout_s)
+    out.update(_summary(resumed))
+    if out["ok"]:
+        out["resumed_from"] = resumed[0]["resumed_from"]
+        out["resumed_step"] = resumed[0]["loaded_step"]
+        out["sums_equal_last_good_save"] = all(
+            math.isclose(resumed[0]["sums"][k], first["sums"][k], rel_tol=1e-9, abs_tol=1e-6) for k in first["sums"])
+        out["load_s"] = max(r["seconds"]["load"] for r in resumed)
+    return out
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     workdir = args.workdir or tempfile.mkdtemp(prefix="table_scale_ckpt_")
     table_total = {k: args.rows * args.dim * (2 if v[0] == "bfloat16" else 4) + args.rows * (args.dim + 1) * 4
                    for k, v in PLACEMENTS.items()}
-    runs, reloads = [], []
+    runs: List[Dict[str, Any]] = []
+    reloads: List[Dict[str, Any]] = []
+    kill_resume: Dict[str, Any] = {}
     try:
         for world in args.worlds:
             for name, (dtype, placement) in PLACEMENTS.items():
@@ -261,12 +320,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                         math.isclose(res[0]["sums"][k], want[k], rel_tol=1e-9, abs_tol=1e-6) for k in want)
                     entry["loaded_step"] = res[0]["loaded_step"]
                 reloads.append(entry)
+        kill_resume = _kill_and_resume(args, workdir, args.worlds[-1])
     finally:
         if not args.keep_checkpoints:
             shutil.rmtree(workdir, ignore_errors=True)
     return {"rows": args.rows, "dim": args.dim, "steps": args.steps, "ids_per_step": args.ids_per_step,
             "cap": "RLIMIT_AS per rank = address space after startup + 1.3 x shard + overhead_mib",
-            "overhead_mib": args.overhead_mib, "runs": runs, "reloads": reloads}
+            "overhead_mib": args.overhead_mib, "runs": runs, "reloads": reloads, "kill_resume": kill_resume}
 
 
 def main(argv: List[str] = None) -> Dict[str, Any]:
@@ -288,7 +348,7 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     ensure_hstu_importable()
     if args.worker:
         with open(args.worker) as f:
-            result = worker(json.load(f))
+            result = worker({**json.load(f), "result": args.result})
         with open(args.result, "w") as f:
             json.dump(result, f)
         return result
