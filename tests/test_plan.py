@@ -91,6 +91,9 @@ def test_plan_equals_what_the_trainer_builds(built, case, tmp_path, capsys):
         assert report["ranks"][r]["weights"] == ranks[r][case]["weights"], (case, r)
         assert report["ranks"][r]["state"] == ranks[r][case]["state"], (case, r)
         assert report["ranks"][r]["ddr"] == report["ranks"][r]["weights"] + report["ranks"][r]["state"]  # cpu
+        # TorchRec's estimate covers the exact shard bytes (+ its I/O buffers) on the same memory
+        assert report["ranks"][r].get("planner_ddr", 0) >= report["ranks"][r]["ddr"]
+        assert report["ranks"][r].get("planner_hbm", 0) == 0
     if case == "ranking_table":
         assert set(report["tables"]) >= {"item_table", "action_table"}
     printed = capsys.readouterr().out
@@ -113,6 +116,7 @@ def test_plan_for_a_table_no_host_holds_and_its_errors(tmp_path, capsys):
     r0 = report["ranks"][0]
     assert r0["hbm"] == r0["weights"] + r0["state"] and r0["ddr"] == 0  # cuda, state_placement=device
     assert r0["bf16_host_state_hbm"] * 2 == r0["weights"] and r0["bf16_host_state_ddr"] == r0["state"]
+    assert r0["hbm"] <= r0["planner_hbm"] <= 80e9
     capsys.readouterr()
     assert _cli("--world-size", "3", "--nodes", "2", "--num-items", "10") == 2
     assert "--world-size 3 must be >= 1 and a multiple of --nodes 2" in capsys.readouterr().err

@@ -7,8 +7,9 @@ the trainer's own planner path; only the topology differs: ``--world-size``, ``-
 world / nodes), ``--hbm-bytes`` / ``--ddr-bytes`` per rank (= sharding.hbm_cap_bytes / ddr_cap_bytes) and
 ``--compute-device``. Bytes are exact tensor sizes of each rank's shards: weights (``sharding.weight_dtype``)
 and rowwise AdamW state (fp32 momentum1 [rows, cols] + momentum2 [rows]), on HBM or host DDR as the trainer
-places them, plus the 2-bytes-per-element case (bf16 weights on HBM, state in host DDR). TorchRec's planner
-adds its own I/O estimates when it checks the caps; they are not in these figures.
+places them, plus the 2-bytes-per-element case (bf16 weights on HBM, state in host DDR). Beside them,
+``planner_hbm`` / ``planner_ddr``: TorchRec's own per-rank estimate (shards + its input/output buffers), what it
+checks against the caps.
 
 Torch-only at import (the CLI builds its parser from this module); torchrec loads when a plan is made.
 """
@@ -114,8 +115,13 @@ def make_plan(cfg: Any, world_size: int, nodes: int = 1, compute_device: str = "
     sharding = cfg.sharding.resolved(lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                      weight_decay=cfg.optim.weight_decay)
     model = _model_with_meta_tables(cfg, num_items)
-    plan, _ = plan_sharding(model, sharding, world_size, compute_device, world_size // nodes)
+    plan, _, planner = plan_sharding(model, sharding, world_size, compute_device, world_size // nodes)
     report = describe_plan(plan, model, cfg, world_size, compute_device)
+    for option in getattr(planner, "_best_plan", None) or []:  # TorchRec's estimate: shards + its I/O buffers
+        for shard in option.shards:
+            r = report["ranks"][shard.rank]
+            r["planner_hbm"] = r.get("planner_hbm", 0) + int(shard.storage.hbm)
+            r["planner_ddr"] = r.get("planner_ddr", 0) + int(shard.storage.ddr)
     dense = sum(p.numel() for n, p in model.named_parameters() if not p.is_meta)
     report["topology"] = {"world_size": world_size, "nodes": nodes, "local_world_size": world_size // nodes,
                           "compute_device": compute_device, "hbm_cap_bytes": cfg.sharding.hbm_cap_bytes or None,
@@ -140,7 +146,9 @@ def format_plan(report: Dict[str, Any]) -> str:
         lines.append(f"  rank {r['rank']}: weights {r['weights'] / GIB:.3f} GiB, optimizer state "
                      f"{r['state'] / GIB:.3f} GiB -> HBM {r['hbm'] / GIB:.3f} GiB, DDR {r['ddr'] / GIB:.3f} GiB; "
                      f"bf16 weights + host state: HBM {r['bf16_host_state_hbm'] / GIB:.3f} GiB, "
-                     f"DDR {r['bf16_host_state_ddr'] / GIB:.3f} GiB")
+                     f"DDR {r['bf16_host_state_ddr'] / GIB:.3f} GiB"
+                     + (f"; planner estimate incl. I/O buffers: HBM {r['planner_hbm'] / GIB:.3f} GiB, "
+                        f"DDR {r['planner_ddr'] / GIB:.3f} GiB" if "planner_hbm" in r else ""))
     lines.append(f"  dense tower (replicated): {report['dense']['parameters']} parameters, "
                  f"{report['dense']['bytes_per_rank'] / GIB:.3f} GiB per rank with AdamW")
     return "\n".join(lines)

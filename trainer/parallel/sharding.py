@@ -217,10 +217,11 @@ def local_world_size(world_size: int) -> int:
 
 def plan_sharding(module: nn.Module, cfg: ShardingConfig, world_size: int, compute_device: str,
                   local_world_size: Optional[int] = None, pg: Optional[dist.ProcessGroup] = None,
-                  ) -> Tuple[ShardingPlan, RowwiseAdamWEmbeddingCollectionSharder]:
-    """The sharding plan of every EmbeddingCollection in ``module`` (tables may be on the meta device) and the
-    sharder that executes it. With ``pg`` the plan is made collectively (rank 0 plans, all ranks get it), as
-    the trainer does; without, in this process only (``hstu plan``). The one planner path for both."""
+                  ) -> Tuple[ShardingPlan, RowwiseAdamWEmbeddingCollectionSharder, EmbeddingShardingPlanner]:
+    """The sharding plan of every EmbeddingCollection in ``module`` (tables may be on the meta device), the
+    sharder that executes it and the planner (its ``_best_plan`` holds the storage estimates). With ``pg`` the
+    plan is made collectively (rank 0 plans, all ranks get it), as the trainer does; without, in this process
+    only (``hstu plan``). The one planner path for both."""
     cfg.validate()
     sharder = RowwiseAdamWEmbeddingCollectionSharder(cfg)
     planner = build_planner(cfg, world_size, compute_device, table_dims(module), local_world_size)
@@ -228,7 +229,7 @@ def plan_sharding(module: nn.Module, cfg: ShardingConfig, world_size: int, compu
         plan = planner.collective_plan(module, [sharder], pg)  # type: ignore[list-item]
     else:
         plan = planner.plan(module, [sharder])  # type: ignore[list-item]
-    return plan, sharder
+    return plan, sharder, planner
 
 
 def shard_embedding_collection(module: nn.Module, cfg: ShardingConfig, pg: Optional[dist.ProcessGroup] = None,
@@ -246,7 +247,7 @@ def shard_embedding_collection(module: nn.Module, cfg: ShardingConfig, pg: Optio
         device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                   else torch.device("cpu"))
     world = dist.get_world_size(pg)
-    plan, sharder = plan_sharding(module, cfg, world, device.type, local_world_size(world), pg)
+    plan, sharder, _ = plan_sharding(module, cfg, world, device.type, local_world_size(world), pg)
     return DistributedModelParallel(module, env=ShardingEnv.from_process_group(pg), device=device, plan=plan,
                                     sharders=[sharder])  # type: ignore[list-item]
 
@@ -287,5 +288,6 @@ __all__ = [
     "TABLE_NAME", "FEATURE_NAME", "make_item_embedding_collection", "rowwise_adamw_fused_params",
     "RowwiseAdamWGroupedEmbeddingsLookup", "RowwiseAdamWShardedEmbeddingCollection",
     "RowwiseAdamWEmbeddingCollectionSharder", "RowwiseAdamWStorageEstimator", "optimizer_state_bytes",
-    "build_planner", "table_dims", "local_world_size", "plan_sharding", "shard_embedding_collection", "rowwise_kernels", "element_bytes",
+    "build_planner", "table_dims", "local_world_size", "plan_sharding", "shard_embedding_collection",
+    "rowwise_kernels", "element_bytes",
 ]
