@@ -228,6 +228,36 @@ def _reliability_section(payload: dict) -> List[str]:
     return out + ["", "Commands: `benchmarks/results/reliability.json` (`cases[].command`).", ""]
 
 
+def _table_scale_section(payload: dict) -> List[str]:
+    """table_scale.json: a row per (world size, placement) run and per reload (worst rank's peak RSS vs shard)."""
+    gib = 1024 ** 3
+    out = ["## table_scale.json — `benchmarks/table_scale.py`", ""]
+    out += [f"- {k}: `{payload[k]}`" for k in ("machine", "date", "commit", "command") if k in payload]
+    out += [f"- table {payload.get('rows')} x {payload.get('dim')}, {payload.get('steps')} steps, "
+            f"{payload.get('ids_per_step')} ids/rank/step; cap: {payload.get('cap')}"
+            + (" (**smoke size**)" if payload.get("smoke") else ""), ""]
+    out += ["| world | placement | ok | worst peak RSS GiB | shard GiB | peak / (shard + base) | cap < table | "
+            "checkpoint GB | save GB/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in payload.get("runs", []):
+        shard = max((k["shard"]["weights"] + k["shard"]["state"] for k in r.get("ranks", []) if "shard" in k),
+                    default=0)
+        out.append(f"| {r['world_size']} | {r['placement']} | {'yes' if r.get('ok') else '**no**'} | "
+                   f"{_fmt((r.get('max_peak_rss') or 0) / gib)} | {_fmt(shard / gib)} | "
+                   f"{_fmt(r.get('max_peak_over_shard_plus_base'))} | {_cell(r.get('cap_below_table'))} | "
+                   f"{_fmt((r.get('checkpoint_bytes') or 0) / 1e9)} | {_fmt(r.get('save_gb_per_s'))} |")
+    out += ["", "| reload | ok | same table + state | load GB/s | peak / (shard + base) |", "|---|---|---|---|---|"]
+    for r in payload.get("reloads", []):
+        out.append(f"| {r['from_world_size']} -> {r['to_world_size']} | {'yes' if r.get('ok') else '**no**'} | "
+                   f"{_cell(r.get('sums_equal_saved'))} | {_fmt(r.get('load_gb_per_s'))} | "
+                   f"{_fmt(r.get('max_peak_over_shard_plus_base'))} |")
+    kr = payload.get("kill_resume") or {}
+    if kr:
+        out += ["", f"- kill and resume ({kr.get('world_size')} ranks, rank 0 SIGKILLed inside a save): killed "
+                f"{_cell(kr.get('killed'))}, resumed from {kr.get('resumed_from')} (step {kr.get('resumed_step')}), "
+                f"same table + state {_cell(kr.get('sums_equal_last_good_save'))}"]
+    return out + [""]
+
+
 def _throughput_section(name: str, payload: dict) -> List[str]:
     """train_throughput*.json: one row per config (this tree vs baseline commit), the phase split, paper code."""
     peak = payload.get("matmul_peak_gflops")
@@ -380,6 +410,8 @@ def write_results_md() -> str:
             lines += _distributed_section(payload)
         elif name == "reliability.json":
             lines += _reliability_section(payload)
+        elif name == "table_scale.json":
+            lines += _table_scale_section(payload)
         elif name.startswith("train_throughput"):
             lines += _throughput_section(name, payload)
         elif name == "content_features.json":

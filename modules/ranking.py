@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hstu.modules.embeddings import INIT_STD, ItemEmbeddings
+from hstu.modules.embeddings import INIT_STD, ItemEmbeddings, table_device
 from hstu.modules.hstu import ProductionHSTULayer, ResearchHSTULayer, cached_layers
 from hstu.ops.backend import BackendLike
 from hstu.ops.pytorch.hstu_attention import time_bucket_ids
@@ -55,7 +55,7 @@ class RankingSpec:
 
 
 def _table(rows: int, dim: int) -> nn.Embedding:
-    emb = nn.Embedding(rows, dim, padding_idx=0)
+    emb = nn.Embedding(rows, dim, padding_idx=0, device=table_device())
     nn.init.trunc_normal_(emb.weight, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)
     with torch.no_grad():
         emb.weight[0].zero_()

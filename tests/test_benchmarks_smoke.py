@@ -370,3 +370,47 @@ def test_train_throughput_needed_flops_by_hand():
     # labelled positions 1 -> 2·4·6 = 48; everything ×3 (forward + backward)
     assert f["layers"] == 3 * 104 * 3 and f["attention"] == 3 * 40 and f["loss"] == 3 * 48
     assert f["total"] == f["layers"] + f["attention"] + f["loss"]
+
+
+def test_table_scale_smoke_trains_saves_and_reshards_under_caps(tmp_path):
+    """benchmarks/table_scale.py --smoke: 1 and 2 ranks, both placements, under RLIMIT_AS; each checkpoint
+    reloads at the other world size with the same table and optimizer state (sums over ranks); after rank 0 is
+    killed inside a save the restart resumes the last good checkpoint exactly."""
+    payload = _load("table_scale").main(["--smoke", "--out", str(tmp_path)])
+    with open(tmp_path / "table_scale.json") as f:
+        assert json.load(f) == json.loads(json.dumps(payload))
+    for key in PROVENANCE_KEYS:
+        assert payload.get(key), key
+    assert {(r["world_size"], r["placement"]) for r in payload["runs"]} == {
+        (w, p) for w in (1, 2) for p in ("fp32_device_state", "bf16_host_state")}
+    for r in payload["runs"]:
+        assert r["ok"], r.get("errors")
+        shards = [rk["shard"] for rk in r["ranks"]]
+        assert sum(s["rows"] for s in shards) == payload["rows"]  # row-wise shards cover the table once
+        for rk in r["ranks"]:
+            assert rk["cap_above_base"] > 0 and set(rk["peak_rss"]) == {"init", "train", "save"}
+            assert all(v >= rk["rss_base"] > 0 for v in rk["peak_rss"].values())
+        assert r["checkpoint_bytes"] >= r["table_bytes_with_state"] and _positive(r["save_gb_per_s"])
+    assert {(r["from_world_size"], r["to_world_size"]) for r in payload["reloads"]} == {(1, 2), (2, 1)}
+    for r in payload["reloads"]:
+        assert r["ok"] and r["sums_equal_saved"] and r["loaded_step"] == 5, r
+        assert _positive(r["load_gb_per_s"])
+    kr = payload["kill_resume"]  # rank 0 SIGKILLed inside the second save; the restart loads the first
+    assert kr["killed"] and kr["ok"] and kr["resumed_from"] == "step_00000005" and kr["resumed_step"] == 5, kr
+    assert kr["sums_equal_last_good_save"]
+    summarize = _load("summarize")
+    lines = summarize._table_scale_section(payload)
+    assert any("(**smoke size**)" in line for line in lines)
+    assert sum(line.startswith("| 2 | ") for line in lines) == 2
+    assert any(line.startswith("| 1 -> 2 | yes | yes |") for line in lines)
+
+
+def test_table_scale_cap_is_enforced():
+    """A rank whose RLIMIT_AS leaves less room than its shard fails (recorded), instead of passing unnoticed."""
+    bench = _load("table_scale")
+    spec = {"role": "train", "rows": 20_000, "dim": 16, "steps": 1, "ids_per_step": 8, "seed": 0,
+            "weight_dtype": "float32", "state_placement": "device", "overhead_mib": -64, "ckpt_dir": ""}
+    (res,) = bench.launch(spec, 1, timeout_s=120)
+    assert "error" in res and res["error"].startswith("exit 1"), res
+    assert "Cannot allocate memory" in res["error"]  # the table's own allocation hit the cap
+    assert bench._summary([res])["ok"] is False

@@ -194,3 +194,39 @@ def test_two_node_torchx_job(slurm, tmp_path):
     assert sorted(nodes) == ["node1", "node2"]
     assert "world size 2" in (run / "train.log").read_text()
     assert json.load(open(run / "results.json"))["steps"] == 10
+
+
+TABLE_KEY = "model.item_embeddings.collection.embeddings.item_id_table.weight"
+
+
+def test_two_node_row_wise_table_checkpoints_and_resumes(slurm, tmp_path):
+    """Issue 18: -j 2x1 on partition multi with the item table row-wise across both nodes, created on the meta
+    device and initialised per shard (sharding.table_init=per_shard); the DCP checkpoint holds one half of the
+    table in each node's rank file; a second 2-node job in the same run_dir resumes from it and finishes."""
+    import torch.distributed.checkpoint as dcp
+
+    if _multi_nodes() < 2:
+        pytest.skip("no partition 'multi' with 2 idle nodes (launch/slurm/setup_slurm.sh --nodes 2)")
+    run = tmp_path / "run"
+    common = ("sharding.enabled=true", "sharding.sharding_type=row_wise", "sharding.table_init=per_shard",
+              "train.epochs=5", "train.log_every_steps=2", "checkpoint.every_steps=6", "checkpoint.keep_last=3")
+    multi = dict(j="2x1", cfg=("-cfg", "partition=multi"))
+    job = submit_train(tmp_path, run, *common, "train.max_steps=6", **multi)
+    assert wait_job(job) == "COMPLETED", _job_log(tmp_path, job)[-3000:]
+    nodes = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "NodeList"], capture_output=True,
+                           text=True).stdout.split()
+    assert sorted(nodes) == ["node1", "node2"]
+    ckpt = run / "checkpoints" / "step_00000006"
+    meta = dcp.FileSystemReader(str(ckpt)).read_metadata()
+    chunks = meta.state_dict_metadata[TABLE_KEY].chunks
+    rows = meta.state_dict_metadata[TABLE_KEY].size[0]
+    assert sorted((tuple(c.offsets), tuple(c.sizes)[0]) for c in chunks) == [
+        ((0, 0), (rows + 1) // 2), (((rows + 1) // 2, 0), rows - (rows + 1) // 2)]  # TorchRec row-wise blocks
+    files = {info.relative_path for idx, info in meta.storage_data.items() if idx.fqn == TABLE_KEY}
+    assert files == {"__0_0.distcp", "__1_0.distcp"}  # each node's rank wrote its own half
+    job2 = submit_train(tmp_path, run, *common, "train.max_steps=10", **multi)
+    assert wait_job(job2) == "COMPLETED", _job_log(tmp_path, job2)[-3000:]
+    log = (run / "train.log").read_text()
+    assert "resumed from" in log and ": step 6," in log.split("resumed from")[1], log[-2000:]
+    assert "world size 2, tables row_wise" in log
+    assert json.load(open(run / "results.json"))["steps"] == 10

@@ -1,4 +1,4 @@
-"""``hstu`` command line: ``hstu prepare | train | eval`` (see ``hstu --help``).
+"""``hstu`` command line: ``hstu prepare | train | eval | export | sweep | plan`` (see ``hstu --help``).
 
 Config errors and data errors print one line ``hstu: error: ...`` and exit with status 2 (no traceback);
 a non-finite training loss exits with status 1.
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hstu", formatter_class=fmt, epilog=_sections_epilog(),
         description="HSTU generative-recommender trainer: prepare data, train a retrieval model (HSTU or SASRec) "
                     "with sampled softmax, and evaluate it by full ranking over all items (HR@K, NDCG@K, MRR).")
-    sub = parser.add_subparsers(dest="command", metavar="{prepare,train,eval,sweep,export}")
+    sub = parser.add_subparsers(dest="command", metavar="{prepare,train,eval,sweep,export,plan}")
     sub.required = True
 
     p = sub.add_parser("prepare", formatter_class=fmt, epilog=_sections_epilog(),
@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description=export_mod.__doc__)
     export_mod.add_export_arguments(p)
     p.set_defaults(func=export_mod.cmd_export)
+
+    from hstu.trainer.parallel import plan as plan_mod  # torch-only until a plan is made
+
+    p = sub.add_parser("plan", formatter_class=fmt, help="print/write the sharding plan the trainer would use on a "
+                       "topology (no training, no table allocation)", description=plan_mod.__doc__)
+    plan_mod.add_plan_arguments(p)
+    p.set_defaults(func=plan_mod.cmd_plan)
 
     from hstu.launch import sweep as sweep_mod  # light import (submitit/matplotlib load when a sweep runs)
 

@@ -190,6 +190,9 @@ def _check_item_features(c: _Checks) -> None:
         raise _fail("model.item_features.features", f.features, "a list without repeats")
     if cfg.data.holdout_items_frac > 0 and cfg.task != "retrieval":
         raise ConfigError(f"key 'data.holdout_items_frac' = {cfg.data.holdout_items_frac}: needs task=retrieval")
+    if cfg.data.holdout_items_frac > 0 and cfg.data.name == "events":
+        raise ConfigError(f"key 'data.holdout_items_frac' = {cfg.data.holdout_items_frac}: not supported with "
+                          "data.name=events yet (the own-logs split builds its own loaders)")
     if not f.enabled:
         if not f.use_ids:
             raise ConfigError("key 'model.item_features.use_ids' = False needs model.item_features.enabled=true "
@@ -239,7 +242,7 @@ def _check_sharding(cfg: Any) -> None:
     c = _Checks(cfg)
     for key, allowed in (("sharding_type", pc.SHARDING_TYPES), ("optimizer", pc.OPTIMIZERS),
                          ("state_placement", pc.STATE_PLACEMENTS), ("weight_dtype", pc.WEIGHT_DTYPES),
-                         ("pipeline", pc.PIPELINES)):
+                         ("pipeline", pc.PIPELINES), ("table_init", pc.TABLE_INITS)):
         c.choice("sharding." + key, allowed)
     c.at_least(0, "sharding.hbm_cap_bytes", "sharding.ddr_cap_bytes")
     c.positive("sharding.batch_size")
@@ -250,6 +253,16 @@ def _check_sharding(cfg: Any) -> None:
             raise _fail("sharding." + key, val, "> 0" if low == 0 else ">= 0")
     for i, beta in enumerate(sh.betas or ()):
         c.interval(f"sharding.betas[{i}]", 0.0, 1.0, value=beta)
+    if sh.table_init == "per_shard" and not sh.enabled:
+        raise ConfigError("key 'sharding.table_init' = 'per_shard' needs sharding.enabled=true (the plain path "
+                          "builds whole tables)")
+    if sh.table_init == "per_shard" and cfg.model.item_features.enabled:
+        raise ConfigError("key 'sharding.table_init' = 'per_shard' is not supported with "
+                          "model.item_features.enabled=true yet (the feature tables are built whole): use "
+                          "sharding.table_init=copy")
+    if sh.table_init == "per_shard" and cfg.train.init_from:
+        raise ConfigError("key 'sharding.table_init' = 'per_shard' cannot start from train.init_from (that copies "
+                          "plain tables into every rank): use sharding.table_init=copy")
     try:
         sh.validate()  # the standalone check (ShardingConfig users outside a RunConfig)
     except ValueError as e:

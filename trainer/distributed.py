@@ -122,7 +122,8 @@ def shard_model(model: torch.nn.Module, cfg: RunConfig, env: DistEnv,
 
     The task (``task``, default the config's: trainer/tasks/) swaps its plain tables for TorchRec collections
     (retrieval: the item table; ranking: all its tables as one collection); DMP shards them. Rowwise AdamW
-    hyper-parameters left None in ``sharding.*`` come from ``optim.*``."""
+    hyper-parameters left None in ``sharding.*`` come from ``optim.*``. Tables the task built on the meta device
+    (``sharding.table_init=per_shard``) are materialised per shard by DMP and initialised from train.seed."""
     from hstu.trainer.parallel.sharding import shard_embedding_collection
 
     logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)  # notices about dry-run planning
@@ -130,7 +131,7 @@ def shard_model(model: torch.nn.Module, cfg: RunConfig, env: DistEnv,
         from hstu.trainer.tasks import get_task
 
         task = get_task(cfg)
-    task.wrap_sharded_tables(model, cfg.sharding.weight_dtype)
+    task.wrap_sharded_tables(model, cfg.sharding.weight_dtype, cfg.train.seed)
     o = cfg.optim
     sharding = cfg.sharding.resolved(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     dmp = shard_embedding_collection(model, sharding, device=env.device)

@@ -390,7 +390,11 @@ def _train(cfg: RunConfig, env: hd.DistEnv) -> TrainResult:
     if cfg.eval.select_on not in task.eval_splits():
         log.warning("eval.select_on=%s: task=%s has no %s split here; the best epoch is selected on the test split",
                     cfg.eval.select_on, task.name, cfg.eval.select_on)
-    model = task.build_model(device)
+    from hstu.modules.embeddings import tables_on
+
+    per_shard = cfg.sharding.enabled and cfg.sharding.table_init == "per_shard"
+    with tables_on("meta" if per_shard else None):  # per_shard: no rank ever holds a whole table
+        model = task.build_model(device)
     if cfg.train.init_from and not resume_from:  # before sharding: the sharded tables copy the plain ones
         from hstu.trainer.plain_weights import load_plain_weights
 

@@ -15,6 +15,7 @@ PIPELINES = ("none", "prefetch")
 # standalone defaults of the rowwise AdamW hyper-parameters (the trainer fills None from optim.* instead)
 DEFAULT_HPARAMS = {"lr": 1e-3, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.0}
 WEIGHT_DTYPES = ("float32", "bfloat16")
+TABLE_INITS = ("copy", "per_shard")
 
 
 @dataclass
@@ -32,6 +33,10 @@ class ShardingConfig:
     - ``lr``, ``betas``, ``eps``, ``weight_decay``: rowwise AdamW hyper-parameters (decoupled weight decay);
       None = the trainer uses ``optim.*`` (standalone users get ``DEFAULT_HPARAMS``).
     - ``batch_size``: per-rank batch size hint for the planner's perf/storage estimates.
+    - ``table_init``: copy (every rank builds the full plain tables, then copies them in: the sharded run starts
+      from the plain run's exact initialisation, but the table must fit one process) | per_shard (tables are
+      created on the meta device; each rank materialises and initialises only its shards, values a function of
+      (train.seed, table, row): the same table at any world size / sharding type; docs/distributed.md).
     """
 
     enabled: bool = False
@@ -47,6 +52,7 @@ class ShardingConfig:
     eps: Optional[float] = None
     weight_decay: Optional[float] = None
     batch_size: int = 128
+    table_init: str = "copy"
 
     def resolved(self, **defaults) -> "ShardingConfig":
         """Copy with every None hyper-parameter taken from ``defaults`` (e.g. optim's), else DEFAULT_HPARAMS."""
@@ -63,6 +69,7 @@ class ShardingConfig:
             ("state_placement", self.state_placement, STATE_PLACEMENTS),
             ("weight_dtype", self.weight_dtype, WEIGHT_DTYPES),
             ("pipeline", self.pipeline, PIPELINES),
+            ("table_init", self.table_init, TABLE_INITS),
         ):
             if val not in allowed:
                 raise ValueError(f"sharding.{name} = {val!r} is not one of {list(allowed)}")

@@ -20,6 +20,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from hstu.trainer.parallel.sharding import FEATURE_NAME, TABLE_NAME, make_item_embedding_collection
+from hstu.trainer.parallel.table_init import seeded_init_fn
 
 COLLECTION_KEY = f"item_embeddings.collection.embeddings.{TABLE_NAME}.weight"
 PLAIN_KEY = "item_embeddings.table.weight"
@@ -42,15 +43,25 @@ class CollectionItemEmbeddings(nn.Module):
     """``ids [N] int64 -> [N, D]`` from table ``item_id_table`` [num_items + 1, D] of an EmbeddingCollection.
 
     Built from a plain :class:`hstu.modules.embeddings.ItemEmbeddings` whose weights it copies (so a sharded run
-    starts from exactly the plain run's initialisation). Row 0 (padding) is never looked up in training.
+    starts from exactly the plain run's initialisation) — or, when the plain table is on the meta device
+    (``sharding.table_init=per_shard``), a meta collection that DMP materialises per shard and initialises from
+    ``(init_seed, table, row)`` (trainer/parallel/table_init.py). Row 0 (padding) is never looked up in training.
     """
 
-    def __init__(self, plain: nn.Module, weight_dtype: str = "float32") -> None:
+    def __init__(self, plain: nn.Module, weight_dtype: str = "float32", init_seed: Optional[int] = None) -> None:
         super().__init__()
         self.num_items, self.embedding_dim = plain.num_items, plain.embedding_dim
-        self.collection = make_item_embedding_collection(plain.num_items + 1, plain.embedding_dim, weight_dtype)
-        with torch.no_grad():
-            self.collection.embeddings[TABLE_NAME].weight.copy_(plain.table.weight)
+        rows = plain.num_items + 1
+        if plain.table.weight.is_meta:
+            if init_seed is None:
+                raise ValueError("CollectionItemEmbeddings: a meta-device table needs init_seed (per-shard init)")
+            self.collection = make_item_embedding_collection(rows, plain.embedding_dim, weight_dtype,
+                                                             torch.device("meta"),
+                                                             init_fn=seeded_init_fn(init_seed, TABLE_NAME))
+        else:
+            self.collection = make_item_embedding_collection(rows, plain.embedding_dim, weight_dtype)
+            with torch.no_grad():
+                self.collection.embeddings[TABLE_NAME].weight.copy_(plain.table.weight)
         self._prefetched: Optional[_Prefetched] = None
 
     def prefetch(self, ids: torch.Tensor) -> None:

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from hstu.modules.ranking import RankingLookup, RankingTables
 from hstu.trainer.parallel.item_embeddings import full_table
 from hstu.trainer.parallel.sharding import _DTYPES
+from hstu.trainer.parallel.table_init import seeded_init_fn
 
 PREFIX = "tables"  # attribute of the ranking models holding their tables
 COLLECTION_PREFIX = f"{PREFIX}.collection.embeddings."
@@ -55,13 +56,21 @@ class CollectionRankingTables(RankingLookup, nn.Module):
     ``lookup({key: ids [N_k]}) -> {key: [N_k, D] float32}``; rows of id 0 are zeroed (and so get no gradient),
     as ``nn.Embedding(padding_idx=0)`` does in the plain tables."""
 
-    def __init__(self, plain: RankingTables, weight_dtype: str = "float32") -> None:
+    def __init__(self, plain: RankingTables, weight_dtype: str = "float32", init_seed: Optional[int] = None) -> None:
         super().__init__()
         self.dim, self.num_contextual, self.num_side = plain.dim, plain.num_contextual, plain.num_side
         self.keys: List[str] = plain.table_keys()
+        meta = any(plain.table(k).weight.is_meta for k in self.keys)
+        if meta and init_seed is None:
+            raise ValueError("CollectionRankingTables: meta-device tables need init_seed (per-shard init)")
         configs = [EmbeddingConfig(name=table_name(k), embedding_dim=plain.dim,
                                    num_embeddings=plain.table(k).num_embeddings, feature_names=[k],
-                                   data_type=_DTYPES[weight_dtype][1]) for k in self.keys]
+                                   data_type=_DTYPES[weight_dtype][1],
+                                   init_fn=seeded_init_fn(init_seed, table_name(k)) if meta else None)
+                   for k in self.keys]
+        if meta:  # DMP materialises each rank's shards and calls init_fn on them (trainer/parallel/table_init.py)
+            self.collection = EmbeddingCollection(tables=configs, device=torch.device("meta"))
+            return
         with torch.random.fork_rng(devices=[]):  # the collection's own init must not move the global RNG
             self.collection = EmbeddingCollection(tables=configs, device=torch.device("cpu"))
         with torch.no_grad():

@@ -15,7 +15,8 @@ rowwise AdamW state. How it plugs into TorchRec (torchrec 1.8.0), see docs/rowwi
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import os
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from hstu.trainer.parallel.config import ShardingConfig
 from hstu.trainer.parallel.rowwise_adamw import STATE_PLACEMENT_KEY, RowwiseAdamWEmbedding
+from hstu.trainer.parallel.table_init import SeededTableInit
 
 TABLE_NAME = "item_id_table"  # not "items": that collides with ModuleDict.items
 FEATURE_NAME = "item_id"
@@ -47,15 +49,17 @@ _DTYPES = {"float32": (torch.float32, DataType.FP32), "bfloat16": (torch.bfloat1
 
 def make_item_embedding_collection(num_embeddings: int, dim: int, weight_dtype: str = "float32",
                                    device: Optional[torch.device] = None, init_range: float = 0.05,
-                                   seed: Optional[int] = None) -> EmbeddingCollection:
+                                   seed: Optional[int] = None, init_fn: Any = None) -> EmbeddingCollection:
     """EmbeddingCollection with one table ``item_id_table`` [num_embeddings, dim] for feature ``item_id``.
 
     Weights uniform in [-init_range, init_range] (seeded when ``seed`` is given) so every rank starts equal.
+    ``init_fn`` (e.g. ``table_init.seeded_init_fn``): TorchRec calls it on the weight, or on each rank's
+    ShardedTensor after DMP materialised the shards of a ``device="meta"`` collection.
     """
     data_type = _DTYPES[weight_dtype][1]
     table = EmbeddingConfig(name=TABLE_NAME, embedding_dim=dim, num_embeddings=num_embeddings,
                             feature_names=[FEATURE_NAME], data_type=data_type,
-                            weight_init_min=-init_range, weight_init_max=init_range)
+                            weight_init_min=-init_range, weight_init_max=init_range, init_fn=init_fn)
     ec = EmbeddingCollection(tables=[table], device=device or torch.device("cpu"))
     if seed is not None and ec.device.type != "meta":
         gen = torch.Generator().manual_seed(seed)
@@ -106,6 +110,19 @@ class RowwiseAdamWShardedEmbeddingCollection(ShardedEmbeddingCollection):
             if self.enable_embedding_update and sharding.enable_embedding_update:
                 raise ValueError("rowwise_adamw does not support enable_embedding_update tables")
             self._lookups.append(lookup)
+
+    def reset_parameters(self) -> None:
+        """TorchRec's reset, except that a :class:`SeededTableInit` init_fn gets this rank's shards with their
+        global offsets (TorchRec would hand it the local slice only), so per-shard init is world-size free."""
+        if self._device and self._device.type == "meta":
+            return
+        for table in self._embedding_configs:
+            init_fn = table.init_fn
+            if isinstance(init_fn, SeededTableInit):
+                init_fn.init_shards(self._model_parallel_name_to_local_shards.get(table.name, []),
+                                    table.embedding_dim)
+            elif init_fn is not None:
+                init_fn(self.embeddings[table.name].weight)
 
 
 class RowwiseAdamWEmbeddingCollectionSharder(EmbeddingCollectionSharder):
@@ -187,12 +204,41 @@ def build_planner(cfg: ShardingConfig, world_size: int, compute_device: str, tab
                                     constraints=constraints, debug=False)
 
 
+def table_dims(module: nn.Module) -> Dict[str, int]:
+    """{table name: embedding dim} of every EmbeddingCollection in ``module`` (meta tables included)."""
+    return {c.name: c.embedding_dim for m in module.modules() if isinstance(m, EmbeddingCollection)
+            for c in m.embedding_configs()}
+
+
+def local_world_size(world_size: int) -> int:
+    """Processes per host: LOCAL_WORLD_SIZE (set by torchrun / the SLURM launcher), else ``world_size``."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
+def plan_sharding(module: nn.Module, cfg: ShardingConfig, world_size: int, compute_device: str,
+                  local_world_size: Optional[int] = None, pg: Optional[dist.ProcessGroup] = None,
+                  ) -> Tuple[ShardingPlan, RowwiseAdamWEmbeddingCollectionSharder, EmbeddingShardingPlanner]:
+    """The sharding plan of every EmbeddingCollection in ``module`` (tables may be on the meta device), the
+    sharder that executes it and the planner (its ``_best_plan`` holds the storage estimates). With ``pg`` the
+    plan is made collectively (rank 0 plans, all ranks get it), as the trainer does; without, in this process
+    only (``hstu plan``). The one planner path for both."""
+    cfg.validate()
+    sharder = RowwiseAdamWEmbeddingCollectionSharder(cfg)
+    planner = build_planner(cfg, world_size, compute_device, table_dims(module), local_world_size)
+    if pg is not None:
+        plan = planner.collective_plan(module, [sharder], pg)  # type: ignore[list-item]
+    else:
+        plan = planner.plan(module, [sharder])  # type: ignore[list-item]
+    return plan, sharder, planner
+
+
 def shard_embedding_collection(module: nn.Module, cfg: ShardingConfig, pg: Optional[dist.ProcessGroup] = None,
                                device: Optional[torch.device] = None) -> DistributedModelParallel:
     """Plan (collectively) and shard every EmbeddingCollection in ``module``; returns the DMP.
 
     Needs an initialised process group (gloo on CPU, nccl on GPU). ``device``: this rank's compute device
     (default cuda:LOCAL_RANK when CUDA is available, else cpu). Optimizer state: ``dmp.fused_optimizer``.
+    Collections on the meta device are materialised per shard (each rank allocates only its shards).
     """
     cfg.validate()
     pg = pg or dist.GroupMember.WORLD
@@ -200,11 +246,8 @@ def shard_embedding_collection(module: nn.Module, cfg: ShardingConfig, pg: Optio
     if device is None:
         device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                   else torch.device("cpu"))
-    tables = {c.name: c.embedding_dim for m in module.modules() if isinstance(m, EmbeddingCollection)
-              for c in m.embedding_configs()}
-    sharder = RowwiseAdamWEmbeddingCollectionSharder(cfg)
-    planner = build_planner(cfg, dist.get_world_size(pg), device.type, tables)
-    plan: ShardingPlan = planner.collective_plan(module, [sharder], pg)  # type: ignore[list-item]
+    world = dist.get_world_size(pg)
+    plan, sharder, _ = plan_sharding(module, cfg, world, device.type, local_world_size(world), pg)
     return DistributedModelParallel(module, env=ShardingEnv.from_process_group(pg), device=device, plan=plan,
                                     sharders=[sharder])  # type: ignore[list-item]
 
@@ -245,5 +288,6 @@ __all__ = [
     "TABLE_NAME", "FEATURE_NAME", "make_item_embedding_collection", "rowwise_adamw_fused_params",
     "RowwiseAdamWGroupedEmbeddingsLookup", "RowwiseAdamWShardedEmbeddingCollection",
     "RowwiseAdamWEmbeddingCollectionSharder", "RowwiseAdamWStorageEstimator", "optimizer_state_bytes",
-    "build_planner", "shard_embedding_collection", "rowwise_kernels", "element_bytes",
+    "build_planner", "table_dims", "local_world_size", "plan_sharding", "shard_embedding_collection",
+    "rowwise_kernels", "element_bytes",
 ]

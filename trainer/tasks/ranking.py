@@ -139,13 +139,16 @@ class RankingTask:
             from hstu.modules.ranking import HSTURankingModel
 
             model = HSTURankingModel(cfg.model, self.spec, cfg.ops.backend)
-        return model.to(device)
+        from hstu.modules.embeddings import to_device_keeping_meta
 
-    def wrap_sharded_tables(self, model: torch.nn.Module, weight_dtype: str) -> None:
-        """All of ``model.tables`` (item, action, contextual, side) become ONE CollectionRankingTables."""
+        return to_device_keeping_meta(model, device)
+
+    def wrap_sharded_tables(self, model: torch.nn.Module, weight_dtype: str, init_seed: Optional[int] = None) -> None:
+        """All of ``model.tables`` (item, action, contextual, side) become ONE CollectionRankingTables (tables on
+        the meta device stay there and are initialised per shard from ``init_seed``)."""
         from hstu.trainer.parallel.ranking_embeddings import CollectionRankingTables
 
-        model.tables = CollectionRankingTables(model.tables, weight_dtype)
+        model.tables = CollectionRankingTables(model.tables, weight_dtype, init_seed)
 
     def prefetcher(self, model: torch.nn.Module) -> Any:
         """None: no input-dist prefetch for the ranking tables (``sharding.pipeline=prefetch`` is rejected)."""

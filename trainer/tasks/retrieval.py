@@ -43,15 +43,17 @@ def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1, with_validati
 
 def build_model_for(cfg: RunConfig, num_items: int, device: torch.device, item_features: Any = None,
                     train_counts: Any = None) -> torch.nn.Module:
-    """The RetrievalModel; with item features, items with <= model.item_features.content_only_max_events
-    training events (``train_counts`` [N+1]) get their id embedding dropped (content part only)."""
+    """The RetrievalModel on ``device`` (tables built on the meta device stay there: per-shard init); with item
+    features, items with <= model.item_features.content_only_max_events training events (``train_counts``
+    [N+1]) get their id embedding dropped (content part only)."""
+    from hstu.modules.embeddings import to_device_keeping_meta
     from hstu.modules.model import build_model
 
     model = build_model(cfg, num_items, item_features)
     threshold = cfg.model.item_features.content_only_max_events
     if model.item_tower is not None and threshold >= 0 and train_counts is not None:
         model.item_tower.drop_ids(torch.as_tensor(train_counts) <= threshold)
-    return model.to(device)
+    return to_device_keeping_meta(model, device)
 
 
 def compute_loss(model: torch.nn.Module, batch: Any, ctx: Any) -> torch.Tensor:
@@ -195,12 +197,17 @@ class RetrievalTask:
     def build_model(self, device: torch.device) -> torch.nn.Module:
         return build_model_for(self.cfg, self.data.num_items, device, self.item_features, self.train_counts)
 
-    def wrap_sharded_tables(self, model: torch.nn.Module, weight_dtype: str) -> None:
-        """The item table becomes a CollectionItemEmbeddings (a TorchRec EmbeddingCollection that DMP shards), the
-        item tower's feature tables (model.item_features) a CollectionFeatureTables."""
+    def build_model_for_items(self, num_items: int, device: torch.device) -> torch.nn.Module:
+        """The model for ``num_items`` items without loading data (``hstu plan --num-items``)."""
+        return build_model_for(self.cfg, num_items, device)
+
+    def wrap_sharded_tables(self, model: torch.nn.Module, weight_dtype: str, init_seed: Optional[int] = None) -> None:
+        """The item table becomes a CollectionItemEmbeddings (a TorchRec EmbeddingCollection that DMP shards; a
+        table on the meta device stays there and is initialised per shard from ``init_seed``), the item tower's
+        feature tables (model.item_features) a CollectionFeatureTables."""
         from hstu.trainer.parallel.item_embeddings import CollectionItemEmbeddings
 
-        model.item_embeddings = CollectionItemEmbeddings(model.item_embeddings, weight_dtype)
+        model.item_embeddings = CollectionItemEmbeddings(model.item_embeddings, weight_dtype, init_seed)
         if getattr(model, "item_tower", None) is not None:  # the feature tables too, one more collection
             from hstu.trainer.parallel.item_features import CollectionFeatureTables
 

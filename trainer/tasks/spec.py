@@ -40,7 +40,9 @@ class TaskSpec(Protocol):
 
     # -- model, sharding, batch, loss
     def build_model(self, device: torch.device) -> torch.nn.Module: ...  # the plain (unsharded) model
-    def wrap_sharded_tables(self, model: torch.nn.Module, weight_dtype: str) -> None: ...  # tables -> TorchRec
+    # tables -> TorchRec; tables built on the meta device (sharding.table_init=per_shard) are initialised per shard
+    def wrap_sharded_tables(self, model: torch.nn.Module, weight_dtype: str,
+                            init_seed: Optional[int] = None) -> None: ...
     def prefetcher(self, model: torch.nn.Module) -> Any: ...  # sharded tables' input-dist prefetch, or None
     def prepare_batch(self, prepared: Any, ctx: Any) -> Any: ...  # task part of pipeline.prepare_batch
     def compute_loss(self, model: torch.nn.Module, batch: Any, ctx: Any) -> torch.Tensor: ...
