@@ -161,7 +161,8 @@ class RetrievalTask:
         self.data = TaskData(train_loader, test_loader, seqs.num_items, seqs.num_users, seqs, valid_loader)
         from hstu.trainer.data.holdout import train_item_counts
 
-        self.train_counts = torch.as_tensor(train_item_counts(train_loader.seqs))
+        train_seqs = getattr(train_loader, "seqs", None)  # the streamed own-logs loader holds no sequences
+        self.train_counts = None if train_seqs is None else torch.as_tensor(train_item_counts(train_seqs))
         if self.cfg.data.holdout_items_frac > 0:
             from hstu.trainer.data.holdout import holdout_items
 
