@@ -314,8 +314,7 @@ class HSTUEncoder(nn.Module):
             q_time = self._query_times(timestamps, offsets, query_timestamps)[sequence_ids(offsets, T)]
         h = self.input_embeddings(x, positions_in_sequence(offsets, T), timestamps, q_time)
         backend = self.layers[0].backend if len(self.layers) else Backend.PYTORCH
-        h = backend_dropout(h, self.input_dropout.p, self.training, backend) if backend == Backend.CPU \
-            else self.input_dropout(h)
+        h = backend_dropout(h, self.input_dropout.p, self.training, backend)
         plan = attention_plan_for(self.layers, offsets, T, timestamps, query_timestamps)
         for layer in self.layers:
             h = layer(h, offsets, int(max_len), timestamps, query_timestamps, plan=plan)

@@ -18,6 +18,8 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from hstu.ops.backend import Backend, BackendLike, resolve_backend
+
 ItemVectorsFn = Callable[[torch.Tensor], torch.Tensor]  # ids [N] int64 -> vectors [N, D]
 
 
@@ -174,7 +176,7 @@ def sampled_softmax_loss(
     table: Optional[torch.Tensor] = None,
     table_ids: Optional[torch.Tensor] = None,
     compile: bool = False,
-    backend: str = "pytorch",
+    backend: BackendLike = "pytorch",
 ) -> torch.Tensor:
     """Sampled-softmax next-item loss averaged over valid positions (scalar; 0 with a graph if none is valid).
 
@@ -226,7 +228,7 @@ def sampled_softmax_loss(
         else:
             uniq, idx = torch.unique(ids, return_inverse=True)
             table = item_vectors_fn(uniq)
-        if str(getattr(backend, "value", backend)).lower() == "cpu":
+        if resolve_backend(backend) == Backend.CPU:
             from hstu.ops.cpu.sampled_softmax import cpu_sampled_softmax_loss
 
             return cpu_sampled_softmax_loss(q, table, idx, temperature)

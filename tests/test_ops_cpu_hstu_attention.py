@@ -1,13 +1,10 @@
 """ops.backend=cpu: the C++ fused attention kernel against the PyTorch reference (forward, every gradient, every
 mask / bias option), its time buckets against the reference's, the portable (non-AVX2) path, NaN propagation."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from cpu_kernel_utils import vector_and_scalar_results
 from hstu.ops.backend import Backend
 from hstu.ops.cpu.hstu_attention import cpu_attention_plan, cpu_time_buckets, row_blocks
 from hstu.ops.hstu_attention import AttentionArgs, jagged_hstu_attention
@@ -138,20 +135,13 @@ def test_nan_input_propagates_and_float64_is_refused():
 
 def test_portable_path_without_avx2_matches(tmp_path):
     """HSTU_CPU_SCALAR=1 selects the scalar code of the same build (CPUs without AVX2/FMA, e.g. aarch64)."""
-    script = (
-        "import torch, sys\n"
-        "sys.path.insert(0, %r)\n"
+    vec, sca = vector_and_scalar_results(
         "from test_ops_cpu_hstu_attention import CASES, LENGTHS, _args, _inputs\n"
         "from hstu.ops.hstu_attention import jagged_hstu_attention\n"
         "inp = _inputs(LENGTHS, H=2)\n"
         "args = _args(CASES['rab'], inp, LENGTHS)\n"
         "out = jagged_hstu_attention(inp['q'], inp['k'], inp['v'], args, backend='cpu')\n"
         "out.sum().backward()\n"
-        "torch.save([out.detach(), inp['q'].grad, inp['time_weights'].grad], %r)\n"
-    ) % (os.path.dirname(__file__), str(tmp_path / "{}.pt"))
-    for name, scalar in (("vec", "0"), ("scalar", "1")):
-        env = dict(os.environ, HSTU_CPU_SCALAR=scalar)
-        subprocess.run([sys.executable, "-c", script.replace("{}", name)], env=env, check=True, timeout=600)
-    vec, sca = torch.load(tmp_path / "vec.pt"), torch.load(tmp_path / "scalar.pt")
+        "torch.save([out.detach(), inp['q'].grad, inp['time_weights'].grad], OUT)\n", tmp_path)
     for a, b in zip(vec, sca):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)

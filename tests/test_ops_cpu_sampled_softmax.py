@@ -3,13 +3,12 @@ hand-computed value, collisions with the positive, table/ids lookups, long rows,
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cpu_kernel_utils import vector_and_scalar_results
 from hstu.modules.losses import sampled_softmax_loss
 from hstu.ops.cpu.sampled_softmax import cpu_sampled_softmax_loss
 
@@ -87,16 +86,10 @@ def test_cpu_loss_rejects_bad_rows_and_is_thread_count_independent():
 
 
 def test_cpu_loss_portable_path_matches(tmp_path):
-    script = (
-        "import sys, torch\n"
-        "sys.path.insert(0, %r)\n"
+    vec, sca = vector_and_scalar_results(
         "from test_ops_cpu_sampled_softmax import _setup, _loss_and_grads\n"
-        "torch.save(_loss_and_grads('cpu', *_setup(D=37)), %r)\n"
-    ) % (os.path.dirname(__file__), str(tmp_path / "{}.pt"))
-    for name, scalar in (("vec", "0"), ("scalar", "1")):
-        subprocess.run([sys.executable, "-c", script.replace("{}", name)], check=True, timeout=600,
-                       env=dict(os.environ, HSTU_CPU_SCALAR=scalar))
-    for a, b in zip(torch.load(tmp_path / "vec.pt"), torch.load(tmp_path / "scalar.pt")):
+        "torch.save(_loss_and_grads('cpu', *_setup(D=37)), OUT)\n", tmp_path)
+    for a, b in zip(vec, sca):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-7)
 
 
