@@ -40,7 +40,7 @@ from ranking_synthetic_scale import run_polled  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YEAR_2024 = 1704067200
 MODEL = ["model.embedding_dim=16", "model.attention_dim=8", "model.linear_dim=8", "model.num_heads=2",
-         "model.num_layers=2", "loss.num_negatives=32", "data.max_seq_len=50", "data.batch_size=256",
+         "model.num_layers=2", "loss.num_negatives=32", "data.batch_size=256",
          "data.eval_batch_size=256", "eval.popularity_baseline=false", "eval.ks=[10]", "eval.ndcg_ks=[10]",
          "eval.selection_metric=ndcg@10"]
 
@@ -104,7 +104,7 @@ def scale(root: str, name: str, events: int, args: argparse.Namespace) -> Dict[s
     data = ["data.name=events", f"data.events.paths=[{logs}/part-*.parquet]", "data.events.time_column=ts",
             "data.events.time_unit=s", f"data.events.prepare_memory_mb={args.prepare_memory_mb}",
             f"data.events.num_shards={args.shards}", f"data.events.shard_events={args.shard_events}", f"data.cache_dir={os.path.join(root, name, 'cache')}",
-            "data.min_seq_len=4"]
+            "data.min_seq_len=4", "data.max_seq_len=50"]  # every data.* key the prepared folder's cache key reads
     cli = [sys.executable, "-m", "hstu.trainer.cli"]
     print(f"[{name}] prepare {events:,} events ...", flush=True)
     prep = _run(cli + ["prepare", *data, "train.progress=true"], 1, os.path.join(root, name, "prepare.out"))
@@ -125,6 +125,10 @@ def scale(root: str, name: str, events: int, args: argparse.Namespace) -> Dict[s
     print(f"[{name}] train {args.steps} steps in {args.nproc} processes ...", flush=True)
     run = _run(cmd + train, args.nproc, os.path.join(root, name, "train.out"), run_dir)
     run["num_items"] = manifest["num_items"]  # the item table (and its optimizer state) grows with it
+    prepared = sorted(d for d in os.listdir(os.path.join(root, name, "cache", "events")) if d.startswith("events-"))
+    if prepared != [folder]:  # training prepared its own copy: its RSS and time would measure prepare, not training
+        raise RuntimeError(f"[{name}] training did not reuse the prepared dataset {folder} (cache now holds "
+                           f"{prepared}): the data.* settings of prepare and train differ")
     print(f"[{name}] trained: peak RSS {run['peak_rss_mib']} MiB", flush=True)
     if not args.keep:
         shutil.rmtree(logs, ignore_errors=True)
