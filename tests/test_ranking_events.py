@@ -140,3 +140,13 @@ def test_parity_with_the_builtin_ml1m_ranking_path(tmp_path):
 def test_refused_combinations_are_config_errors(tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [*TINY, *_events(tmp_path, tmp_path / "x.parquet"), *extra])
+
+
+def test_hstu_prepare_of_a_ranking_config(tmp_path, capsys):
+    from hstu.trainer.cli import main
+
+    f = write_table(tmp_path / "log.parquet", ml1m_like(num_users=40, seed=4))
+    assert main(["prepare", *TINY, *_events(tmp_path, f, "data.events.split=time",
+                                            f"data.events.time_cutoff={CUTOFF}")]) == 0
+    out = capsys.readouterr().out
+    assert "ranking_users" in out and "like" in out

@@ -174,3 +174,51 @@ def test_integer_raw_ids_and_md5_collisions(tmp_path):
     finally:
         sv._md5_key = real
     assert v.to_raw([0, 1, 2, 3]) == [None, "aaa", "b", None]
+
+
+def test_raw_id_serving_needs_only_torch_and_numpy_and_maps_the_files(exported):
+    """The loader with vocabularies still imports no trainer / modules / ops / duckdb, and the lookup arrays are
+    memory-mapped (not read into the process)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    tmp, log, _, _, _ = exported
+    hist = [str(x) for x in log["sku"][:5]]
+    script = textwrap.dedent(f"""
+        import sys
+        BLOCKED = ("hstu.trainer", "hstu.modules", "hstu.ops", "triton", "torchrec", "fbgemm_gpu", "duckdb")
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.startswith(BLOCKED):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import numpy as np
+        import hstu.serving
+        m = hstu.serving.load({str(tmp / 'art')!r})
+        raw, scores = m.retrieve_raw({hist!r}, list(range(5)), k=3)
+        assert len(raw) == 3 and all(isinstance(r, str) for r in raw)
+        v = m.vocab["items"]
+        assert all(isinstance(a, np.memmap) for a in (v.keys, v.ids) + tuple(v.by_id))
+        print("LOADED", sorted(k for k in sys.modules if k.startswith(BLOCKED)))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LOADED []" in proc.stdout
+
+
+def test_export_finds_the_dataset_without_results_json(exported):
+    """A run stopped before results.json (only checkpoints): the dataset is found by its cache key."""
+    import shutil
+
+    import hstu.serving
+    from hstu.serving.export import export_run
+
+    tmp, log, manifest, folder, _ = exported
+    run = tmp / "run-no-results"
+    shutil.copytree(tmp / "run", run)
+    os.remove(run / "results.json")
+    m2 = export_run(str(run), str(tmp / "art2"))
+    assert m2["vocabularies"]["items"]["source"] == os.path.join(str(folder), "vocab", "items.parquet")
+    assert hstu.serving.load(str(tmp / "art2")).vocab["items"].to_raw([1]) == \
+        IdVocab.load(folder, "items").to_raw([1])
