@@ -355,14 +355,16 @@ def export_vocabularies(cfg: Any, source: Optional[Dict[str, str]], num_items: i
         con.close()
     if not plan:
         return meta, {}
-    budget_mb = max(64, int(cfg.data.events.prepare_memory_mb) // 2)
+    budget_mb = max(64, int(cfg.data.events.prepare_memory_mb) // 2)  # as hstu prepare: DuckDB's half
+    threads = int(getattr(cfg.data.events, "prepare_threads", 0) or 0)
 
     def write_all(first_path: str) -> None:
         import tempfile
 
         outdir = os.path.dirname(first_path)
         with tempfile.TemporaryDirectory(dir=os.path.dirname(outdir) or ".") as spill:
-            con = duckdb.connect(config={"memory_limit": f"{budget_mb}MB", "temp_directory": spill})
+            options = {"memory_limit": f"{budget_mb}MB", "temp_directory": spill}
+            con = duckdb.connect(config={**options, **({"threads": threads} if threads else {})})
             try:
                 for name, path, num_ids in plan:
                     _write_vocab_files(path, outdir, meta[name]["files"], num_ids, con)

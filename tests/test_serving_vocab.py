@@ -222,3 +222,17 @@ def test_export_finds_the_dataset_without_results_json(exported):
     assert m2["vocabularies"]["items"]["source"] == os.path.join(str(folder), "vocab", "items.parquet")
     assert hstu.serving.load(str(tmp / "art2")).vocab["items"].to_raw([1]) == \
         IdVocab.load(folder, "items").to_raw([1])
+
+
+def test_vocab_scale_benchmark_smoke(tmp_path):
+    """benchmarks/vocab_scale.py --smoke runs end to end and writes its JSON to --out (never the real results)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "vocab_scale.py"), "--smoke", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "vocab_scale.json").read_text())
+    assert got["ids"] > 19_000 and got["serve"]["unknown_seen"] == 2000
+    assert got["export"]["artifact_bytes_per_id"] > 0 and got["serve"]["history_200_to_ids_ms_median"] > 0
