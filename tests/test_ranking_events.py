@@ -69,6 +69,13 @@ def test_ranking_trains_and_evaluates_on_own_logs_both_splits(tmp_path):
     assert loo.final_metrics["num_impressions"] == 40 * 3  # every user: the last K = 3 events
     data = json.load(open(tmp_path / "time" / "results.json"))["data"]
     assert "time cutoff" in data["split"]
+    # the ranking export of an own-logs run loads and replays its recorded requests (no contextual tables)
+    import hstu.serving
+    from hstu.serving.export import export_run
+
+    export_run(str(tmp_path / "loo"), str(tmp_path / "art"))
+    model = hstu.serving.load(str(tmp_path / "art"), task="ranking")
+    assert model.manifest["ranking"]["task_names"] == ["like"]
 
 
 def test_time_cutoff_windows_never_train_on_events_after_it(tmp_path):
