@@ -236,3 +236,26 @@ def test_vocab_scale_benchmark_smoke(tmp_path):
     got = json.loads((tmp_path / "vocab_scale.json").read_text())
     assert got["ids"] > 19_000 and got["serve"]["unknown_seen"] == 2000
     assert got["export"]["artifact_bytes_per_id"] > 0 and got["serve"]["history_200_to_ids_ms_median"] > 0
+
+
+def test_raw_item_ids_dataset_is_an_identity_vocabulary(tmp_path):
+    """item_ids=raw: the artifact stores no item files (id = raw id); ids outside 1..num_items have no id and are
+    left out of a history, counted."""
+    from hstu.serving.vocab import RawIdServing, RawIdVocab, export_vocabularies
+
+    rng = np.random.default_rng(1)
+    n = 300
+    f = write_table(tmp_path / "log.parquet", {"user_id": rng.integers(0, 15, n), "item_id": rng.integers(1, 40, n),
+                                               "timestamp": T0 + rng.integers(0, 9000, n)})
+    cfg = load_config(None, ["data.name=events", f"data.events.paths=[{f}]", "data.events.time_unit=s",
+                             "data.events.item_ids=raw", f"data.cache_dir={tmp_path / 'c'}"])
+    folder = Path(prepare(cfg.data, progress=False)["dataset_dir"])
+    num_items = json.loads((folder / "manifest.json").read_text())["num_items"]
+    meta, files = export_vocabularies(cfg, {"dataset_dir": str(folder)}, num_items)
+    assert meta["items"]["identity"] and "files" not in meta["items"]
+    assert list(files) == ["vocab_users.keys.npy"]  # only the users get files
+    serving = RawIdServing()
+    serving.vocab, serving.path = {"items": RawIdVocab("items", "int", num_items, 0)}, "x"
+    ids, ts = serving.history_ids([3, num_items + 5, 0, 7], [1, 2, 3, 4])
+    assert ids.tolist() == [3, 7] and ts.tolist() == [1, 4]
+    assert serving.vocab["items"].unknown_seen == 2 and serving.vocab["items"].to_raw([0, 3]) == [None, 3]
