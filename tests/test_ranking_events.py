@@ -157,3 +157,43 @@ def test_hstu_prepare_of_a_ranking_config(tmp_path, capsys):
                                             f"data.events.time_cutoff={CUTOFF}")]) == 0
     out = capsys.readouterr().out
     assert "ranking_users" in out and "like" in out
+
+
+def test_context_columns_become_per_user_contextual_tokens(tmp_path):
+    """Each user's contextual id = its device at the last event of its training window (reference: the raw log,
+    sorted and windowed by hand); the ranker trains with the contextual table."""
+    from hstu.trainer.data.ranking import load_ranking_data
+
+    log = ml1m_like(num_users=30, seed=5, ties=False)  # distinct times: the order is the time order
+    rng = np.random.default_rng(5)
+    devices = np.array(["android", "ios", "web"], dtype=object)
+    log["device"] = devices[rng.integers(0, 3, log["user_id"].size)]
+    f = write_table(tmp_path / "log.parquet", log)
+    events = _events(tmp_path, f, "data.events.context_columns=[device]")
+    cfg = load_config(None, [*TINY, *events])
+    data = load_ranking_data(cfg, progress=False)
+    assert data.context_names == ("device",) and data.context_vocab == (4,)  # android, ios, web (+ 0)
+    K, keep = 3, cfg.data.max_seq_len + 2 * 3  # the ranking window: max_seq_len + 2K events per user
+    for row, uid in enumerate(data.user_ids):  # raw user ids are 1..U: the vocab keeps them in order
+        mine = np.flatnonzero(log["user_id"] == uid)
+        dev = log["device"][mine[np.argsort(log["timestamp"][mine])]][-keep:]
+        n = dev.size
+        end = n - min(K, n - 1)
+        train_end = end - min(K, end - 1)
+        assert data.context[row, 0] == 1 + list(devices).index(dev[train_end - 1]), uid
+    # split=time: the training window ends K events before the cutoff
+    cut = int(np.median(log["timestamp"]))
+    timed = load_ranking_data(load_config(None, [*TINY, *events, "data.events.split=time",
+                                                 f"data.events.time_cutoff={cut}"]), progress=False)
+    checked = 0
+    for row, uid in enumerate(timed.user_ids):
+        mine = np.flatnonzero((log["user_id"] == uid) & (log["timestamp"] < cut))
+        pre = mine.size  # the window keeps more than max_seq_len + K events before the cutoff: all of these
+        dev = log["device"][mine[np.argsort(log["timestamp"][mine])]]
+        if pre <= keep - 1:
+            train_end = pre - min(K, pre - 1)
+            assert timed.context[row, 0] == 1 + list(devices).index(dev[train_end - 1]), uid
+            checked += 1
+    assert checked > 10
+    res = _train(tmp_path / "run", *events)
+    assert math.isfinite(res.final_metrics["ne_like"])

@@ -6,7 +6,9 @@ read into memory, -> RankingData.
 - binary tasks: ``data.events.labels`` (``NAME=SOURCE OP VALUE``, SOURCE rating | action; default
   ``like=rating>=4``), label = 1.0 where the event's rating / action type satisfies the rule;
 - regression target: the rating (``ranking.regression_weight > 0`` needs a rating_column);
-- no contextual features or side series (per-event context columns are not per-user tokens).
+- contextual tokens: one per ``context_columns`` entry — each user's value at the last event of its training
+  window (the latest context before any validation / test candidate; 0 = null), vocabulary = the column's
+  (vocab/context-<column>.parquet) + 1; :func:`user_context`. No side series.
 
 Split: ``leave_one_out`` = the ranking task's chronological split (the last ranking.num_eval_targets events are the
 test candidates, the K before them validation; trainer/data/ranking.py); ``time`` = :func:`time_cutoff_windows`.
@@ -66,6 +68,7 @@ def events_ranking_data(cfg: Any, progress: bool = True):
     if seqs.num_pre is not None and not (seqs.lengths() > seqs.num_pre).any():
         raise DataError(f"no user has an event at/after data.events.time_cutoff = {ev.time_cutoff!r} (nothing to "
                         "evaluate on)", path=where)
+    context, context_names, context_vocab = user_context(seqs.events, np.asarray(seqs.user_ids), cfg)
     rules = ranking_labels(ev)
     labels = np.stack([label_values(r, ratings, actions) for r in rules], 1) if seqs.num_events else \
         np.zeros((0, len(rules)), dtype=np.float32)
@@ -73,7 +76,8 @@ def events_ranking_data(cfg: Any, progress: bool = True):
         user_ids=np.asarray(seqs.user_ids), offsets=np.asarray(seqs.offsets), item_ids=np.asarray(seqs.item_ids),
         timestamps=np.asarray(seqs.timestamps), actions=tokens, labels=np.ascontiguousarray(labels),
         task_names=tuple(r[0] for r in rules), num_items=int(seqs.num_items),
-        num_actions=max(1, int(tokens.max()) if tokens.size else 1), context=np.zeros((seqs.num_users, 0), np.int64),
+        num_actions=max(1, int(tokens.max()) if tokens.size else 1), context=context,
+        context_names=context_names, context_vocab=context_vocab,
         regression=ratings.astype(np.float32) if ev.rating_column else None,
         regression_name="rating" if ev.rating_column else None,
         num_pre=None if seqs.num_pre is None else np.asarray(seqs.num_pre, dtype=np.int64))
@@ -104,3 +108,30 @@ def describe_events_split(cfg: Any, data: Any) -> dict:
         out["split"] = (f"time cutoff {ev.time_cutoff}: test = the first {K} events at/after it per user, validation"
                         f" = the last {K} before it, training windows end before the validation events")
     return out
+
+
+def user_context(events: Any, user_ids: np.ndarray, cfg: Any):
+    """Per-user contextual ids [U, C] (rows = ``user_ids``, ascending) from the per-event ``context_<i>`` arrays
+    of the shards: the value at the last event of each user's training window (the split's ``train_end - 1``),
+    0 for users without one; -> (context, column names, vocab sizes incl. 0)."""
+    from types import SimpleNamespace
+
+    from hstu.trainer.data.ranking import chronological_split
+
+    contexts = events.manifest.get("contexts") or []
+    out = np.zeros((user_ids.size, len(contexts)), dtype=np.int64)
+    if not contexts:
+        return out, (), ()
+    for record in events.shards:
+        with np.load(events.folder / record["file"], allow_pickle=False) as z:
+            offsets, uids = z["offsets"], z["user_ids"]
+            num_pre = z["num_pre"].astype(np.int64) if "num_pre" in z.files else None
+            values = [z[c["array"]] for c in contexts]
+        n = np.diff(offsets)
+        view = SimpleNamespace(lengths=lambda n=n: n, num_pre=num_pre)
+        split = chronological_split(view, int(cfg.data.max_seq_len), int(cfg.ranking.num_eval_targets))
+        pos = offsets[split.rows] + split.train_end - 1
+        rows = np.searchsorted(user_ids, uids[split.rows])
+        for c, arr in enumerate(values):
+            out[rows, c] = arr[pos]
+    return out, tuple(c["column"] for c in contexts), tuple(int(c["vocab_size"]) + 1 for c in contexts)
