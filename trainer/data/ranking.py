@@ -176,8 +176,8 @@ def build_ranking_loaders(data: RankingData, split: RankingSplit, batch_size: in
                           rank=rank, world_size=world_size)
     has = split.num_candidates > 0  # every user but, with a time cutoff, those with no event after it
     evaluation = RankingLoader(data, split.rows[has], split.hist_start[has], split.hist_end[has],
-                               split.num_candidates[has], eval_batch_size, predict="candidates", shuffle=False, max_side_tokens=max_side_tokens,
-                               rank=rank, world_size=world_size)
+                               split.num_candidates[has], eval_batch_size, predict="candidates", shuffle=False,
+                               max_side_tokens=max_side_tokens, rank=rank, world_size=world_size)
     return train, evaluation
 
 
