@@ -23,6 +23,7 @@ import torch
 
 from hstu.serving.mfalcon import DEFAULT_MICRO_BATCH, MFalcon, Tensorish, UserState, per_user_query_times
 from hstu.serving.retrieval import ItemTable, TopK, topk_inner_product
+from hstu.serving.vocab import RawIdServing, VocabError, load_vocabularies
 
 FORMAT, FORMAT_VERSION = "hstu-serving", 2  # = serving/export.py (not imported: it needs the trainer)
 READABLE_VERSIONS = (1, 2)  # 1: retrieval artifacts before manifest.task existed
@@ -64,8 +65,9 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-class ServingModel:
-    """A loaded retrieval artifact: M-FALCON ranking, catalog retrieval, incremental user state."""
+class ServingModel(RawIdServing):
+    """A loaded retrieval artifact: M-FALCON ranking, catalog retrieval, incremental user state; raw-id requests
+    (``retrieve_raw`` / ``rank_raw``, serving/vocab.py) when it carries the vocabularies of an own-logs run."""
 
     task = "retrieval"
 
@@ -78,6 +80,7 @@ class ServingModel:
         m = manifest["model"]
         self.num_items, self.max_seq_len, self.variant = int(m["num_items"]), int(m["max_seq_len"]), m["variant"]
         self.embedding_dtype = manifest["embedding"]["dtype"]
+        self.vocab: Dict[str, Any] = {}  # name -> RawIdVocab (items, users) of an own-logs run, else {}
 
     # -------------------------------------------------------------------------------------- user state
     def encode(self, history_ids: Tensorish, history_timestamps: Tensorish,
@@ -328,6 +331,10 @@ def load(path: str, *, task: Optional[str] = None, verify: bool = True, verify_c
                      embedding_dim=m["embedding_dim"], micro_batch=micro_batch)
     model = ServingModel(path, manifest, config, engine, table, records,
                          _load_item_tower(path, manifest, table.num_rows))
+    try:
+        model.vocab = load_vocabularies(path, manifest)
+    except (VocabError, KeyError) as e:
+        raise ArtifactError(f"{e}" if isinstance(e, VocabError) else f"{mpath}: missing field vocabularies.*.{e}")
     if verify:
         model.verify()
     return model

@@ -185,8 +185,10 @@ def _records(model, table: ItemTable, n_max: int, seed: int = 0):
 
 
 def export_model(model, config: Dict[str, Any], out: str, *, embedding_dtype: str = "fp32",
-                 source: Optional[Dict[str, str]] = None, overwrite: bool = False) -> Dict[str, Any]:
-    """Write the artifact of a RetrievalModel (HSTU) to ``out`` atomically; returns the manifest."""
+                 source: Optional[Dict[str, str]] = None, overwrite: bool = False,
+                 vocabularies: Optional[tuple] = None) -> Dict[str, Any]:
+    """Write the artifact of a RetrievalModel (HSTU) to ``out`` atomically; returns the manifest.
+    ``vocabularies``: (manifest entry, files) of an own-logs run (serving/vocab.py export_vocabularies)."""
     import copy
 
     from hstu.modules.model import L2_EPS
@@ -229,6 +231,9 @@ def export_model(model, config: Dict[str, Any], out: str, *, embedding_dtype: st
     if model.item_tower is not None:
         manifest["item_tower"], tower_files = export_item_tower(model.item_tower, config)
         files.update(tower_files)
+    if vocabularies and vocabularies[0]:  # raw ids of an own-logs run (serving/vocab.py)
+        manifest["vocabularies"] = vocabularies[0]
+        files.update(vocabularies[1])
     write_artifact(out, manifest, config, files)
     return manifest
 
@@ -263,9 +268,11 @@ def export_item_tower(tower, config: Dict[str, Any]):
 
 
 def export_run(run_dir: str, out: str, *, embedding_dtype: str = "fp32", checkpoint: Optional[str] = None,
-               overwrite: bool = False, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+               overwrite: bool = False, overrides: Sequence[str] = (), dataset_dir: Optional[str] = None
+               ) -> Dict[str, Any]:
     """RUN_DIR (config.yaml + best.pt or a DCP checkpoint) -> artifact at ``out``; returns the manifest. The
-    run's task spec (trainer/tasks/) writes it: :func:`export_retrieval_state` | export_ranking.py."""
+    run's task spec (trainer/tasks/) writes it: :func:`export_retrieval_state` | export_ranking.py.
+    ``dataset_dir``: the prepared own-logs dataset whose vocabularies to copy (default: found from the run)."""
     from hstu.trainer.config import ConfigError, load_config
     from hstu.trainer.tasks import get_task
 
@@ -283,6 +290,8 @@ def export_run(run_dir: str, out: str, *, embedding_dtype: str = "fp32", checkpo
     ckpt, state = read_plain_state(resolve_checkpoint(run_dir, checkpoint, cfg.checkpoint.dir or None),
                                    "hstu export", verify=False)
     source = {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(ckpt), "config": cfg_path}
+    if dataset_dir:
+        source["dataset_dir"] = os.path.abspath(dataset_dir)
     return task.export(state, ckpt, out, embedding_dtype=embedding_dtype, overwrite=overwrite, source=source)
 
 
@@ -305,8 +314,14 @@ def export_retrieval_state(cfg, state: Dict[str, torch.Tensor], ckpt: str, out: 
     model = build_model(cfg, int(state[ITEM_KEY].shape[0]) - 1, layout)
     check_fits(model.state_dict(), state, ckpt, "hstu export")
     model.load_state_dict(state)
+    from hstu.serving.vocab import VocabError, export_vocabularies
+
+    try:  # before the programs: a vocabulary that does not fit the table fails fast
+        vocabularies = export_vocabularies(cfg, source, model.num_items)
+    except VocabError as e:
+        raise ConfigError(str(e)) from None
     return export_model(model, to_dict(cfg), out, embedding_dtype=embedding_dtype, overwrite=overwrite,
-                        source=source)
+                        source=source, vocabularies=vocabularies)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -320,6 +335,9 @@ def add_export_arguments(p) -> None:
                    "DCP checkpoint, sharded or not, read unsharded in this one process) or a state_dict file / DCP "
                    "directory (default: best.pt, else the latest checkpoint)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact at --out")
+    p.add_argument("--dataset-dir", metavar="DIR", help="data.name=events runs: the prepared dataset whose raw-id "
+                   "vocabularies the artifact carries (default: the one recorded in RUN_DIR/results.json, else the "
+                   "cache folder the run's config hashes to)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied on top of the saved config")
 
 
@@ -331,7 +349,8 @@ def cmd_export(args) -> int:
     setup_logging(None, level=logging.WARNING)  # e.g. a damaged checkpoint skipped by --checkpoint latest
     try:
         manifest = export_run(args.run_dir, args.out, embedding_dtype=args.embedding_dtype,
-                              checkpoint=args.checkpoint, overwrite=args.force, overrides=args.overrides)
+                              checkpoint=args.checkpoint, overwrite=args.force, overrides=args.overrides,
+                              dataset_dir=getattr(args, "dataset_dir", None))
     except (FileExistsError, ValueError) as e:
         raise ConfigError(str(e)) from None
     print(json.dumps({"out": os.path.abspath(args.out), "format_version": manifest["format_version"],

@@ -44,7 +44,7 @@ def ranking_spec_from_state(cfg, state: Dict[str, torch.Tensor]):
     shapes, task names and options from the config (no data loading)."""
     from hstu.modules.ranking import RankingSpec
     from hstu.trainer.config import ConfigError
-    from hstu.trainer.config_checks import RANKING_DATASETS
+    from hstu.trainer.config_checks import ranking_dataset
 
     def rows(key: str) -> int:
         if key not in state:
@@ -55,7 +55,7 @@ def ranking_spec_from_state(cfg, state: Dict[str, torch.Tensor]):
     ctx = tuple(rows(f"tables.contextual.{i}.weight") for i in range(count("tables.contextual.")))
     side = tuple(rows(f"tables.side.{i}.weight") for i in range(count("tables.side.")))
     rc = cfg.ranking
-    tasks = tuple(rc.tasks) or tuple(RANKING_DATASETS.get(cfg.data.name, ((), ""))[0])
+    tasks = tuple(rc.tasks) or tuple(ranking_dataset(cfg)[0])
     regression = rc.regression_weight > 0
     if rows("head.out.weight") != len(tasks) + int(regression):
         raise ConfigError(f"checkpoint head has {rows('head.out.weight')} outputs, the config says tasks {tasks} "

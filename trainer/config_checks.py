@@ -46,6 +46,20 @@ ITEM_FEATURES_BY_DATASET = {"ml-1m": ("genre", "year", "title"), "ml-100k": ("ge
 # ranking datasets: (binary tasks, regression target or "")
 RANKING_DATASETS = {"ml-1m": (("like", "love"), "rating"), "synthetic": (("click", "like", "share", "complete"), "")}
 
+
+def ranking_dataset(cfg: Any) -> Tuple[Tuple[str, ...], str]:
+    """(binary tasks, regression target or "") of ``cfg``'s dataset: RANKING_DATASETS, or for data.name=events the
+    tasks of ``data.events.labels`` and the rating (when a rating_column is declared)."""
+    if cfg.data.name == "events":
+        from hstu.trainer.events_config import ranking_labels
+
+        try:
+            labels = ranking_labels(cfg.data.events)
+        except ValueError:
+            return (), ""
+        return tuple(name for name, *_ in labels), "rating" if cfg.data.events.rating_column else ""
+    return RANKING_DATASETS.get(cfg.data.name, ((), ""))
+
 # the sampled-softmax batch may use at most this fraction of the machine's memory (check_resources)
 LOGITS_MEMORY_FRACTION = 0.9
 # bytes per (position, negative) that every route of modules/losses.py allocates at least: the int64 negative
@@ -292,13 +306,25 @@ def check_ranking_values(cfg: Any) -> None:
     validate_ranking_stream(cfg)
     if cfg.task != "ranking":
         return
-    if cfg.data.name not in RANKING_DATASETS:
-        raise ConfigError(f"key 'data.name' = {cfg.data.name!r}: task=ranking supports {list(RANKING_DATASETS)}")
+    if cfg.data.name not in RANKING_DATASETS and cfg.data.name != "events":
+        raise ConfigError(f"key 'data.name' = {cfg.data.name!r}: task=ranking supports "
+                          f"{list(RANKING_DATASETS) + ['events']}")
+    if cfg.data.name == "events":  # own logs (docs/data.md "Ranking on your own logs")
+        ev = cfg.data.events
+        if ev.stream:
+            raise ConfigError("key 'data.events.stream' = True: not supported with task=ranking yet (the ranking "
+                              "path reads the prepared shards into memory; set data.events.stream=false)")
+        if not ev.rating_column and not ev.action_column:
+            raise ConfigError("key 'data.events.rating_column' = '': task=ranking on own logs needs a rating_column "
+                              "or an action_column (the action tokens and the labels come from it)")
+        if not ranking_dataset(cfg)[0]:
+            raise ConfigError(f"key 'data.events.labels' = {list(ev.labels)}: task=ranking needs at least one label "
+                              "(e.g. 'click=action==1'; the default like=rating>=4 needs a rating_column)")
     if cfg.model.arch not in RANKING_ARCHS:
         raise ConfigError(f"key 'model.arch' = {cfg.model.arch!r}: task=ranking supports {' | '.join(RANKING_ARCHS)}")
     if cfg.train.stochastic_length.enabled:
         raise ConfigError("key 'train.stochastic_length.enabled' = True: not supported with task=ranking")
-    known = RANKING_DATASETS[cfg.data.name][0]
+    known = ranking_dataset(cfg)[0]
     bad = [t for t in rc.tasks if t not in known]
     if bad:
         raise ConfigError(f"key 'ranking.tasks' = {bad}: not defined for {cfg.data.name} (known: {list(known)})")
@@ -316,7 +342,7 @@ def check_ranking_training(cfg: Any) -> None:
     without them can still be exported/evaluated)."""
     check_ranking_values(cfg)
     rc = cfg.ranking
-    if rc.regression_weight > 0 and not RANKING_DATASETS[cfg.data.name][1]:
+    if rc.regression_weight > 0 and not ranking_dataset(cfg)[1]:
         raise ConfigError(f"key 'ranking.regression_weight' = {rc.regression_weight} must be 0: {cfg.data.name} "
                           "has no regression target")
 

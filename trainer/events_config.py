@@ -17,6 +17,9 @@ TIME_UNITS = ("", "s", "ms", "us", "ns", "timestamp")  # "": only for timestamp/
 ITEM_IDS = ("vocab", "raw")  # vocab: contiguous ids 1..V by raw-id order; raw: keep integer ids (>= 1) as given
 SPLITS = ("leave_one_out", "time")
 DUPLICATES = ("keep", "drop")  # events with the same (user, item, time)
+LABEL_SOURCES = ("rating", "action")  # task=ranking labels: the rating_column / action_column value of the event
+LABEL_OPS = (">=", "<=", "!=", "==", ">", "<", " in ")  # checked in this order (">=" before ">")
+DEFAULT_LABELS = ["like=rating>=4"]  # task=ranking with a rating_column and no data.events.labels (5-star scale)
 
 
 @dataclass
@@ -65,6 +68,13 @@ class EventsConfig:
     # stream=true: each rank evaluates (and holds) the same number of users, min(eval_users, the smallest rank's
     # count); 0 = no cap (the smallest rank's count: the collective evaluation needs equal batches on every rank)
     eval_users: int = 0
+    # task=ranking (docs/data.md "Ranking on your own logs"): binary tasks as NAME=SOURCE OP VALUE, SOURCE rating |
+    # action (the declared rating_column / action_column), OP >= > <= < == != or "in" with a comma list, e.g.
+    # ["like=rating>=4", "love=rating==5"] or ["click=action in 1,2", "share=action==3"]; [] = like=rating>=4
+    labels: List[str] = field(default_factory=list)
+    # split=time: events at/after the cutoff a shard keeps per user (test targets); task=ranking sets it to
+    # ranking.num_eval_targets itself, retrieval uses the first one only
+    keep_after_cutoff: int = 1
 
 
 def _bad(key: str, value: Any, rule: str) -> str:
@@ -132,6 +142,12 @@ def check_events_values(cfg: Any) -> None:
         raise ConfigError(_bad("eval_users", ev.eval_users, ">= 0 (0 = every user)"))
     if ev.eval_users and not ev.stream:
         raise ConfigError(_bad("eval_users", ev.eval_users, "0 unless data.events.stream=true"))
+    if ev.keep_after_cutoff < 1:
+        raise ConfigError(_bad("keep_after_cutoff", ev.keep_after_cutoff, ">= 1"))
+    try:
+        ranking_labels(ev)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if ev.prepare_threads < 0:
         raise ConfigError(_bad("prepare_threads", ev.prepare_threads, ">= 0"))
     if ev.split == "time":
@@ -157,3 +173,39 @@ def cutoff_seconds(text: str) -> int:
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
     return int(when.timestamp())
+
+
+def parse_label(text: str, index: int = 0) -> tuple:
+    """``NAME=SOURCE OP VALUE`` -> (name, source, op, values: tuple of floats); ValueError naming the key."""
+    key = f"data.events.labels[{index}]"
+    name, eq, rule = str(text).partition("=")
+    name, rule = name.strip(), rule.strip()
+    if not eq or not name.isidentifier():
+        raise ValueError(_bad(f"labels[{index}]", text, "NAME=SOURCE OP VALUE (e.g. 'like=rating>=4')"))
+    for op in LABEL_OPS:
+        source, found, value = rule.partition(op)
+        if found:
+            source = source.strip()
+            if source not in LABEL_SOURCES:
+                raise ValueError(f"key '{key}' = {text!r}: source {source!r} must be one of {list(LABEL_SOURCES)}")
+            try:
+                values = tuple(float(v) for v in value.split(",")) if op == " in " else (float(value),)
+            except ValueError:
+                raise ValueError(f"key '{key}' = {text!r}: value {value.strip()!r} must be a number"
+                                 + (" list" if op == " in " else "")) from None
+            return name, source, op.strip(), values
+    raise ValueError(f"key '{key}' = {text!r}: no operator (one of {[o.strip() for o in LABEL_OPS]})")
+
+
+def ranking_labels(ev: Any) -> List[tuple]:
+    """The parsed ``data.events.labels`` (DEFAULT_LABELS when empty and a rating column is declared); each
+    source's column must be declared; names distinct."""
+    texts = list(ev.labels) or (DEFAULT_LABELS if ev.rating_column else [])
+    out = [parse_label(t, i) for i, t in enumerate(texts)]
+    for i, (name, source, _, _) in enumerate(out):
+        if not getattr(ev, f"{source}_column"):
+            raise ValueError(_bad(f"labels[{i}]", texts[i], f"about a declared column (data.events.{source}_column "
+                                  "is not set)"))
+        if [n for n, *_ in out].count(name) > 1:
+            raise ValueError(_bad(f"labels[{i}]", texts[i], "a task name no other label uses"))
+    return out

@@ -57,6 +57,8 @@ def _options(data_cfg: Any) -> Dict[str, Any]:
                num_shards=ev.num_shards, prepare_memory_mb=ev.prepare_memory_mb, shard_events=ev.shard_events)
     if data_cfg.tie_order == "random":
         out["tie_seed"] = int(data_cfg.seed)
+    if ev.split == "time" and ev.keep_after_cutoff != 1:  # (absent at 1: the keys of existing datasets stay)
+        out["keep_after_cutoff"] = int(ev.keep_after_cutoff)
     return out
 
 
@@ -315,7 +317,8 @@ def _write_shard(arrays: Optional[Dict[str, np.ndarray]], k: int, data_cfg: Any,
     keep_users = full.lengths() >= data_cfg.min_seq_len
     stats["short_users"] += int((~keep_users).sum())
     cutoff = cutoff_seconds(ev.time_cutoff) if ev.split == "time" else None
-    rows, first, end, num_pre = event_window(full, data_cfg.max_seq_len, data_cfg.min_seq_len, cutoff)
+    rows, first, end, num_pre = event_window(full, data_cfg.max_seq_len, data_cfg.min_seq_len, cutoff,
+                                             ev.keep_after_cutoff)
     seqs = select_ranges(full, rows, first, end)
     split = split_shard(seqs, num_pre, data_cfg.max_seq_len)
     path = folder / f"shard-{k:05d}.npz"

@@ -22,12 +22,13 @@ from hstu.trainer.data.sequences import (KEPT_BEYOND_MAX_LEN, LeaveOneOutSplit, 
                                          leave_one_out_split, select_ranges)
 
 
-def event_window(full: UserSequences, max_seq_len: int, min_seq_len: int, cutoff: Optional[int]
+def event_window(full: UserSequences, max_seq_len: int, min_seq_len: int, cutoff: Optional[int], after: int = 1
                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """The events a shard keeps -> (rows, first, end, num_pre): users ``rows`` with >= min_seq_len events keep
     events [first, end) (absolute indices). leave_one_out (``cutoff`` None): the last max_seq_len + 2 events
     (as sequences.truncate), num_pre None. time: users with >= 1 event before ``cutoff`` keep their last
-    max_seq_len + 1 events before it + the first one at/after it; num_pre [U] int32 = how many are before it."""
+    max_seq_len + 1 events before it + the first ``after`` at/after it (task=ranking: its test candidates);
+    num_pre [U] int32 = how many are before it."""
     lengths = full.lengths()
     if cutoff is None:
         rows = np.flatnonzero(lengths >= min_seq_len)
@@ -39,7 +40,7 @@ def event_window(full: UserSequences, max_seq_len: int, min_seq_len: int, cutoff
     rows = np.flatnonzero((lengths >= min_seq_len) & (pre >= 1))
     start, pre_end = full.offsets[rows], full.offsets[rows] + pre[rows]
     first = np.maximum(start, pre_end - (max_seq_len + 1))
-    end = np.minimum(full.offsets[rows + 1], pre_end + 1)
+    end = np.minimum(full.offsets[rows + 1], pre_end + after)
     return rows, first, end, (pre_end - first).astype(np.int32)
 
 

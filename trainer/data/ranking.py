@@ -60,6 +60,7 @@ class RankingData:
     side_vocab: Tuple[int, ...] = ()
     regression: Optional[np.ndarray] = None
     regression_name: Optional[str] = None
+    num_pre: Optional[np.ndarray] = None  # [U] events before the cutoff (own logs, data.events.split=time)
 
     @property
     def num_users(self) -> int:
@@ -139,6 +140,10 @@ def chronological_split(data: RankingData, max_seq_len: int, num_eval_targets: i
     if num_eval_targets < 1:
         raise DataError(f"ranking.num_eval_targets must be >= 1, got {num_eval_targets}")
     n = data.lengths()
+    if data.num_pre is not None:  # own logs with a time cutoff: trainer/data/events_ranking.py
+        from hstu.trainer.data.events_ranking import time_cutoff_windows
+
+        return RankingSplit(*time_cutoff_windows(n, data.num_pre, max_seq_len, num_eval_targets))
     rows = np.flatnonzero(n >= 2)
     k = np.minimum(num_eval_targets, n[rows] - 1)
     end = n[rows] - k
@@ -169,9 +174,10 @@ def build_ranking_loaders(data: RankingData, split: RankingSplit, batch_size: in
     train = RankingLoader(data, split.rows, split.train_start, split.train_end, np.zeros_like(split.rows),
                           batch_size, predict="history", shuffle=True, seed=seed, max_side_tokens=max_side_tokens,
                           rank=rank, world_size=world_size)
-    evaluation = RankingLoader(data, split.rows, split.hist_start, split.hist_end, split.num_candidates,
-                               eval_batch_size, predict="candidates", shuffle=False, max_side_tokens=max_side_tokens,
-                               rank=rank, world_size=world_size)
+    has = split.num_candidates > 0  # every user but, with a time cutoff, those with no event after it
+    evaluation = RankingLoader(data, split.rows[has], split.hist_start[has], split.hist_end[has],
+                               split.num_candidates[has], eval_batch_size, predict="candidates", shuffle=False,
+                               max_side_tokens=max_side_tokens, rank=rank, world_size=world_size)
     return train, evaluation
 
 
@@ -295,8 +301,13 @@ def ranking_data_config(cfg) -> Any:
     from hstu.trainer.data.sequences import KEPT_BEYOND_MAX_LEN
 
     K = cfg.ranking.num_eval_targets
-    return dataclasses.replace(cfg.data, max_seq_len=cfg.data.max_seq_len + 2 * K - KEPT_BEYOND_MAX_LEN,
-                               min_seq_len=max(cfg.data.min_seq_len, 2))
+    out = dataclasses.replace(cfg.data, max_seq_len=cfg.data.max_seq_len + 2 * K - KEPT_BEYOND_MAX_LEN,
+                              min_seq_len=max(cfg.data.min_seq_len, 2))
+    if cfg.data.name == "events":
+        from hstu.trainer.data.events_ranking import events_ranking_config
+
+        out = events_ranking_config(cfg, out)
+    return out
 
 
 def prepare_ranking(cfg, progress: bool = True) -> Dict[str, Any]:
@@ -305,12 +316,13 @@ def prepare_ranking(cfg, progress: bool = True) -> Dict[str, Any]:
     at train time. Synthetic ranking data is generated when training starts (nothing to read)."""
     from hstu.trainer.data import prepare
 
-    if cfg.data.name != "ml-1m":
+    if cfg.data.name not in ("ml-1m", "events"):
         return prepare(cfg.data, progress)
     summary = prepare(ranking_data_config(cfg), progress)
     data = load_ranking_data(cfg, progress)
-    summary.update(users_file=str(users_file(cfg.data, progress)), ranking_users=int(len(data.user_ids)),
-                   ranking_tasks=list(data.task_names))
+    if cfg.data.name == "ml-1m":
+        summary["users_file"] = str(users_file(cfg.data, progress))
+    summary.update(ranking_users=int(len(data.user_ids)), ranking_tasks=list(data.task_names))
     return summary
 
 
@@ -330,8 +342,12 @@ def load_ranking_data(cfg, progress: bool = True) -> RankingData:
         from hstu.trainer.data.synthetic_ranking import generate_ranking
 
         data = generate_ranking(rc.synthetic, progress=progress)
+    elif name == "events":  # own logs: trainer/data/events_ranking.py
+        from hstu.trainer.data.events_ranking import events_ranking_data
+
+        data = events_ranking_data(cfg, progress)
     else:
-        raise DataError(f"task=ranking supports data.name ml-1m | synthetic, got {name!r}")
+        raise DataError(f"task=ranking supports data.name ml-1m | synthetic | events, got {name!r}")
     if rc.regression_weight > 0 and data.regression is None:
         raise DataError(f"ranking.regression_weight > 0 but dataset {name} has no regression target")
     return select_features(data, rc.tasks, rc.contextual, rc.side_series, source=f"dataset {name}")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from hstu.trainer.config import RunConfig
-from hstu.trainer.config_checks import RANKING_DATASETS, check_ranking_training
+from hstu.trainer.config_checks import check_ranking_training, ranking_dataset
 from hstu.trainer.tasks.spec import TaskData
 
 log = logging.getLogger("hstu")
@@ -36,12 +36,12 @@ class RankingTask:
     # -- config
     def task_names(self) -> List[str]:
         rc = self.cfg.ranking
-        return list(rc.tasks) if rc.tasks else list(RANKING_DATASETS.get(self.cfg.data.name, ((), ""))[0])
+        return list(rc.tasks) if rc.tasks else list(ranking_dataset(self.cfg)[0])
 
     def regression_name(self) -> str:
         if self.cfg.ranking.regression_weight <= 0:
             return ""
-        return RANKING_DATASETS.get(self.cfg.data.name, ((), ""))[1]
+        return ranking_dataset(self.cfg)[1]
 
     def check_config(self) -> None:
         # the one validation pass's ranking part (trainer/config_checks.py), again: a config mutated after
@@ -71,10 +71,14 @@ class RankingTask:
         K = self.cfg.ranking.num_eval_targets
         out: Dict[str, Any] = {"split": f"chronological: test = last {K} events per user, validation = the {K} "
                                         "before them, training windows end before the validation events"}
-        if self.cfg.data.name == "ml-1m":
+        if self.cfg.data.name in ("ml-1m", "events"):
             from hstu.trainer.data import tie_options
 
             out.update(tie_options(self.cfg.data))
+        if self.cfg.data.name == "events":  # own logs (trainer/data/events_ranking.py)
+            from hstu.trainer.data.events_ranking import describe_events_split
+
+            out.update(describe_events_split(self.cfg, self.data))
         return out
 
     # -- data / model

@@ -186,6 +186,9 @@ class RetrievalTask:
             split = (f"time cutoff {events.time_cutoff} (test: first item at/after it, validation: last item before "
                      "it)")
         out = {"split": split, **tie_options(self.cfg.data)}
+        prepared = getattr(getattr(self.data, "source", None), "events", None)
+        if prepared is not None:  # own logs: where the vocabularies are (hstu export copies them)
+            out["dataset_dir"] = str(prepared.folder)
         if self.cfg.data.holdout_items_frac > 0:
             out["holdout_items_frac"] = self.cfg.data.holdout_items_frac
             out["held_out_items"] = int(self.held_out) if self.held_out is not None else None
