@@ -99,10 +99,13 @@ def _sums(dmp: Any) -> Dict[str, float]:
 
     from hstu.trainer.parallel.sharding import rowwise_kernels
 
+    def total(x: Any, block: int = 1 << 22) -> float:  # in blocks: a float64 copy of a shard breaks the cap
+        flat = x.reshape(-1)
+        return sum(float(flat[i:i + block].double().sum()) for i in range(0, flat.numel(), block))
+
     e = [k.emb_module for k in rowwise_kernels(dmp)]
-    t = torch.tensor([sum(float(x.weights.double().sum()) for x in e),
-                      sum(float(x.momentum1.double().sum()) for x in e),
-                      sum(float(x.momentum2.double().sum()) for x in e)], dtype=torch.float64)
+    t = torch.tensor([sum(total(x.weights) for x in e), sum(total(x.momentum1) for x in e),
+                      sum(total(x.momentum2) for x in e)], dtype=torch.float64)
     dist.all_reduce(t)
     return {"weights": float(t[0]), "momentum1": float(t[1]), "momentum2": float(t[2])}
 
