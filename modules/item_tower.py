@@ -20,7 +20,7 @@ torch.export for serving (serving/export.py).
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -101,6 +101,19 @@ class ItemTower(nn.Module):
         id_part = id_embeddings * self.id_weight[ids].unsqueeze(-1).to(id_embeddings.dtype)
         out = self.combine(id_part, self.feature_values[ids])
         return out * (ids != 0).unsqueeze(-1).to(out.dtype)
+
+
+def build_item_tower(model_cfg: Any, item_features: Any, num_items: int) -> Optional[ItemTower]:
+    """The ItemTower of ``item_features`` (an ItemFeatureTable or :func:`features_from_state`'s layout; None ->
+    None) for a model of ``num_items`` items with ``model_cfg.item_features`` options (retrieval and ranking)."""
+    if item_features is None:
+        return None
+    values = torch.as_tensor(item_features.values, dtype=torch.int64)
+    if values.shape[0] != num_items + 1:
+        raise ValueError(f"item features cover {values.shape[0] - 1} items, the model has {num_items}")
+    fc = model_cfg.item_features
+    return ItemTower(item_features.names, item_features.widths, item_features.cardinalities, values,
+                     model_cfg.embedding_dim, fc.combine, fc.pooling, fc.use_ids)
 
 
 def features_from_state(state: Dict[str, torch.Tensor], prefix: str = "item_tower.") -> Optional[SimpleNamespace]:

@@ -178,7 +178,7 @@ def _check_model(c: _Checks) -> None:
 
 
 def _check_item_features(c: _Checks) -> None:
-    """model.item_features.* and data.holdout_items_frac (the item tower is built for task=retrieval)."""
+    """model.item_features.* and data.holdout_items_frac (the item tower: task=retrieval and task=ranking)."""
     cfg, f = c.cfg, c.cfg.model.item_features
     c.interval("data.holdout_items_frac", 0.0, 1.0)
     c.at_least(0, "eval.cold_max_events")
@@ -201,9 +201,6 @@ def _check_item_features(c: _Checks) -> None:
             raise ConfigError("key 'model.item_features.use_ids' = False needs model.item_features.enabled=true "
                               "(an item needs ids or features)")
         return
-    if cfg.task != "retrieval":
-        raise ConfigError(f"key 'model.item_features.enabled' = True: supported with task=retrieval only, got "
-                          f"task={cfg.task!r}")
     known = ITEM_FEATURES_BY_DATASET.get(cfg.data.name)
     if known is None:
         raise ConfigError(f"key 'model.item_features.enabled' = True: data.name = {cfg.data.name!r} has no item "

@@ -259,3 +259,32 @@ def load_item_features(data_cfg, feat_cfg, num_items: int, raw_dir: "Optional[st
     rows = parse_movies_dat(path) if name == "ml-1m" else parse_u_item(path)
     genres = ML1M_GENRES if name == "ml-1m" else ML100K_GENRES
     return movie_table(rows, num_items, names, len(genres), feat_cfg.title_buckets, feat_cfg.year_bucket_years)
+
+
+def ranking_synthetic_table(ranking_synthetic_cfg, num_items: int) -> ItemFeatureTable:
+    """The synthetic RANKING world's cluster of every item (trainer/data/synthetic_ranking.py), as ``cluster``."""
+    from hstu.trainer.data.synthetic_ranking import build_world
+
+    world = build_world(ranking_synthetic_cfg)
+    n = min(num_items, world.num_items)
+    cluster = np.zeros((num_items + 1, 1), dtype=np.int64)
+    cluster[1:n + 1, 0] = world.cluster_of(np.arange(1, n + 1)) + 1
+    return ItemFeatureTable(("cluster",), (1,), (world.num_clusters + 1,), cluster)
+
+
+def load_ranking_item_features(cfg, num_items: int) -> ItemFeatureTable:
+    """RunConfig of task=ranking -> the item tower's feature table: ML-1M movies.dat (found beside users.dat),
+    the synthetic ranking world's clusters, or what :func:`load_item_features` reads for other datasets."""
+    name, feat_cfg = cfg.data.name, cfg.model.item_features
+    if name == "synthetic":
+        bad = [n for n in feat_cfg.features if n != "cluster"]
+        if bad:
+            raise DataError(f"model.item_features.features: {bad} not available for synthetic (available: "
+                            "['cluster'])")
+        return ranking_synthetic_table(cfg.ranking.synthetic, num_items)
+    raw_dir = None
+    if name == "ml-1m":
+        from hstu.trainer.data.ranking import users_file
+
+        raw_dir = users_file(cfg.data, progress=False).parent
+    return load_item_features(cfg.data, feat_cfg, num_items, raw_dir)
