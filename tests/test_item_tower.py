@@ -129,7 +129,7 @@ def test_tower_rebuilds_from_state_dict():
     (["data.holdout_items_frac=1.0"], "data.holdout_items_frac"),
     (["model.item_features.content_only_max_events=-2"], "content_only_max_events"),
     (["data.name=amzn-books"], "has no item features"),
-    (["task=ranking", "data.min_seq_len=4"], "task=retrieval only"),
+    (["task=ranking", "data.min_seq_len=4", "data.holdout_items_frac=0.1"], "needs task=retrieval"),
 ])
 def test_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
