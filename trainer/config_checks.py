@@ -202,6 +202,12 @@ def _check_item_features(c: _Checks) -> None:
                               "(an item needs ids or features)")
         return
     known = ITEM_FEATURES_BY_DATASET.get(cfg.data.name)
+    if cfg.data.name == "events":  # own logs: the columns of the side-feature table (trainer/data/item_features.py)
+        ev = cfg.data.events.item_features
+        known = tuple(ev.columns) + tuple(ev.multi_columns) if ev.paths else ()
+        if not known:
+            raise ConfigError("key 'model.item_features.enabled' = True: data.name=events needs an item side-feature "
+                              "table (data.events.item_features.paths and .columns / .multi_columns)")
     if known is None:
         raise ConfigError(f"key 'model.item_features.enabled' = True: data.name = {cfg.data.name!r} has no item "
                           f"features ({' | '.join(ITEM_FEATURES_BY_DATASET)})")

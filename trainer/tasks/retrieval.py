@@ -174,7 +174,9 @@ class RetrievalTask:
         if self.cfg.model.item_features.enabled:
             from hstu.trainer.data import load_item_features
 
-            self.item_features = load_item_features(self.cfg.data, self.cfg.model.item_features, seqs.num_items)
+            events = getattr(seqs, "events", None)  # own logs: the prepared dataset holds the side-feature table
+            self.item_features = load_item_features(self.cfg.data, self.cfg.model.item_features, seqs.num_items,
+                                                    dataset_dir=getattr(events, "folder", None))
         return self.data
 
     def data_description(self) -> Dict[str, Any]:
