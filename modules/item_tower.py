@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from hstu.modules.embeddings import INIT_STD
+from hstu.modules.embeddings import INIT_STD, table_device
 
 COMBINES = ("sum", "mlp")
 POOLINGS = ("mean", "sum")
@@ -52,7 +52,8 @@ class ItemTower(nn.Module):
         self.offsets = [sum(self.widths[:f]) for f in range(len(self.widths))]
         self.tables = nn.ModuleDict()
         for name, card in zip(self.names, cardinalities):
-            table = nn.Embedding(int(card), dim, padding_idx=0)
+            # on the meta device under tables_on("meta") (sharding.table_init=per_shard): initialised per shard
+            table = nn.Embedding(int(card), dim, padding_idx=0, device=table_device())
             nn.init.trunc_normal_(table.weight, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)
             with torch.no_grad():
                 table.weight[0].zero_()

@@ -173,15 +173,10 @@ def test_combinations_not_supported_yet_are_refused():
     """Merged features that do not compose yet fail in the one config pass, naming the key."""
     import pytest as _pytest
 
-    from hstu.trainer.config import ConfigError, RunConfig, check_values
-
+    from hstu.trainer.config import ConfigError, RunConfig
     from hstu.trainer.config_checks import _check_item_features, _Checks
 
     cfg = RunConfig()
     cfg.data.name, cfg.data.holdout_items_frac = "events", 0.05
     with _pytest.raises(ConfigError, match="holdout_items_frac.*data.name=events"):
         _check_item_features(_Checks(cfg))  # the item-feature part of the one pass (events paths unset here)
-    cfg = RunConfig()
-    cfg.sharding.enabled, cfg.sharding.table_init, cfg.model.item_features.enabled = True, "per_shard", True
-    with _pytest.raises(ConfigError, match="per_shard.*item_features"):
-        check_values(cfg)

@@ -262,10 +262,6 @@ def _check_sharding(cfg: Any) -> None:
     if sh.table_init == "per_shard" and not sh.enabled:
         raise ConfigError("key 'sharding.table_init' = 'per_shard' needs sharding.enabled=true (the plain path "
                           "builds whole tables)")
-    if sh.table_init == "per_shard" and cfg.model.item_features.enabled:
-        raise ConfigError("key 'sharding.table_init' = 'per_shard' is not supported with "
-                          "model.item_features.enabled=true yet (the feature tables are built whole): use "
-                          "sharding.table_init=copy")
     if sh.table_init == "per_shard" and cfg.train.init_from:
         raise ConfigError("key 'sharding.table_init' = 'per_shard' cannot start from train.init_from (that copies "
                           "plain tables into every rank): use sharding.table_init=copy")

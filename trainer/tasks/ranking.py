@@ -184,7 +184,7 @@ class RankingTask:
         if getattr(model, "item_tower", None) is not None:  # the item tower's feature tables: one more collection
             from hstu.trainer.parallel.item_features import CollectionFeatureTables
 
-            model.item_tower.tables = CollectionFeatureTables(model.item_tower.tables, weight_dtype)
+            model.item_tower.tables = CollectionFeatureTables(model.item_tower.tables, weight_dtype, init_seed)
 
     def prefetcher(self, model: torch.nn.Module) -> Any:
         """None: no input-dist prefetch for the ranking tables (``sharding.pipeline=prefetch`` is rejected)."""

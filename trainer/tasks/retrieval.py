@@ -214,7 +214,7 @@ class RetrievalTask:
         if getattr(model, "item_tower", None) is not None:  # the feature tables too, one more collection
             from hstu.trainer.parallel.item_features import CollectionFeatureTables
 
-            model.item_tower.tables = CollectionFeatureTables(model.item_tower.tables, weight_dtype)
+            model.item_tower.tables = CollectionFeatureTables(model.item_tower.tables, weight_dtype, init_seed)
 
     def prefetcher(self, model: torch.nn.Module) -> Any:
         """The sharded model's CollectionItemEmbeddings: ``prefetch(lookup_ids)`` starts the input all-to-all of
