@@ -130,6 +130,7 @@ def test_tower_rebuilds_from_state_dict():
     (["model.item_features.content_only_max_events=-2"], "content_only_max_events"),
     (["data.name=amzn-books"], "has no item features"),
     (["task=ranking", "data.min_seq_len=4", "data.holdout_items_frac=0.1"], "needs task=retrieval"),
+    (["task=ranking", "data.min_seq_len=4", "eval.item_groups=true"], "item_groups.*needs task=retrieval"),
 ])
 def test_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):

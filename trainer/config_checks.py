@@ -190,6 +190,9 @@ def _check_item_features(c: _Checks) -> None:
         raise _fail("model.item_features.features", f.features, "a list without repeats")
     if cfg.data.holdout_items_frac > 0 and cfg.task != "retrieval":
         raise ConfigError(f"key 'data.holdout_items_frac' = {cfg.data.holdout_items_frac}: needs task=retrieval")
+    if cfg.eval.item_groups and cfg.task != "retrieval":
+        raise ConfigError("key 'eval.item_groups' = True: needs task=retrieval (the ranking metrics have no cold / "
+                          "never-seen groups)")
     if cfg.eval.item_groups and cfg.data.name == "events" and cfg.data.events.stream:
         raise ConfigError("key 'eval.item_groups' = True: not supported with data.events.stream=true yet (the "
                           "streamed loader keeps no training counts)")
