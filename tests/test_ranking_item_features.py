@@ -219,3 +219,39 @@ def test_export_of_a_features_model_from_a_saved_state(tmp_path, data):
     with torch.no_grad():
         logits, _ = model(training_batch(data, 2, 11, cand, np.full(4, qt), alone=True))
     assert (sm.rank(hist, cand, query_time=qt).logits - logits).abs().max() < 0.05
+
+
+MOVIES = b"".join(f"{i}::{t}::{g}\n".encode() for i, t, g in [
+    (10, "GoldenEye (1995)", "Action|Adventure|Thriller"), (11, "American President, The (1995)", "Comedy|Drama"),
+    (12, "Dracula: Dead and Loving It (1995)", "Comedy|Horror"), (13, "Balto (1995)", "Animation|Children's"),
+    (14, "Nixon (1995)", "Drama")])  # item 15 has no row
+
+
+def test_ml1m_ranking_task_reads_movies_dat(tmp_path):
+    """task=ranking on ML-1M files: movies.dat next to users.dat / ratings.dat gives the tower its features."""
+    from hstu.trainer.data.item_features import ML1M_GENRES, title_words, year_bucket
+    from hstu.trainer.tasks import get_task
+    from test_ranking_data import _cfg as ml1m_cfg, _write
+
+    _write(tmp_path)
+    (tmp_path / "movies.dat").write_bytes(MOVIES)
+    cfg = ml1m_cfg(tmp_path, *FEATURES, "model.item_features.features=[genre,year,title]",
+                   "model.embedding_dim=8", "model.attention_dim=4", "model.linear_dim=4", "model.num_heads=2")
+    task = get_task(cfg)
+    task.build_data()
+    table = task.item_features
+    assert table.names == ("genre", "year", "title") and table.num_items == task.data.num_items
+    genre = table.block("genre")
+    assert sorted(genre[10][genre[10] > 0].tolist()) == [ML1M_GENRES.index(g) + 1 for g in
+                                                           ("Action", "Adventure", "Thriller")]
+    assert table.block("year")[14, 0] == year_bucket(1995, cfg.model.item_features.year_bucket_years)
+    assert sorted(table.block("title")[13][table.block("title")[13] > 0].tolist()) == sorted(
+        title_words("Balto", cfg.model.item_features.title_buckets))
+    assert not table.values[15].any() and not table.values[0].any()
+    model = task.build_model(torch.device("cpu")).eval()
+    # training windows hold event 0 of each user: items 10 and 11 (users 1, 2 -> 10; user 4 -> 11)
+    assert torch.nonzero(model.item_tower.id_weight).flatten().tolist() == [10, 11]
+    batch = next(iter(task.eval_loader))
+    with torch.no_grad():
+        logits, reg = model(batch)
+    assert logits.shape == (6, 2) and torch.isfinite(logits).all() and reg is None
