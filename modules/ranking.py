@@ -2,9 +2,11 @@
 appended target-aware, multi-task heads at item positions only.
 
 Token embedding (row t of the batch, kinds from ``hstu.trainer.data.ranking_batch``):
-    context c  : ctx_table[c][id]            item : item_table[id]  (with item features: ItemTower(id, item_table[id]), modules/item_tower.py)
+    context c  : ctx_table[c][id]            item : item_table[id]
     action     : action_table[id] (+ item_table[paired item] when ``action_with_item``)
     side f     : side_table[f][id]
+    (with item features every item row item_table[i] is the item tower's ItemTower(i, item_table[i]) instead,
+    modules/item_tower.py)
     h_t = e_t·√D + kind_emb[kind] + pos_emb[position] (+ time_emb[log-bucket(time gap)] for the production variant)
 Layers: the HSTU layers of modules/hstu.py (``model.variant``), causal, with ``num_targets`` (candidates see the
 history + themselves) and ``contextual_len`` (the C prefix tokens are visible to all). Heads: LayerNorm →
