@@ -8,6 +8,8 @@ Artifact (same atomic writer, manifest and checks as serving/export.py; ``manife
                       side.i), fp32 | bf16 | int8 rowwise; with item features (model.item_features) ``items``
                       holds the item tower's vector of every item (HSTURankingModel.item_rows)
     records.pt        recorded requests and the training model's outputs on them (each candidate alone)
+    item_tower.pt2, item_features.pt   with item features: the content program and the catalog's packed features
+                      (as the retrieval artifact, serving/export.py export_item_tower), for ``add_items``
 
 Step inputs (serving/ranking.py STEP_INPUTS): e [M, D] raw token rows, kinds, pos, gaps, ts, t_next [M] (score:
 [1] except gaps [M]), contextual_len [1], past_k [L, H, N, dqk], past_v [L, H, N, dv], past_pos, past_ts [N].
@@ -233,6 +235,11 @@ def export_ranking_model(model, config: Dict[str, Any], out: str, *, context_nam
     state = {nm: t.state() for nm, t in tables.named().items()}
     files = {EXTEND_FILE: lambda p: torch.export.save(extend, p), SCORE_FILE: lambda p: torch.export.save(score, p),
              TABLES_FILE: lambda p: torch.save(state, p), RECORDS_FILE: lambda p: torch.save(records, p)}
+    if model.item_tower is not None:  # the content program + catalog features: new items at serving (add_items)
+        from hstu.serving.export import export_item_tower
+
+        manifest["item_tower"], tower_files = export_item_tower(model.item_tower, config)
+        files.update(tower_files)
     write_artifact(out, manifest, config, files)
     return manifest
 

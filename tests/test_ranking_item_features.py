@@ -219,6 +219,27 @@ def test_export_of_a_features_model_from_a_saved_state(tmp_path, data):
     with torch.no_grad():
         logits, _ = model(training_batch(data, 2, 11, cand, np.full(4, qt), alone=True))
     assert (sm.rank(hist, cand, query_time=qt).logits - logits).abs().max() < 0.05
+    # add_items: a new item from its features alone is the twin of a trained content-only item (id dropped)
+    x = 4
+    assert model.item_tower.id_weight[x] == 0 and model.item_tower.id_weight[x + 1] == 1
+    man = json.load(open(os.path.join(out, "manifest.json")))
+    assert [f["name"] for f in man["item_tower"]["features"]] == ["cluster"] and "item_tower" in sm.verify()
+    new = sm.add_items([{"cluster": [int(model.item_tower.feature_values[x, 0])]}])
+    assert new.tolist() == [data.num_items + 1] and sm.num_items == data.num_items + 1
+    items = sm.engine.tables.items
+    torch.testing.assert_close(items.lookup(new), items.lookup(torch.tensor([x])), rtol=0, atol=1e-6)
+    twin = sm.rank(hist, [x, 9, int(new)], query_time=qt).logits
+    torch.testing.assert_close(twin[2], twin[0], rtol=0, atol=1e-5)
+    swapped = dict(item_ids=hist.item_ids.copy(), actions=hist.actions, timestamps=hist.timestamps,
+                   context=hist.context, side=hist.side)
+    swapped["item_ids"][[0, 3]] = x
+    with_new = dict(swapped, item_ids=np.where(swapped["item_ids"] == x, int(new), swapped["item_ids"]))
+    torch.testing.assert_close(sm.rank(with_new, cand, query_time=qt).logits,
+                               sm.rank(swapped, cand, query_time=qt).logits, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown feature 'genre'"):
+        sm.add_items([{"genre": [1]}])
+    with pytest.raises(ValueError, match=r"feature 'cluster' = \[9\] must be at most 1 values in 1..3"):
+        sm.add_items([{"cluster": [9]}])
 
 
 MOVIES = b"".join(f"{i}::{t}::{g}\n".encode() for i, t, g in [
