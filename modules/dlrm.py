@@ -3,7 +3,7 @@ ranker, no sequence model.
 
 Per predicted impression (row r of ``batch.pred_rows``, sequence b), F feature vectors of width D:
     ctx_1..ctx_C  contextual embeddings of user b
-    cand          candidate item embedding
+    cand          candidate item embedding (item rows: the item tower's vectors with model.item_features)
     hist_items    mean item embedding of the history items before r   (train: x_0..x_{k−1}; eval: all history)
     hist_actions  mean action embedding of those items' actions
     hist_side     mean side-token embedding before r (when the data has side series)
@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from hstu.modules.ranking import KIND_ACTION, KIND_ITEM, KIND_SIDE, RankingSpec, RankingTables
+from hstu.modules.ranking import KIND_ACTION, KIND_ITEM, KIND_SIDE, RankingSpec, RankingTables, through_tower
 from hstu.ops.jagged import sequence_ids
 
 
@@ -41,7 +41,7 @@ class DLRMRanking(nn.Module):
     """forward(batch) -> (logits [N, K], regression [N] | None) at batch.pred_rows."""
 
     def __init__(self, embedding_dim: int, spec: RankingSpec, mlp: Sequence[int] = (256, 128),
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, item_tower: Optional[nn.Module] = None) -> None:
         super().__init__()
         D = embedding_dim
         self.spec, self.dim = spec, D
@@ -58,6 +58,7 @@ class DLRMRanking(nn.Module):
         iu = torch.triu_indices(F_, F_, offset=1)
         self.register_buffer("pair_i", iu[0], persistent=False)
         self.register_buffer("pair_j", iu[1], persistent=False)
+        self.item_tower = item_tower  # item content features (modules/item_tower.py): item rows = its vectors
 
     def features(self, batch: Any) -> torch.Tensor:
         """[N, F, D] feature vectors of every predicted impression."""
@@ -76,6 +77,8 @@ class DLRMRanking(nn.Module):
         parts += [(f"context_{c}", batch.context_ids[:, c]) for c in range(C)]
         parts += [(f"side_{f}", ids[sg]) for f, sg in enumerate(side_groups)]
         embs = self.tables.lookup_many(parts)  # ONE lookup (one collective on the sharded path)
+        if self.item_tower is not None:  # candidate and history item rows: one tower call
+            embs[0], embs[1] = through_tower(self.item_tower, [parts[0][1], parts[1][1]], embs[:2])
         zeros = torch.zeros(T, self.dim, device=kinds.device)
         item_vals = zeros.index_copy(0, hist_rows, embs[1].to(zeros.dtype))
         action_vals = zeros.index_copy(0, action_rows, embs[2].to(zeros.dtype))

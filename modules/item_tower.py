@@ -20,12 +20,12 @@ torch.export for serving (serving/export.py).
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from hstu.modules.embeddings import INIT_STD
+from hstu.modules.embeddings import INIT_STD, table_device
 
 COMBINES = ("sum", "mlp")
 POOLINGS = ("mean", "sum")
@@ -52,7 +52,8 @@ class ItemTower(nn.Module):
         self.offsets = [sum(self.widths[:f]) for f in range(len(self.widths))]
         self.tables = nn.ModuleDict()
         for name, card in zip(self.names, cardinalities):
-            table = nn.Embedding(int(card), dim, padding_idx=0)
+            # on the meta device under tables_on("meta") (sharding.table_init=per_shard): initialised per shard
+            table = nn.Embedding(int(card), dim, padding_idx=0, device=table_device())
             nn.init.trunc_normal_(table.weight, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)
             with torch.no_grad():
                 table.weight[0].zero_()
@@ -101,6 +102,19 @@ class ItemTower(nn.Module):
         id_part = id_embeddings * self.id_weight[ids].unsqueeze(-1).to(id_embeddings.dtype)
         out = self.combine(id_part, self.feature_values[ids])
         return out * (ids != 0).unsqueeze(-1).to(out.dtype)
+
+
+def build_item_tower(model_cfg: Any, item_features: Any, num_items: int) -> Optional[ItemTower]:
+    """The ItemTower of ``item_features`` (an ItemFeatureTable or :func:`features_from_state`'s layout; None ->
+    None) for a model of ``num_items`` items with ``model_cfg.item_features`` options (retrieval and ranking)."""
+    if item_features is None:
+        return None
+    values = torch.as_tensor(item_features.values, dtype=torch.int64)
+    if values.shape[0] != num_items + 1:
+        raise ValueError(f"item features cover {values.shape[0] - 1} items, the model has {num_items}")
+    fc = model_cfg.item_features
+    return ItemTower(item_features.names, item_features.widths, item_features.cardinalities, values,
+                     model_cfg.embedding_dim, fc.combine, fc.pooling, fc.use_ids)
 
 
 def features_from_state(state: Dict[str, torch.Tensor], prefix: str = "item_tower.") -> Optional[SimpleNamespace]:

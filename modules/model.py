@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from hstu.modules.embeddings import ItemEmbeddings
 from hstu.modules.hstu import HSTUEncoder
-from hstu.modules.item_tower import ItemTower
+from hstu.modules.item_tower import ItemTower, build_item_tower
 from hstu.modules.sasrec import SASRecEncoder
 from hstu.ops.backend import BackendLike
 
@@ -49,14 +49,8 @@ class RetrievalModel(nn.Module):
         self.num_items, self.l2_norm_output = num_items, model_cfg.l2_norm_output
         self.item_embeddings = ItemEmbeddings(num_items, model_cfg.embedding_dim)
         self.encoder = build_encoder(model_cfg, max_seq_len, ops_backend)
-        self.item_tower: Optional[ItemTower] = None
-        if item_features is not None:  # an ItemFeatureTable (trainer/data/item_features.py) or alike
-            values = torch.as_tensor(item_features.values, dtype=torch.int64)
-            if values.shape[0] != num_items + 1:
-                raise ValueError(f"item features cover {values.shape[0] - 1} items, the model has {num_items}")
-            fc = model_cfg.item_features
-            self.item_tower = ItemTower(item_features.names, item_features.widths, item_features.cardinalities,
-                                        values, model_cfg.embedding_dim, fc.combine, fc.pooling, fc.use_ids)
+        # an ItemFeatureTable (trainer/data/item_features.py) or alike -> the item tower
+        self.item_tower: Optional[ItemTower] = build_item_tower(model_cfg, item_features, num_items)
 
     def embed_items(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [N] -> [N, D] raw item embeddings (the input tokens, also the output item vectors): the id table,

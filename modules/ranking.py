@@ -5,6 +5,8 @@ Token embedding (row t of the batch, kinds from ``hstu.trainer.data.ranking_batc
     context c  : ctx_table[c][id]            item : item_table[id]
     action     : action_table[id] (+ item_table[paired item] when ``action_with_item``)
     side f     : side_table[f][id]
+    (with item features every item row item_table[i] is the item tower's ItemTower(i, item_table[i]) instead,
+    modules/item_tower.py)
     h_t = e_t·√D + kind_emb[kind] + pos_emb[position] (+ time_emb[log-bucket(time gap)] for the production variant)
 Layers: the HSTU layers of modules/hstu.py (``model.variant``), causal, with ``num_targets`` (candidates see the
 history + themselves) and ``contextual_len`` (the C prefix tokens are visible to all). Heads: LayerNorm →
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 
 from hstu.modules.embeddings import INIT_STD, ItemEmbeddings, table_device
 from hstu.modules.hstu import ProductionHSTULayer, ResearchHSTULayer, cached_layers
+from hstu.modules.item_tower import ItemTower, build_item_tower
 from hstu.ops.backend import BackendLike
 from hstu.ops.pytorch.hstu_attention import time_bucket_ids
 
@@ -98,8 +101,11 @@ class RankingLookup:
         embs = self.lookup_many([(f"context_{c}", context_ids[:, c]) for c in range(self.num_contextual)])
         return torch.stack(embs, 1)
 
-    def token_embeddings(self, batch: Any, action_with_item: bool) -> torch.Tensor:
-        """Embedding of every token of a RankingBatch: [T, D] (kind by kind; see the module docstring)."""
+    def token_embeddings(self, batch: Any, action_with_item: bool, item_tower: Optional[nn.Module] = None
+                         ) -> torch.Tensor:
+        """Embedding of every token of a RankingBatch: [T, D] (kind by kind; see the module docstring). With an
+        ``item_tower`` (modules/item_tower.py) every item row — item tokens and the items paired with actions —
+        is the tower's vector over its id row and content features (one tower call)."""
         kinds, ids, feats = batch.token_kinds, batch.token_ids, batch.token_features
         sel = {k: torch.nonzero(kinds == k, as_tuple=True)[0] for k in (KIND_ITEM, KIND_ACTION)}
         groups = [(f"context_{c}", torch.nonzero((kinds == KIND_CONTEXT) & (feats == c), as_tuple=True)[0])
@@ -110,6 +116,11 @@ class RankingLookup:
         if action_with_item:
             parts.append(("item", batch.paired_items[sel[KIND_ACTION]]))
         embs = self.lookup_many(parts + [(key, ids[rows]) for key, rows in groups])
+        if item_tower is not None:
+            item_at = [0, 2] if action_with_item else [0]
+            towered = through_tower(item_tower, [parts[i][1] for i in item_at], [embs[i] for i in item_at])
+            for i, e in zip(item_at, towered):
+                embs[i] = e
         action = embs[1] + embs[2] if action_with_item else embs[1]
         out = torch.zeros(ids.shape[0], self.dim, device=ids.device)
         out = out.index_copy(0, sel[KIND_ITEM], embs[0].to(out.dtype))
@@ -117,6 +128,14 @@ class RankingLookup:
         for (_, rows), e in zip(groups, embs[len(parts):]):
             out = out.index_copy(0, rows, e.to(out.dtype))
         return out
+
+
+def through_tower(tower: nn.Module, ids: Sequence[torch.Tensor], embs: Sequence[torch.Tensor]
+                  ) -> List[torch.Tensor]:
+    """Item id rows through the item tower in ONE call (one collective feature lookup on the sharded path):
+    ids [[N_i]], their id-table rows [[N_i, D]] -> item vectors [[N_i, D]] (zeros for id 0)."""
+    out = tower(torch.cat([i.reshape(-1) for i in ids]), torch.cat(list(embs)))
+    return list(torch.split(out, [int(i.numel()) for i in ids]))
 
 
 class RankingTables(RankingLookup, nn.Module):
@@ -164,7 +183,8 @@ class MultiTaskHead(nn.Module):
 class HSTURankingModel(nn.Module):
     """HSTU generative ranker. forward(batch) -> (logits [N, K], regression [N] | None) at batch.pred_rows."""
 
-    def __init__(self, model_cfg: "ModelConfig", spec: RankingSpec, ops_backend: BackendLike = "pytorch") -> None:
+    def __init__(self, model_cfg: "ModelConfig", spec: RankingSpec, ops_backend: BackendLike = "pytorch",
+                 item_features: Any = None) -> None:
         super().__init__()
         if model_cfg.variant not in ("research", "production"):
             raise ValueError(f"model.variant must be research | production, got {model_cfg.variant!r}")
@@ -189,10 +209,13 @@ class HSTURankingModel(nn.Module):
         self.layers = nn.ModuleList(layer_cls(model_cfg, spec.max_tokens, ops_backend)
                                     for _ in range(model_cfg.num_layers))
         self.head = MultiTaskHead(D, spec.head_hidden_dim, len(spec.task_names), spec.regression)
+        # item content features (model.item_features; an ItemFeatureTable or alike): item rows = the item tower's
+        # vectors over the id rows (docs/model.md "Item tower"); built last so the other tables' init is unchanged
+        self.item_tower: Optional[ItemTower] = build_item_tower(model_cfg, item_features, spec.num_items)
 
     def encode(self, batch: Any) -> torch.Tensor:
         """RankingBatch -> [T, D] contextualised token states."""
-        e = self.tables.token_embeddings(batch, self.spec.action_with_item)
+        e = self.tables.token_embeddings(batch, self.spec.action_with_item, self.item_tower)
         h = self.input_dropout(self.input_embeddings(e, batch.token_kinds, batch.positions, batch.time_gaps))
         nt = batch.num_targets if int(batch.num_targets.sum()) > 0 else None
         for layer in self.layers:
@@ -204,6 +227,15 @@ class HSTURankingModel(nn.Module):
         return self.head(self.encode(batch)[batch.pred_rows])
 
     # ------------------------------------------------------------------ serving (M-FALCON, docs/serving.md)
+    def item_rows(self) -> torch.Tensor:
+        """[num_items + 1, D] the raw row of every item token (row 0 = padding): the id table, or the item tower
+        over it (then computed once, no grad) — what serving stores as its item table (serving/export_ranking.py)."""
+        weight = self.tables.items.table.weight
+        if self.item_tower is None:
+            return weight.detach()
+        with torch.no_grad():
+            return self.item_tower(torch.arange(weight.shape[0], device=weight.device), weight).detach()
+
     def input_embeddings(self, e: torch.Tensor, kinds: torch.Tensor, positions: torch.Tensor,
                          time_gaps: torch.Tensor) -> torch.Tensor:
         """Layer input of tokens from their raw table rows e [M, D] (``RankingTables.token_embeddings``):

@@ -256,7 +256,8 @@ def export_item_tower(tower, config: Dict[str, Any]):
     check = values[values.ne(0).any(1)][:8]  # a few items with features: the program must reproduce their
     with torch.no_grad():  # content-only vectors (checked by the loader's verify)
         check_vectors = tower.combine(torch.zeros(check.shape[0], tower.dim), check)
-    encodings = feature_encodings(config["data"]["name"], config["model"]["item_features"])
+    encodings = feature_encodings(config["data"]["name"], config["model"]["item_features"],
+                                  config["data"].get("events", {}).get("item_features"))
     meta = {"program": ITEM_TOWER_FILE, "values_file": ITEM_FEATURES_FILE, "combine": tower.combine_mode,
             "pooling": tower.pooling, "dim": tower.dim,
             "features": [{"name": n, "width": w, "cardinality": int(tower.tables[n].num_embeddings),

@@ -5,8 +5,11 @@ Artifact (same atomic writer, manifest and checks as serving/export.py; ``manife
     dense_extend.pt2  torch.export program: history tokens (causal continuation of a KV cache, prefix visible)
     dense_score.pt2   torch.export program: M-FALCON candidates -> head outputs [M, K (+1 regression)]
     tables.pt         every token table unsharded ({name: {"weight", "scale"?}}: items, actions, contextual.i,
-                      side.i), fp32 | bf16 | int8 rowwise
+                      side.i), fp32 | bf16 | int8 rowwise; with item features (model.item_features) ``items``
+                      holds the item tower's vector of every item (HSTURankingModel.item_rows)
     records.pt        recorded requests and the training model's outputs on them (each candidate alone)
+    item_tower.pt2, item_features.pt   with item features: the content program and the catalog's packed features
+                      (as the retrieval artifact, serving/export.py export_item_tower), for ``add_items``
 
 Step inputs (serving/ranking.py STEP_INPUTS): e [M, D] raw token rows, kinds, pos, gaps, ts, t_next [M] (score:
 [1] except gaps [M]), contextual_len [1], past_k [L, H, N, dqk], past_v [L, H, N, dv], past_pos, past_ts [N].
@@ -74,16 +77,20 @@ def ranking_spec_from_state(cfg, state: Dict[str, torch.Tensor]):
 
 
 def token_tables(model, dtype: str) -> TokenTables:
-    """The model's tables as serving tables in ``dtype`` (fp32 | bf16 | int8 rowwise)."""
+    """The model's tables as serving tables in ``dtype`` (fp32 | bf16 | int8 rowwise). The items table holds
+    ``model.item_rows()``: with item features the item tower's vector of every item (the tower is baked in)."""
     q = lambda emb: ItemTable.quantize(emb.weight, dtype, l2_norm=False)  # noqa: E731
     t = model.tables
-    return TokenTables(q(t.items.table), q(t.actions), [q(x) for x in t.contextual], [q(x) for x in t.side],
+    items = ItemTable.quantize(model.item_rows(), dtype, l2_norm=False)
+    return TokenTables(items, q(t.actions), [q(x) for x in t.contextual], [q(x) for x in t.side],
                        model.spec.action_with_item)
 
 
 def _dequantized_copy(model, tables: TokenTables):
-    """A copy of the model whose tables hold exactly the artifact's (dequantised) rows."""
+    """A copy of the model whose tables hold exactly the artifact's (dequantised) rows (its item table: the baked
+    item-tower rows, so the copy has no tower)."""
     ref = copy.deepcopy(model)
+    ref.item_tower = None
     t = ref.tables
     mods = {"items": t.items.table, "actions": t.actions}
     mods.update({f"contextual.{i}": x for i, x in enumerate(t.contextual)})
@@ -154,10 +161,11 @@ def _records(ref, engine: RankingMFalcon, spec, seed: int = 0) -> List[Dict[str,
 # ---------------------------------------------------------------------------------------------- export
 def _without_tables(model):
     """A shallow copy of the model sharing every module except ``tables`` (the programs take raw token rows, so
-    the tables, stored once in tables.pt, stay out of the exported state)."""
+    the tables, stored once in tables.pt, stay out of the exported state; so does the item tower)."""
     dense = copy.copy(model)
     dense._modules = dict(model._modules)
     dense._modules["tables"] = torch.nn.Module()
+    dense._modules["item_tower"] = None  # baked into the items table (token_tables)
     return dense
 
 
@@ -206,6 +214,8 @@ def export_ranking_model(model, config: Dict[str, Any], out: str, *, context_nam
         "ranking": {"task_names": list(spec.task_names), "regression": bool(spec.regression),
                     "regression_name": "rating" if spec.regression and dataset == "ml-1m" else "",
                     "action_with_item": bool(spec.action_with_item),
+                    # item content features: the item tower's vectors are the items table (no tower at serving)
+                    "item_features": list(model.item_tower.names) if model.item_tower is not None else [],
                     "actions": {"vocab": spec.num_actions + 1, "meaning": ACTION_MEANING.get(dataset, "")},
                     "contextual": [{"name": nm, "vocab": v} for nm, v in zip(context_names, spec.contextual_vocab)],
                     "side": [{"name": nm, "vocab": v} for nm, v in zip(side_names, spec.side_vocab)]},
@@ -225,6 +235,11 @@ def export_ranking_model(model, config: Dict[str, Any], out: str, *, context_nam
     state = {nm: t.state() for nm, t in tables.named().items()}
     files = {EXTEND_FILE: lambda p: torch.export.save(extend, p), SCORE_FILE: lambda p: torch.export.save(score, p),
              TABLES_FILE: lambda p: torch.save(state, p), RECORDS_FILE: lambda p: torch.save(records, p)}
+    if model.item_tower is not None:  # the content program + catalog features: new items at serving (add_items)
+        from hstu.serving.export import export_item_tower
+
+        manifest["item_tower"], tower_files = export_item_tower(model.item_tower, config)
+        files.update(tower_files)
     write_artifact(out, manifest, config, files)
     return manifest
 
@@ -232,11 +247,12 @@ def export_ranking_model(model, config: Dict[str, Any], out: str, *, context_nam
 def export_ranking_state(cfg, state: Dict[str, torch.Tensor], out: str, *, embedding_dtype: str = "fp32",
                          overwrite: bool = False, source: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """Full (unsharded) state dict of an HSTURankingModel + its run config -> artifact (``hstu export``)."""
+    from hstu.modules.item_tower import features_from_state
     from hstu.modules.ranking import HSTURankingModel
     from hstu.trainer.config import to_dict
 
     spec, c_names, s_names = ranking_spec_from_state(cfg, state)
-    model = HSTURankingModel(cfg.model, spec, "pytorch")
+    model = HSTURankingModel(cfg.model, spec, "pytorch", features_from_state(state))
     model.load_state_dict(state)
     return export_ranking_model(model, to_dict(cfg), out, context_names=c_names, side_names=s_names,
                                 embedding_dtype=embedding_dtype, source=source, overwrite=overwrite)

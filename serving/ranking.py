@@ -335,7 +335,9 @@ class RankingMFalcon:
                              "(model.arch dlrm has no sequence to cache)")
         t = model.tables
         wrap = lambda emb: ItemTable(emb.weight.detach(), l2_norm=False)  # noqa: E731  (no copy)
-        tables = TokenTables(wrap(t.items.table), wrap(t.actions), [wrap(x) for x in t.contextual],
+        # item rows: the id table, or with item features the item tower's vectors (HSTURankingModel.item_rows)
+        items = model.item_rows() if hasattr(model, "item_rows") else t.items.table.weight.detach()
+        tables = TokenTables(ItemTable(items, l2_norm=False), wrap(t.actions), [wrap(x) for x in t.contextual],
                              [wrap(x) for x in t.side], model.spec.action_with_item)
         layer = model.layers[0]
         return cls(RankingStep(model, False), RankingStep(model, True), tables,

@@ -4,6 +4,7 @@
     out = ranker.rank(history, candidates)       # RankScores(probabilities [m, K], logits [m, K], regression)
     state = ranker.append(ranker.encode(history), new_events)   # incremental: == encode(history + new_events)
     outs = ranker.rank_batch([h1, h2], [c1, c2])  # several users, jagged candidates
+    ids = ranker.add_items([{"genre": [3, 8]}])    # model.item_features: new items from their features alone
 
 ``history``: a :class:`hstu.serving.ranking.RankingHistory` (or a dict of its fields: item_ids, actions,
 timestamps, context, side). Torch only, like serving/artifact.py (which dispatches here on manifest.task).
@@ -16,8 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from hstu.serving.artifact import MANIFEST, TOLERANCE, ArtifactError, _check_config, _field, \
-    check_record_field, load_programs, load_records
+from hstu.serving.artifact import MANIFEST, TOLERANCE, ArtifactError, ItemTowerProgram, _check_config, _field, \
+    _load_item_tower, check_record_field, load_programs, load_records
 from hstu.serving.mfalcon import Tensorish
 from hstu.serving.ranking import RankingMFalcon, RankingState, RankScores, TokenTables, history_from_record
 from hstu.serving.retrieval import ItemTable
@@ -33,8 +34,9 @@ class RankingServingModel:
     task = "ranking"
 
     def __init__(self, path: str, manifest: Dict[str, Any], config: Dict[str, Any], engine: RankingMFalcon,
-                 records: List[Dict[str, torch.Tensor]]) -> None:
+                 records: List[Dict[str, torch.Tensor]], item_tower: Optional[ItemTowerProgram] = None) -> None:
         self.path, self.manifest, self.config, self.engine, self.records = path, manifest, config, engine, records
+        self.item_tower = item_tower  # None unless the model was trained with item features
         m, r = manifest["model"], manifest["ranking"]
         self.num_items, self.max_seq_len, self.variant = int(m["num_items"]), int(m["max_seq_len"]), m["variant"]
         self.task_names = tuple(r["task_names"])
@@ -69,6 +71,21 @@ class RankingServingModel:
         """Several users in one call (jagged candidates) -> [RankScores]; equal to per-user ``rank`` calls."""
         return self.engine.rank_batch(histories, candidates, query_times=query_times, micro_batch=micro_batch)
 
+    @torch.inference_mode()
+    def add_items(self, features: Sequence[Dict[str, Sequence[int]]]) -> torch.Tensor:
+        """New items from their content features alone, no retraining (as the retrieval artifact's
+        ``add_items``): features[i] = {feature name: indices} (manifest ``item_tower.features[].encoding``); their
+        item rows come from the exported item tower with no id part and are appended to the items table. Returns
+        the new ids [M] (num_items + 1, ...), usable at once as candidates and in histories."""
+        if self.item_tower is None:
+            raise ValueError(f"{self.path}: this model has no item tower (trained without model.item_features)")
+        items = self.engine.tables.items
+        packed = self.item_tower.pack(features)
+        ids = items.append(self.item_tower.program(torch.zeros(packed.shape[0], items.dim), packed))
+        self.item_tower.values = torch.cat([self.item_tower.values, packed])
+        self.num_items = items.num_rows - 1
+        return ids
+
     def retrieve(self, *args, **kwargs):
         raise ArtifactError(f"{os.path.join(self.path, MANIFEST)}: field task = 'ranking': a ranking artifact has no "
                             "catalog retrieval (export a retrieval run for retrieve)")
@@ -83,6 +100,14 @@ class RankingServingModel:
                    torch.zeros(0)}
             for name, value in got.items():
                 check_record_field(where, i, name, value, r[name], atol, rtol, worst)
+        tower = self.item_tower
+        if tower is not None and "check_packed" in tower.check:  # the content program on recorded items
+            where = os.path.join(self.path, self.manifest["item_tower"]["values_file"])
+            worst["item_tower"] = 0.0
+            with torch.inference_mode():
+                got = tower.program(torch.zeros(tower.check["check_packed"].shape[0], self.engine.tables.dim),
+                                    tower.check["check_packed"])
+            check_record_field(where, 0, "item_tower", got, tower.check["check_vectors"], atol, rtol, worst)
         return worst
 
 
@@ -136,7 +161,8 @@ def load_ranking(path: str, manifest: Dict[str, Any], config: Dict[str, Any], *,
                             num_layers=m["num_layers"], num_heads=m["num_heads"], attention_dim=m["attention_dim"],
                             linear_dim=m["linear_dim"], task_names=r["task_names"], regression=r["regression"],
                             side_names=[s["name"] for s in r["side"]], micro_batch=micro_batch)
-    model = RankingServingModel(path, manifest, config, engine, load_records(path, manifest))
+    model = RankingServingModel(path, manifest, config, engine, load_records(path, manifest),
+                                _load_item_tower(path, manifest, tables.items.num_rows))
     if verify:
         model.verify()
     return model

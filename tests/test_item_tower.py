@@ -129,7 +129,8 @@ def test_tower_rebuilds_from_state_dict():
     (["data.holdout_items_frac=1.0"], "data.holdout_items_frac"),
     (["model.item_features.content_only_max_events=-2"], "content_only_max_events"),
     (["data.name=amzn-books"], "has no item features"),
-    (["task=ranking", "data.min_seq_len=4"], "task=retrieval only"),
+    (["task=ranking", "data.min_seq_len=4", "data.holdout_items_frac=0.1"], "needs task=retrieval"),
+    (["task=ranking", "data.min_seq_len=4", "eval.item_groups=true"], "item_groups.*needs task=retrieval"),
 ])
 def test_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -173,15 +174,10 @@ def test_combinations_not_supported_yet_are_refused():
     """Merged features that do not compose yet fail in the one config pass, naming the key."""
     import pytest as _pytest
 
-    from hstu.trainer.config import ConfigError, RunConfig, check_values
-
+    from hstu.trainer.config import ConfigError, RunConfig
     from hstu.trainer.config_checks import _check_item_features, _Checks
 
     cfg = RunConfig()
     cfg.data.name, cfg.data.holdout_items_frac = "events", 0.05
     with _pytest.raises(ConfigError, match="holdout_items_frac.*data.name=events"):
         _check_item_features(_Checks(cfg))  # the item-feature part of the one pass (events paths unset here)
-    cfg = RunConfig()
-    cfg.sharding.enabled, cfg.sharding.table_init, cfg.model.item_features.enabled = True, "per_shard", True
-    with _pytest.raises(ConfigError, match="per_shard.*item_features"):
-        check_values(cfg)

@@ -2,9 +2,11 @@
 
 (a) the seeded values are a function of (seed, table, row) only: any row/column window of a table equals that
     window of the whole table, drawn from an independently seeded block generator; row 0 is zero;
-(b) tables built on the meta device (retrieval item table, ranking tables) and sharded by DMP on 1, 2 and 4 gloo
-    ranks, table-, row- and column-wise, gather to the same tables, and each rank holds only its shards;
-(c) the trainer's per_shard run at world size 1 and 2 starts from the same item table (and the config rules).
+(b) tables built on the meta device (retrieval item table, ranking tables, item-tower feature tables) and sharded
+    by DMP on 1, 2 and 4 gloo ranks, table-, row- and column-wise, gather to the same tables, and each rank holds
+    only its shards;
+(c) the trainer's per_shard run (with item features) at world size 1 and 2 starts from the same item and feature
+    tables (and the config rules).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dist_utils import run_distributed
 pytestmark = pytest.mark.timeout(300)
 
 ROWS, DIM, SEED = 5000, 16, 7  # 5000 rows: crosses the 4096-row block boundary
+FEATURE_ROWS = 24  # the item-tower feature table of (b)
 
 
 def test_windows_equal_the_whole_table_and_blocks_are_independently_seeded():
@@ -60,9 +63,11 @@ def _kernel_storage(dmp: Any) -> Dict[str, float]:
 def _worker(rank: int, world: int) -> Dict[str, Any]:
     """Per sharding type: meta tables -> DMP -> gathered tables (rank 0) and this rank's local element count."""
     from hstu.modules.embeddings import ItemEmbeddings, tables_on
+    from hstu.modules.item_tower import ItemTower
     from hstu.modules.ranking import RankingTables
     from hstu.trainer.parallel.config import ShardingConfig
     from hstu.trainer.parallel.item_embeddings import CollectionItemEmbeddings, full_table
+    from hstu.trainer.parallel.item_features import CollectionFeatureTables
     from hstu.trainer.parallel.ranking_embeddings import CollectionRankingTables
     from hstu.trainer.parallel.sharding import shard_embedding_collection
 
@@ -71,9 +76,12 @@ def _worker(rank: int, world: int) -> Dict[str, Any]:
         with tables_on("meta"):
             item = ItemEmbeddings(ROWS - 1, DIM)
             ranking = RankingTables(_ranking_spec(), DIM)
+            tower = ItemTower(["genre"], [2], [FEATURE_ROWS], torch.zeros(ROWS, 2, dtype=torch.int64), DIM)
         assert item.table.weight.is_meta and all(ranking.table(k).weight.is_meta for k in ranking.table_keys())
+        assert tower.tables["genre"].weight.is_meta and not tower.feature_values.is_meta  # tables only
         module = torch.nn.ModuleDict({"item": CollectionItemEmbeddings(item, init_seed=SEED),
-                                      "ranking": CollectionRankingTables(ranking, init_seed=SEED)})
+                                      "ranking": CollectionRankingTables(ranking, init_seed=SEED),
+                                      "features": CollectionFeatureTables(tower.tables, init_seed=SEED)})
         dmp = shard_embedding_collection(module, ShardingConfig(sharding_type=st))
         sd = dmp.state_dict()
         tables = {k.split(".")[-2]: full_table(v) for k, v in sd.items() if k.endswith("_table.weight")}
@@ -90,8 +98,10 @@ def test_meta_tables_gather_to_the_same_tables_at_any_world_size_and_sharding(ga
     from hstu.trainer.parallel.table_init import fill_rows
 
     want = gathered[1][0]["row_wise"]["tables"]
-    assert set(want) == {"item_id_table", "item_table", "action_table", "context_0_table"}
+    assert set(want) == {"item_id_table", "item_table", "action_table", "context_0_table", "item_feature_genre_table"}
     assert torch.equal(want["item_id_table"], fill_rows(torch.empty(ROWS, DIM), SEED, "item_id_table"))
+    assert torch.equal(want["item_feature_genre_table"],
+                       fill_rows(torch.empty(FEATURE_ROWS, DIM), SEED, "item_feature_genre_table"))
     assert not torch.equal(want["item_id_table"], want["item_table"])  # per-table streams
     for world, ranks in gathered.items():
         for st, res in ranks[0].items():
@@ -103,7 +113,7 @@ def test_meta_tables_gather_to_the_same_tables_at_any_world_size_and_sharding(ga
 
 
 def test_each_rank_materialises_only_its_shards(gathered):
-    total = ROWS * DIM * 2 + 4 * DIM + 40 * DIM  # item_id_table + item_table + action + context_0
+    total = ROWS * DIM * 2 + 4 * DIM + 40 * DIM + FEATURE_ROWS * DIM  # item_id, item, action, context_0, genre
     for world, ranks in gathered.items():
         for st in ("row_wise", "column_wise", "table_wise"):
             local = [r[st]["local"] for r in ranks]
@@ -118,11 +128,12 @@ def test_trainer_per_shard_runs_at_world_1_and_2_train_the_same_model(tmp_path):
     from test_distributed_world_size import _best, _losses, _worker as train_worker
 
     cache, w1, w2 = str(tmp_path / "cache"), str(tmp_path / "w1"), str(tmp_path / "w2")
-    extra = ["sharding.table_init=per_shard", "sharding.sharding_type=row_wise"]
+    features = ["model.item_features.enabled=true", "model.item_features.combine=mlp"]  # per-shard feature tables
+    extra = ["sharding.table_init=per_shard", "sharding.sharding_type=row_wise", *features]
     run_distributed(train_worker, 1, ([[w1, *extra]], cache), timeout_s=240)
     run_distributed(train_worker, 2, ([[w2, *extra]], cache), timeout_s=240)
     copied = str(tmp_path / "copied")
-    run_distributed(train_worker, 1, ([[copied]], cache), timeout_s=240)
+    run_distributed(train_worker, 1, ([[copied, *features]], cache), timeout_s=240)
     l1, l2 = _losses(w1), _losses(w2)
     assert l1[0] != _losses(copied)[0]  # per_shard really replaced the plain model's init
     assert len(l1) == 4
@@ -132,6 +143,7 @@ def test_trainer_per_shard_runs_at_world_1_and_2_train_the_same_model(tmp_path):
     for k in b1:
         torch.testing.assert_close(b2[k], b1[k], rtol=1e-4, atol=2e-5, msg=lambda m: f"{k}: {m}")
     assert b1["item_embeddings.table.weight"][0].abs().max() == 0  # padding row of the seeded init
+    assert "item_tower.tables.cluster.weight" in b1 and b1["item_tower.tables.cluster.weight"][0].abs().max() == 0
 
 
 def test_per_shard_config_rules():
@@ -143,3 +155,6 @@ def test_per_shard_config_rules():
         load_config(None, ["sharding.enabled=true", "sharding.table_init=per_shard", "train.init_from=/x"])
     with pytest.raises(ConfigError, match="table_init"):
         load_config(None, ["sharding.enabled=true", "sharding.table_init=lazy"])
+    # item features compose with per_shard (their tables are initialised per shard too)
+    load_config(None, ["sharding.enabled=true", "sharding.table_init=per_shard", "data.name=synthetic",
+                       "model.item_features.enabled=true"])

@@ -192,7 +192,7 @@ def _check_model(c: _Checks) -> None:
 
 
 def _check_item_features(c: _Checks) -> None:
-    """model.item_features.* and data.holdout_items_frac (the item tower is built for task=retrieval)."""
+    """model.item_features.* and data.holdout_items_frac (the item tower: task=retrieval and task=ranking)."""
     cfg, f = c.cfg, c.cfg.model.item_features
     c.interval("data.holdout_items_frac", 0.0, 1.0)
     c.at_least(0, "eval.cold_max_events")
@@ -204,6 +204,9 @@ def _check_item_features(c: _Checks) -> None:
         raise _fail("model.item_features.features", f.features, "a list without repeats")
     if cfg.data.holdout_items_frac > 0 and cfg.task != "retrieval":
         raise ConfigError(f"key 'data.holdout_items_frac' = {cfg.data.holdout_items_frac}: needs task=retrieval")
+    if cfg.eval.item_groups and cfg.task != "retrieval":
+        raise ConfigError("key 'eval.item_groups' = True: needs task=retrieval (the ranking metrics have no cold / "
+                          "never-seen groups)")
     if cfg.eval.item_groups and cfg.data.name == "events" and cfg.data.events.stream:
         raise ConfigError("key 'eval.item_groups' = True: not supported with data.events.stream=true yet (the "
                           "streamed loader keeps no training counts)")
@@ -215,10 +218,13 @@ def _check_item_features(c: _Checks) -> None:
             raise ConfigError("key 'model.item_features.use_ids' = False needs model.item_features.enabled=true "
                               "(an item needs ids or features)")
         return
-    if cfg.task != "retrieval":
-        raise ConfigError(f"key 'model.item_features.enabled' = True: supported with task=retrieval only, got "
-                          f"task={cfg.task!r}")
     known = ITEM_FEATURES_BY_DATASET.get(cfg.data.name)
+    if cfg.data.name == "events":  # own logs: the columns of the side-feature table (trainer/data/item_features.py)
+        ev = cfg.data.events.item_features
+        known = tuple(ev.columns) + tuple(ev.multi_columns) if ev.paths else ()
+        if not known:
+            raise ConfigError("key 'model.item_features.enabled' = True: data.name=events needs an item side-feature "
+                              "table (data.events.item_features.paths and .columns / .multi_columns)")
     if known is None:
         raise ConfigError(f"key 'model.item_features.enabled' = True: data.name = {cfg.data.name!r} has no item "
                           f"features ({' | '.join(ITEM_FEATURES_BY_DATASET)})")
@@ -273,10 +279,6 @@ def _check_sharding(cfg: Any) -> None:
     if sh.table_init == "per_shard" and not sh.enabled:
         raise ConfigError("key 'sharding.table_init' = 'per_shard' needs sharding.enabled=true (the plain path "
                           "builds whole tables)")
-    if sh.table_init == "per_shard" and cfg.model.item_features.enabled:
-        raise ConfigError("key 'sharding.table_init' = 'per_shard' is not supported with "
-                          "model.item_features.enabled=true yet (the feature tables are built whole): use "
-                          "sharding.table_init=copy")
     if sh.table_init == "per_shard" and cfg.train.init_from:
         raise ConfigError("key 'sharding.table_init' = 'per_shard' cannot start from train.init_from (that copies "
                           "plain tables into every rank): use sharding.table_init=copy")

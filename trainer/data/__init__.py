@@ -138,13 +138,15 @@ def build_loaders(data_cfg: DataConfig, seqs: UserSequences, rank: int = 0,
     return train, validation, test
 
 
-def load_item_features(data_cfg: DataConfig, feat_cfg: Any, num_items: int, progress: bool = False) -> Any:
+def load_item_features(data_cfg: DataConfig, feat_cfg: Any, num_items: int, progress: bool = False,
+                       dataset_dir: Any = None) -> Any:
     """The item feature table of the dataset (trainer/data/item_features.py): movies.dat / u.item from the raw
-    folder (downloaded when data.data_dir is unset), the clusters of the synthetic world."""
+    folder (downloaded when data.data_dir is unset), the clusters of the synthetic world, the side-feature table
+    of a prepared own-logs dataset (``dataset_dir``; default: found from ``data_cfg``)."""
     from hstu.trainer.data import item_features as itf
 
-    raw = None if data_cfg.name == "synthetic" else _raw_dir(data_cfg, progress)
-    return itf.load_item_features(data_cfg, feat_cfg, num_items, raw)
+    raw = None if data_cfg.name in ("synthetic", "events") else _raw_dir(data_cfg, progress)
+    return itf.load_item_features(data_cfg, feat_cfg, num_items, raw, dataset_dir)
 
 
 def prepare(data_cfg: DataConfig, progress: bool = True) -> Dict[str, Any]:

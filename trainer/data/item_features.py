@@ -33,6 +33,7 @@ ML1M_GENRES = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crim
 ML100K_GENRES = ("unknown",) + ML1M_GENRES  # u.item's 19 flag columns, in file order (u.genre)
 YEAR_MIN, YEAR_MAX = 1900, 2030
 MAX_TITLE_WORDS = 16
+MAX_MULTI_VALUES = 32  # own-logs multi-valued columns: the first this many values of an item are kept
 FEATURES_BY_DATASET = ITEM_FEATURES_BY_DATASET
 FEATURE_FILES = {"ml-1m": "movies.dat", "ml-100k": "u.item"}
 _TITLE_YEAR = re.compile(r"^(.*\S)\s*\((\d{4})\)\s*$")
@@ -220,11 +221,20 @@ def synthetic_table(data_cfg, num_items: int) -> ItemFeatureTable:
     return ItemFeatureTable(("cluster",), (1,), (world.num_clusters + 1,), cluster)
 
 
-def feature_encodings(name: str, feat_cfg: Any) -> Dict[str, str]:
+def feature_encodings(name: str, feat_cfg: Any, events_features: Any = None) -> Dict[str, str]:
     """How raw item metadata maps to each feature's indices (recorded in a serving artifact's manifest, so a new
-    item's features can be encoded without the trainer)."""
+    item's features can be encoded without the trainer). ``events_features``: data.events.item_features (a
+    dict or the config) of an own-logs run."""
     genres = ML1M_GENRES if name == "ml-1m" else ML100K_GENRES
     get = (lambda k: feat_cfg[k]) if isinstance(feat_cfg, dict) else (lambda k: getattr(feat_cfg, k))  # noqa: E731
+    if name == "events":
+        ev = events_features or {}
+        eget = (lambda k: ev.get(k, [])) if isinstance(ev, dict) else (lambda k: getattr(ev, k))  # noqa: E731
+        out = {c: f"1 + rank of the raw value in the sorted values of vocab/feature-{c}.parquet (0 = missing)"
+               for c in eget("columns")}
+        out.update({c: f"each value: 1 + its rank in vocab/feature-{c}.parquet, file order, first "
+                       f"{MAX_MULTI_VALUES} values" for c in eget("multi_columns")})
+        return out
     return {
         "genre": "1 + index in [" + ", ".join(genres) + "]",
         "year": f"1 + (clip(year, {YEAR_MIN}, {YEAR_MAX}) - {YEAR_MIN}) // {get('year_bucket_years')}",
@@ -241,12 +251,13 @@ def features_file(name: str, data_dir: "str | Path") -> Path:
     return dataset_file(name, data_dir, FEATURE_FILES[name])
 
 
-def load_item_features(data_cfg, feat_cfg, num_items: int, raw_dir: "Optional[str | Path]" = None
-                       ) -> ItemFeatureTable:
+def load_item_features(data_cfg, feat_cfg, num_items: int, raw_dir: "Optional[str | Path]" = None,
+                       dataset_dir: "Optional[str | Path]" = None) -> ItemFeatureTable:
     """DataConfig + ItemFeaturesConfig -> the table of the configured features (all the dataset has when
-    ``feat_cfg.features`` is empty). ``raw_dir``: the folder with the raw files (MovieLens)."""
+    ``feat_cfg.features`` is empty). ``raw_dir``: the folder with the raw files (MovieLens); ``dataset_dir``: the
+    prepared own-logs dataset (data.name=events; default: found / prepared from ``data_cfg``)."""
     name = data_cfg.name
-    known = FEATURES_BY_DATASET.get(name)
+    known = events_feature_names(data_cfg) if name == "events" else FEATURES_BY_DATASET.get(name)
     if known is None:
         raise DataError(f"data.name = {name!r} has no item features (known: {', '.join(FEATURES_BY_DATASET)})")
     names = tuple(feat_cfg.features) or known
@@ -255,7 +266,87 @@ def load_item_features(data_cfg, feat_cfg, num_items: int, raw_dir: "Optional[st
         raise DataError(f"model.item_features.features: {bad} not available for {name} (available: {list(known)})")
     if name == "synthetic":
         return synthetic_table(data_cfg, num_items)
+    if name == "events":
+        return events_table(data_cfg, names, num_items, dataset_dir)
     path = features_file(name, raw_dir if raw_dir is not None else data_cfg.data_dir)
     rows = parse_movies_dat(path) if name == "ml-1m" else parse_u_item(path)
     genres = ML1M_GENRES if name == "ml-1m" else ML100K_GENRES
     return movie_table(rows, num_items, names, len(genres), feat_cfg.title_buckets, feat_cfg.year_bucket_years)
+
+
+def ranking_synthetic_table(ranking_synthetic_cfg, num_items: int) -> ItemFeatureTable:
+    """The synthetic RANKING world's cluster of every item (trainer/data/synthetic_ranking.py), as ``cluster``."""
+    from hstu.trainer.data.synthetic_ranking import build_world
+
+    world = build_world(ranking_synthetic_cfg)
+    n = min(num_items, world.num_items)
+    cluster = np.zeros((num_items + 1, 1), dtype=np.int64)
+    cluster[1:n + 1, 0] = world.cluster_of(np.arange(1, n + 1)) + 1
+    return ItemFeatureTable(("cluster",), (1,), (world.num_clusters + 1,), cluster)
+
+
+def load_ranking_item_features(cfg, num_items: int) -> ItemFeatureTable:
+    """RunConfig of task=ranking -> the item tower's feature table: the synthetic ranking world's clusters, or
+    what :func:`load_item_features` reads (ML-1M movies.dat from the raw folder, an own-logs side table)."""
+    name, feat_cfg = cfg.data.name, cfg.model.item_features
+    if name == "synthetic":
+        bad = [n for n in feat_cfg.features if n != "cluster"]
+        if bad:
+            raise DataError(f"model.item_features.features: {bad} not available for synthetic (available: "
+                            "['cluster'])")
+        return ranking_synthetic_table(cfg.ranking.synthetic, num_items)
+    from hstu.trainer.data import load_item_features as load_from_raw  # finds / downloads the raw folder
+
+    return load_from_raw(cfg.data, feat_cfg, num_items)
+
+
+# ---------------------------------------------------------------------------------------------- own logs
+def events_feature_names(data_cfg) -> Tuple[str, ...]:
+    """The item features of data.name=events: the columns of its side-feature table (data.events.item_features:
+    categorical, then multi-valued); () without a table."""
+    feats = data_cfg.events.item_features
+    return tuple(feats.columns) + tuple(feats.multi_columns) if feats.paths else ()
+
+
+def events_table(data_cfg, names: Sequence[str], num_items: int, dataset_dir: "Optional[str | Path]" = None
+                 ) -> ItemFeatureTable:
+    """The prepared side-feature table of an own-logs dataset (``vocab/item_features.parquet``, written by
+    trainer/data/events_features.py) -> ItemFeatureTable of the columns ``names``: a categorical column is a
+    width-1 block of its value id, a multi-valued one a bag of its value ids (width = the longest list, at most
+    MAX_MULTI_VALUES); cardinality = the column's vocabulary size + 1. Items without a row keep zeros."""
+    import duckdb
+
+    from hstu.trainer.data.events_prepare import prepare_events, read_manifest
+
+    if dataset_dir is None:
+        manifest, folder, _ = prepare_events(data_cfg, progress=False)
+    else:
+        folder = Path(dataset_dir)
+        manifest = read_manifest(folder)
+    record = manifest.get("item_features")
+    if not record:
+        raise DataError("the prepared dataset has no item side-feature table (set data.events.item_features.paths "
+                        "and .columns / .multi_columns)", path=str(folder / "manifest.json"))
+    path = folder / record["file"]
+    columns = record["columns"]
+    missing = [n for n in names if n not in columns]
+    if missing:
+        raise DataError(f"model.item_features.features: {missing} not in the side-feature table (columns: "
+                        f"{list(columns)})", path=str(path))
+    select = ", ".join(["id"] + [f'"{n}"' for n in names])
+    rows = duckdb.connect().execute(f"SELECT {select} FROM read_parquet(?) ORDER BY id", [str(path)]).fetchall()
+    blocks, cards = [], []
+    for f, n in enumerate(names, start=1):
+        multi = columns[n]["kind"] == "multi"
+        lists = [[] for _ in range(num_items + 1)]
+        for row in rows:
+            item = int(row[0])
+            if not 1 <= item <= num_items:
+                raise DataError(f"item id {item} outside 1..{num_items}", path=str(path), column="id")
+            value = row[f]
+            lists[item] = [int(v) for v in value][:MAX_MULTI_VALUES] if multi else ([int(value)] if value else [])
+        width = max((len(v) for v in lists), default=1) if multi else 1
+        blocks.append(_pad(lists, width))
+        cards.append(int(columns[n]["vocab_size"]) + 1)
+    return ItemFeatureTable(tuple(names), tuple(b.shape[1] for b in blocks), tuple(cards),
+                            np.concatenate(blocks, axis=1))

@@ -24,6 +24,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from hstu.modules.ranking import RankingLookup, RankingTables
 from hstu.trainer.parallel.item_embeddings import full_table
+from hstu.trainer.parallel.item_features import plain_feature_name
 from hstu.trainer.parallel.sharding import _DTYPES
 from hstu.trainer.parallel.table_init import seeded_init_fn
 
@@ -40,7 +41,10 @@ def table_name(key: str) -> str:
 def plain_name(name: str) -> str:
     """A sharded ranking model's state_dict name (DMP, DCP ``model.*`` without the prefix) -> the plain model's:
     ``tables.collection.embeddings.<key>_table.weight`` -> ``tables.items.table.weight`` | ``tables.actions.weight``
-    | ``tables.contextual.<c>.weight`` | ``tables.side.<f>.weight``; any other name is returned unchanged."""
+    | ``tables.contextual.<c>.weight`` | ``tables.side.<f>.weight``; an item-tower feature table's
+    (trainer/parallel/item_features.py) -> ``item_tower.tables.<name>.weight``; any other name unchanged."""
+    if plain_feature_name(name) != name:
+        return plain_feature_name(name)
     if not (name.startswith(COLLECTION_PREFIX) and name.endswith("_table.weight")):
         return name
     key = name[len(COLLECTION_PREFIX):-len("_table.weight")]

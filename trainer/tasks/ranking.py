@@ -32,6 +32,8 @@ class RankingTask:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg, self.data, self.split, self.spec, self.eval_loader = cfg, None, None, None, None
         self.valid_loader = None  # validation candidates (None: no user has any)
+        self.item_features = None  # ItemFeatureTable when model.item_features.enabled (the item tower's features)
+        self.train_counts: Optional[np.ndarray] = None  # [num_items + 1] training-window events per item
 
     # -- config
     def task_names(self) -> List[str]:
@@ -128,31 +130,65 @@ class RankingTask:
         log.info("ranking data %s%s %d users, %d events, tasks %s, contextual %s, side series %s", cfg.data.name,
                  held, data.num_users, data.num_events, list(data.task_names), list(data.context_names),
                  list(data.side.names) if data.side is not None else [])
+        if cfg.model.item_features.enabled:
+            self._load_item_features(data)
         self.eval_loader = evaluation
         self.valid_loader = validation_loader(data, self.split, cfg.data.eval_batch_size, rc.max_side_tokens, rank,
                                               world)
         return TaskData(train, evaluation, data.num_items, int(train.num_sequences), data, self.valid_loader)
 
+    def _load_item_features(self, data: Any) -> None:
+        """The item tower's feature table (trainer/data/item_features.py) and, outside streaming, each item's
+        number of training-window events (items with <= model.item_features.content_only_max_events of them use
+        their content part only)."""
+        from hstu.trainer.data.item_features import load_ranking_item_features
+
+        self.item_features = load_ranking_item_features(self.cfg, data.num_items)
+        if self.streaming():  # only the eval users are held: their counts would understate every item's
+            log.info("ranking item features %s (streaming: no item's id embedding is dropped)",
+                     list(self.item_features.names))
+            return
+        from hstu.trainer.data.sequences import gather_ranges
+
+        base = data.offsets[self.split.rows]
+        tr, _ = gather_ranges(base + self.split.train_start, base + self.split.train_end)
+        self.train_counts = np.bincount(data.item_ids[tr], minlength=data.num_items + 1)
+        log.info("ranking item features %s; %d of %d items have no training event", list(self.item_features.names),
+                 int((self.train_counts[1:] == 0).sum()), data.num_items)
+
     def build_model(self, device: torch.device) -> torch.nn.Module:
+        """HSTURankingModel | DLRMRanking (model.arch), with the item tower when model.item_features.enabled."""
         cfg = self.cfg
+        if cfg.model.item_features.enabled and self.item_features is None:
+            raise ValueError("model.item_features.enabled=true: build_data loads the item features first")
         if cfg.model.arch == "dlrm":
             from hstu.modules.dlrm import DLRMRanking
+            from hstu.modules.item_tower import build_item_tower
 
-            model = DLRMRanking(cfg.model.embedding_dim, self.spec, cfg.ranking.dlrm_mlp, cfg.model.dropout)
+            model = DLRMRanking(cfg.model.embedding_dim, self.spec, cfg.ranking.dlrm_mlp, cfg.model.dropout,
+                                build_item_tower(cfg.model, self.item_features, self.spec.num_items))
         else:
             from hstu.modules.ranking import HSTURankingModel
 
-            model = HSTURankingModel(cfg.model, self.spec, cfg.ops.backend)
+            model = HSTURankingModel(cfg.model, self.spec, cfg.ops.backend, self.item_features)
+        threshold = cfg.model.item_features.content_only_max_events
+        if model.item_tower is not None and threshold >= 0 and self.train_counts is not None:
+            model.item_tower.drop_ids(torch.as_tensor(self.train_counts) <= threshold)
         from hstu.modules.embeddings import to_device_keeping_meta
 
         return to_device_keeping_meta(model, device)
 
     def wrap_sharded_tables(self, model: torch.nn.Module, weight_dtype: str, init_seed: Optional[int] = None) -> None:
         """All of ``model.tables`` (item, action, contextual, side) become ONE CollectionRankingTables (tables on
-        the meta device stay there and are initialised per shard from ``init_seed``)."""
+        the meta device stay there and are initialised per shard from ``init_seed``); the item tower's feature
+        tables (model.item_features) a CollectionFeatureTables."""
         from hstu.trainer.parallel.ranking_embeddings import CollectionRankingTables
 
         model.tables = CollectionRankingTables(model.tables, weight_dtype, init_seed)
+        if getattr(model, "item_tower", None) is not None:  # the item tower's feature tables: one more collection
+            from hstu.trainer.parallel.item_features import CollectionFeatureTables
+
+            model.item_tower.tables = CollectionFeatureTables(model.item_tower.tables, weight_dtype, init_seed)
 
     def prefetcher(self, model: torch.nn.Module) -> Any:
         """None: no input-dist prefetch for the ranking tables (``sharding.pipeline=prefetch`` is rejected)."""

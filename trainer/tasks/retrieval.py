@@ -174,7 +174,9 @@ class RetrievalTask:
         if self.cfg.model.item_features.enabled:
             from hstu.trainer.data import load_item_features
 
-            self.item_features = load_item_features(self.cfg.data, self.cfg.model.item_features, seqs.num_items)
+            events = getattr(seqs, "events", None)  # own logs: the prepared dataset holds the side-feature table
+            self.item_features = load_item_features(self.cfg.data, self.cfg.model.item_features, seqs.num_items,
+                                                    dataset_dir=getattr(events, "folder", None))
         return self.data
 
     def data_description(self) -> Dict[str, Any]:
@@ -215,7 +217,7 @@ class RetrievalTask:
         if getattr(model, "item_tower", None) is not None:  # the feature tables too, one more collection
             from hstu.trainer.parallel.item_features import CollectionFeatureTables
 
-            model.item_tower.tables = CollectionFeatureTables(model.item_tower.tables, weight_dtype)
+            model.item_tower.tables = CollectionFeatureTables(model.item_tower.tables, weight_dtype, init_seed)
 
     def prefetcher(self, model: torch.nn.Module) -> Any:
         """The sharded model's CollectionItemEmbeddings: ``prefetch(lookup_ids)`` starts the input all-to-all of
