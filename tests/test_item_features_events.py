@@ -111,3 +111,27 @@ def test_config_errors_name_the_key(logs):
         load_config(None, no_table)
     with pytest.raises(ConfigError, match=r"model\.item_features\.features\[0\]"):
         load_config(None, opts + ["model.item_features.features=[year]"])
+
+
+def test_ranking_on_own_logs_reads_the_side_table_of_the_dataset_it_prepared(tmp_path):
+    """task=ranking + data.name=events + item features: the tower's table comes from the ranking's own prepared
+    folder (its widened max_seq_len is part of the cache key) -- one prepared dataset, not a second prepare."""
+    from test_ranking_events import TINY as RANKING_TINY
+    from hstu.trainer.train import train
+
+    rng = np.random.default_rng(9)
+    log = _log(rng)
+    log["stars"] = rng.integers(1, 6, len(log["ts"]))
+    f = write_table(tmp_path / "log.parquet", log)
+    side = write_table(tmp_path / "items.csv", _side_table(rng), fmt="csv")
+    cache = tmp_path / "cache"
+    opts = ["data.name=events", f"data.events.paths=[{f}]", "data.events.time_unit=s", "data.events.user_column=uid",
+            "data.events.item_column=sku", "data.events.time_column=ts", "data.events.rating_column=stars",
+            f"data.cache_dir={cache}", f"data.events.item_features.paths=[{side}]",
+            "data.events.item_features.columns=[genre]", "data.events.item_features.multi_columns=[tags]",
+            "model.item_features.enabled=true", f"run_dir={tmp_path / 'run'}"]
+    result = train(load_config(None, [*RANKING_TINY, *opts]))
+    assert np.isfinite(result.final_metrics["ne_like"])
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert any(k.startswith("item_tower.tables.genre") for k in best)
+    assert len([d for d in os.listdir(cache / "events") if d.startswith("events-")]) == 1

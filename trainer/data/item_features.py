@@ -296,8 +296,10 @@ def load_ranking_item_features(cfg, num_items: int) -> ItemFeatureTable:
                             "['cluster'])")
         return ranking_synthetic_table(cfg.ranking.synthetic, num_items)
     from hstu.trainer.data import load_item_features as load_from_raw  # finds / downloads the raw folder
+    from hstu.trainer.data.ranking import ranking_data_config
 
-    return load_from_raw(cfg.data, feat_cfg, num_items)
+    # own logs: the dataset the ranking task prepared (its data config, so the same cache key: no second prepare)
+    return load_from_raw(ranking_data_config(cfg), feat_cfg, num_items)
 
 
 # ---------------------------------------------------------------------------------------------- own logs
