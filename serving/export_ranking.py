@@ -39,7 +39,9 @@ ACTION_MEANING = {"ml-1m": "the rating 1..5", "synthetic": "1 + bitmask of (clic
 
 # ---------------------------------------------------------------------------------------------- model
 def _selected(names, wanted) -> Tuple[str, ...]:
-    return tuple(n for n in names if wanted is None or n in wanted)
+    """The features a ranking.contextual / side_series selection keeps, in its order (None = all; as
+    trainer/data/ranking.py select_features orders the tables)."""
+    return tuple(names) if wanted is None else tuple(w for w in wanted if w in names)
 
 
 def ranking_spec_from_state(cfg, state: Dict[str, torch.Tensor]):
@@ -68,6 +70,8 @@ def ranking_spec_from_state(cfg, state: Dict[str, torch.Tensor]):
                        max_tokens=rows("position_embeddings.weight"), action_with_item=rc.action_with_item,
                        head_hidden_dim=int(state["head.hidden.weight"].shape[0]))
     c_names, s_names = DATASET_FEATURES.get(cfg.data.name, ((), ()))
+    if cfg.data.name == "events":  # own logs: the declared context columns (trainer/data/events_ranking.py)
+        c_names = tuple(cfg.data.events.context_columns)
     c_names, s_names = _selected(c_names, rc.contextual), _selected(s_names, rc.side_series)
     if len(c_names) != len(ctx):
         c_names = tuple(f"context{i}" for i in range(len(ctx)))
@@ -188,8 +192,9 @@ def export_ranking_programs(model):
 
 def export_ranking_model(model, config: Dict[str, Any], out: str, *, context_names=(), side_names=(),
                          embedding_dtype: str = "fp32", source: Optional[Dict[str, str]] = None,
-                         overwrite: bool = False) -> Dict[str, Any]:
-    """Write the artifact of an HSTURankingModel to ``out`` atomically; returns the manifest."""
+                         overwrite: bool = False, vocabularies: Optional[tuple] = None) -> Dict[str, Any]:
+    """Write the artifact of an HSTURankingModel to ``out`` atomically; returns the manifest.
+    ``vocabularies``: (manifest entry, files) of an own-logs run (serving/vocab.py export_vocabularies)."""
     if embedding_dtype not in EMBEDDING_DTYPES:
         raise ValueError(f"--embedding-dtype must be one of {EMBEDDING_DTYPES}, got {embedding_dtype!r}")
     if not hasattr(model, "forward_cached"):
@@ -240,6 +245,13 @@ def export_ranking_model(model, config: Dict[str, Any], out: str, *, context_nam
 
         manifest["item_tower"], tower_files = export_item_tower(model.item_tower, config)
         files.update(tower_files)
+    if vocabularies and vocabularies[0]:  # raw ids of an own-logs run (serving/vocab.py)
+        manifest["vocabularies"] = vocabularies[0]
+        files.update(vocabularies[1])
+        columns = {e.get("column"): k for k, e in vocabularies[0].items() if k.startswith("context")}
+        for entry in manifest["ranking"]["contextual"]:  # contextual table i <- vocabularies[key]
+            if entry["name"] in columns:
+                entry["vocabulary"] = columns[entry["name"]]
     write_artifact(out, manifest, config, files)
     return manifest
 
@@ -254,5 +266,38 @@ def export_ranking_state(cfg, state: Dict[str, torch.Tensor], out: str, *, embed
     spec, c_names, s_names = ranking_spec_from_state(cfg, state)
     model = HSTURankingModel(cfg.model, spec, "pytorch", features_from_state(state))
     model.load_state_dict(state)
+    vocabularies = ranking_vocabularies(cfg, source, spec, c_names)  # before the programs: a misfit fails fast
     return export_ranking_model(model, to_dict(cfg), out, context_names=c_names, side_names=s_names,
-                                embedding_dtype=embedding_dtype, source=source, overwrite=overwrite)
+                                embedding_dtype=embedding_dtype, source=source, overwrite=overwrite,
+                                vocabularies=vocabularies)
+
+
+def ranking_vocabularies(cfg, source: Optional[Dict[str, str]], spec, context_names=()):
+    """(manifest["vocabularies"], files) of an own-logs ranking run: items, users and the context columns of the
+    dataset the ranking task prepared (ranking_data_config: its own cache entry); ({}, {}) for other data.
+    ConfigError naming the file when a vocabulary does not fit its table (contextual table i of column
+    ``context_names[i]``: the column's values + the null id 0)."""
+    if cfg.data.name != "events":
+        return {}, {}
+    import dataclasses
+
+    from hstu.serving.vocab import VocabError, export_vocabularies
+    from hstu.trainer.config import ConfigError
+    from hstu.trainer.data.ranking import ranking_data_config
+
+    try:
+        meta, files = export_vocabularies(dataclasses.replace(cfg, data=ranking_data_config(cfg)), source,
+                                          spec.num_items, contexts=True)
+    except VocabError as e:
+        raise ConfigError(str(e)) from None
+    by_column = {e["column"]: e for k, e in meta.items() if k.startswith("context")}
+    for i, (name, rows) in enumerate(zip(context_names, spec.contextual_vocab)):
+        entry = by_column.get(name)
+        if entry is None:
+            raise ConfigError(f"{meta['items']['source']}: the prepared dataset has no context column {name!r} "
+                              f"(it has {sorted(by_column)}); pass --dataset-dir")
+        if entry["num_ids"] + 1 != rows:
+            raise ConfigError(f"{entry['source']}: {entry['num_ids']} values of context column {name!r}, the "
+                              f"checkpoint's contextual table {i} has {rows} rows (values + the null id 0): not the "
+                              "dataset this run trained on (pass --dataset-dir)")
+    return meta, files

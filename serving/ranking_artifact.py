@@ -8,24 +8,58 @@
 
 ``history``: a :class:`hstu.serving.ranking.RankingHistory` (or a dict of its fields: item_ids, actions,
 timestamps, context, side). Torch only, like serving/artifact.py (which dispatches here on manifest.task).
+
+Raw ids (an own-logs run, data.name=events: the artifact carries the dataset's vocabularies, serving/vocab.py)::
+
+    out = ranker.rank_raw({"item_ids": ["sku-1", "sku-9"], "actions": [1, 2], "timestamps": [t0, t1],
+                           "context": {"device": "ios"}}, ["sku-3", "sku-4"])
+    out.by_candidate()   # {"sku-3": {"like": 0.71, ...}, "sku-4": {...}}
+
+Unknown raw item ids -> the OOV id (with item_ids=raw: left out of the history / refused as candidates), unknown
+or missing context values -> 0 (the null id); counted (``vocab[name].unknown_seen``) and logged as warnings.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence
+import logging
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from hstu.serving.artifact import MANIFEST, TOLERANCE, ArtifactError, ItemTowerProgram, _check_config, _field, \
     _load_item_tower, check_record_field, load_programs, load_records
 from hstu.serving.mfalcon import Tensorish
-from hstu.serving.ranking import RankingMFalcon, RankingState, RankScores, TokenTables, history_from_record
+from hstu.serving.ranking import RankingHistory, RankingMFalcon, RankingState, RankScores, TokenTables, \
+    as_history, history_from_record
 from hstu.serving.retrieval import ItemTable
+from hstu.serving.vocab import RawIdVocab, VocabError, candidate_item_ids, history_item_ids, load_vocabularies
 
 RANKING_FIELDS = ("arch", "variant", "embedding_dim", "num_layers", "num_heads", "attention_dim", "linear_dim",
                   "num_items", "max_seq_len", "max_tokens", "max_side_tokens")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+log = logging.getLogger("hstu.serving")
+
+
+class RawRankScores(NamedTuple):
+    """:meth:`RankingServingModel.rank_raw` output: the raw candidate ids as given [m] + their scores."""
+
+    candidates: List[Any]
+    probabilities: torch.Tensor  # [m, K] sigmoid of the task logits
+    logits: torch.Tensor  # [m, K]
+    regression: Optional[torch.Tensor]  # [m] or None
+    task_names: Tuple[str, ...]
+
+    def by_candidate(self) -> Dict[Any, Dict[str, float]]:
+        """{raw candidate id: {task name: probability, ("regression": value)}} (a repeated id: its last row)."""
+        out = {}
+        for j, raw in enumerate(self.candidates):
+            row = {t: float(self.probabilities[j, k]) for k, t in enumerate(self.task_names)}
+            if self.regression is not None:
+                row["regression"] = float(self.regression[j])
+            out[raw] = row
+        return out
 
 
 class RankingServingModel:
@@ -43,6 +77,7 @@ class RankingServingModel:
         self.context_names = tuple(c["name"] for c in r["contextual"])
         self.side_names = tuple(c["name"] for c in r["side"])
         self.embedding_dtype = manifest["embedding"]["dtype"]
+        self.vocab: Dict[str, RawIdVocab] = {}  # name -> RawIdVocab (items, users, context<i>) of own logs, else {}
 
     def encode(self, history: Any, query_time: Optional[int] = None) -> RankingState:
         """Encode a history layout once (KV cache); qt defaults to the last event's timestamp."""
@@ -85,6 +120,71 @@ class RankingServingModel:
         self.item_tower.values = torch.cat([self.item_tower.values, packed])
         self.num_items = items.num_rows - 1
         return ids
+
+    # -- raw ids (own logs)
+    def _vocab(self, name: str) -> RawIdVocab:
+        v = self.vocab.get(name)
+        if v is None:
+            raise ValueError(f"{self.path}: this artifact carries no {name} vocabulary (exported from a run not "
+                             "trained on data.name=events; use ids)")
+        return v
+
+    def _context_ids(self, context: Any) -> torch.Tensor:
+        """Raw context values (a {column: value} mapping, missing = null, or a sequence in ``context_names``
+        order) -> contextual ids [C]; unknown values -> 0 (the null id), counted and warned."""
+        entries = self.manifest["ranking"]["contextual"]
+        if isinstance(context, Mapping):
+            unknown = [k for k in context if k not in self.context_names]
+            if unknown:
+                raise ValueError(f"context: unknown column(s) {unknown} (this model has {list(self.context_names)})")
+            values = [context.get(n) for n in self.context_names]
+        else:
+            values = list(context)
+            if len(values) != len(entries):
+                raise ValueError(f"context: this model has {len(entries)} contextual features "
+                                 f"{list(self.context_names)}, got {len(values)} values")
+        out = torch.zeros(len(entries), dtype=torch.int64)
+        for i, (entry, raw) in enumerate(zip(entries, values)):
+            if raw is None:
+                continue
+            if "vocabulary" not in entry:
+                raise ValueError(f"{self.path}: context {entry['name']!r} has no vocabulary in this artifact "
+                                 "(exported from a run not trained on data.name=events; use ids)")
+            vocab = self._vocab(entry["vocabulary"])
+            out[i] = int(vocab.to_ids([raw])[0])
+            if out[i] == 0:
+                log.warning("context %s = %r is not in the vocabulary: mapped to 0 (the null id)", entry["name"], raw)
+        return out
+
+    def raw_history(self, history: Any) -> RankingHistory:
+        """A history with raw item ids (and raw context values, see :meth:`_context_ids`) -> the id history
+        ``encode`` takes: unknown items -> the OOV id (item_ids=raw: the event is left out), counted + warned."""
+        h = as_history(history)
+        raw = h.item_ids.tolist() if isinstance(h.item_ids, (torch.Tensor, np.ndarray)) else list(h.item_ids)
+        acts = torch.as_tensor(h.actions, dtype=torch.int64).reshape(-1)
+        ts = torch.as_tensor(h.timestamps, dtype=torch.int64).reshape(-1)
+        if not len(raw) == acts.numel() == ts.numel():
+            raise ValueError(f"item_ids, actions and timestamps differ in length: {len(raw)}, {acts.numel()}, "
+                             f"{ts.numel()}")
+        ids, keep = history_item_ids(self._vocab("items"), raw)
+        keep_t = torch.as_tensor(keep)
+        return RankingHistory(torch.as_tensor(ids)[keep_t], acts[keep_t], ts[keep_t], self._context_ids(h.context),
+                              h.side)
+
+    def encode_raw(self, history: Any, query_time: Optional[int] = None) -> RankingState:
+        return self.encode(self.raw_history(history), query_time)
+
+    def rank_raw(self, history: Any, candidates: Sequence[Any], *, query_time: Optional[int] = None,
+                 candidate_timestamps: Optional[Tensorish] = None, micro_batch: Optional[int] = None
+                 ) -> RawRankScores:
+        """:meth:`rank` with raw item ids (str or int, as the dataset declared them) in the history and the
+        candidates -> RawRankScores keyed by the raw candidate ids (``by_candidate()``); unknown candidates score
+        as the OOV id (with item_ids=raw they are refused)."""
+        raw = candidates.tolist() if isinstance(candidates, (torch.Tensor, np.ndarray)) else list(candidates)
+        cand = torch.as_tensor(candidate_item_ids(self._vocab("items"), raw))
+        out = self.rank_state(self.encode_raw(history, query_time), cand,
+                              candidate_timestamps=candidate_timestamps, micro_batch=micro_batch)
+        return RawRankScores(raw, out.probabilities, out.logits, out.regression, self.task_names)
 
     def retrieve(self, *args, **kwargs):
         raise ArtifactError(f"{os.path.join(self.path, MANIFEST)}: field task = 'ranking': a ranking artifact has no "
@@ -145,6 +245,27 @@ def _load_tables(path: str, manifest: Dict[str, Any]) -> TokenTables:
         raise ArtifactError(f"{mpath}: field embedding.tables has no {e} (ranking.contextual / side list it)") from None
 
 
+def _load_vocabularies(path: str, manifest: Dict[str, Any]) -> Dict[str, RawIdVocab]:
+    """The artifact's raw-id vocabularies (serving/vocab.py), each checked against its table."""
+    mpath = os.path.join(path, MANIFEST)
+    meta = manifest.get("vocabularies") or {}
+    for i, entry in enumerate(manifest["ranking"]["contextual"]):  # the manifest first: then the files
+        key = entry.get("vocabulary")
+        if key is None:
+            continue
+        if key not in meta:
+            raise ArtifactError(f"{mpath}: field ranking.contextual[{i}].vocabulary = {key!r} is not in vocabularies")
+        num_ids = meta[key].get("num_ids")
+        if int(num_ids) + 1 != int(entry["vocab"]):
+            raise ArtifactError(f"{mpath}: vocabularies.{key}.num_ids = {num_ids} does not match the contextual "
+                                f"table {i} ({entry['name']!r}: ranking.contextual[{i}].vocab = {entry['vocab']} "
+                                "rows = values + the null id 0)")
+    try:
+        return load_vocabularies(path, manifest)
+    except (VocabError, KeyError) as e:
+        raise ArtifactError(f"{e}" if isinstance(e, VocabError) else f"{mpath}: missing field vocabularies.*.{e}")
+
+
 def load_ranking(path: str, manifest: Dict[str, Any], config: Dict[str, Any], *, verify: bool,
                  micro_batch: int) -> RankingServingModel:
     """The ranking half of :func:`hstu.serving.load` (format, version and checksums already checked)."""
@@ -163,6 +284,7 @@ def load_ranking(path: str, manifest: Dict[str, Any], config: Dict[str, Any], *,
                             side_names=[s["name"] for s in r["side"]], micro_batch=micro_batch)
     model = RankingServingModel(path, manifest, config, engine, load_records(path, manifest),
                                 _load_item_tower(path, manifest, tables.items.num_rows))
+    model.vocab = _load_vocabularies(path, manifest)
     if verify:
         model.verify()
     return model

@@ -154,6 +154,34 @@ def load_vocabularies(path: str, manifest: Dict[str, Any]) -> Dict[str, RawIdVoc
     return out
 
 
+def history_item_ids(items: RawIdVocab, raw: List[Any]) -> Tuple[np.ndarray, np.ndarray]:
+    """Raw history item ids [n] -> (ids [n] int64, keep [n] bool): unknown raw ids -> the OOV id, or, when the
+    vocabulary has none (item_ids=raw), keep = False (the event is left out); counted and logged as a warning."""
+    ids = items.to_ids(raw)
+    unknown = ids == items.unknown
+    if unknown.any():
+        first = raw[int(np.flatnonzero(unknown)[0])]
+        what = f"the OOV id {items.unknown}" if items.unknown else "nothing (left out of the history)"
+        log.warning("%d of %d history item ids are not in the vocabulary (first: %r): mapped to %s",
+                    int(unknown.sum()), len(raw), first, what)
+    keep = ~unknown if not items.unknown else np.ones(len(raw), dtype=bool)
+    return ids, keep
+
+
+def candidate_item_ids(items: RawIdVocab, raw: List[Any]) -> np.ndarray:
+    """Raw candidate item ids [m] -> ids [m] int64: unknown ones score as the OOV id (counted, logged as a
+    warning); with no OOV id (item_ids=raw) they are refused (ValueError)."""
+    ids = items.to_ids(raw)
+    unknown = ids == items.unknown
+    if unknown.any():
+        first = raw[int(np.flatnonzero(unknown)[0])]
+        if not items.unknown:
+            raise ValueError(f"candidate {first!r} is not an item of this model (1..{items.num_ids})")
+        log.warning("%d of %d candidate item ids are not in the vocabulary (first: %r): scored as the OOV id %d",
+                    int(unknown.sum()), len(raw), first, items.unknown)
+    return ids
+
+
 class RawIdServing:
     """Raw-id requests of a retrieval ServingModel (mixed into serving/artifact.py ServingModel; ``self.vocab``
     = load_vocabularies(...)). Histories of raw item ids in, raw item ids out."""
@@ -170,21 +198,12 @@ class RawIdServing:
     def history_ids(self, raw_ids: Sequence[Any], timestamps: Any) -> Tuple[np.ndarray, np.ndarray]:
         """Raw item ids [n] + timestamps [n] -> (item ids, timestamps): unknown raw ids -> the OOV id (or left
         out when the vocabulary has none), counted and logged."""
-        items = self._items()
         ts = np.asarray(timestamps, dtype=np.int64).reshape(-1)
         raw = list(raw_ids)
         if len(raw) != ts.shape[0]:
             raise ValueError(f"history: {len(raw)} raw item ids but {ts.shape[0]} timestamps")
-        ids = items.to_ids(raw)
-        unknown = ids == items.unknown
-        if unknown.any():
-            first = raw[int(np.flatnonzero(unknown)[0])]
-            what = f"the OOV id {items.unknown}" if items.unknown else "nothing (left out of the history)"
-            log.warning("%d of %d history item ids are not in the vocabulary (first: %r): mapped to %s",
-                        int(unknown.sum()), len(raw), first, what)
-            if not items.unknown:
-                ids, ts = ids[~unknown], ts[~unknown]
-        return ids, ts
+        ids, keep = history_item_ids(self._items(), raw)
+        return ids[keep], ts[keep]
 
     def encode_raw(self, raw_ids: Sequence[Any], timestamps: Any, query_time: Optional[int] = None):
         ids, ts = self.history_ids(raw_ids, timestamps)
@@ -211,11 +230,7 @@ class RawIdServing:
         id; with no OOV id they are refused)."""
         import torch
 
-        items = self._items()
-        cand = items.to_ids(list(candidates))
-        if not items.unknown and (cand == 0).any():
-            bad = list(candidates)[int(np.flatnonzero(cand == 0)[0])]
-            raise ValueError(f"candidate {bad!r} is not an item of this model (1..{items.num_ids})")
+        cand = candidate_item_ids(self._items(), list(candidates))
         return self.rank_state(self.encode_raw(raw_ids, timestamps, query_time), torch.as_tensor(cand), micro_batch)
 
 
@@ -315,9 +330,11 @@ def _write_vocab_files(vocab_file: str, outdir: str, files: Dict[str, str], num_
     del offsets, data
 
 
-def export_vocabularies(cfg: Any, source: Optional[Dict[str, str]], num_items: int):
+def export_vocabularies(cfg: Any, source: Optional[Dict[str, str]], num_items: int, contexts: bool = False):
     """(manifest["vocabularies"], {file name: writer(path)}) of an events run whose item table has ``num_items``
-    ids; ({}, {}) for other datasets. VocabError when the dataset's vocabulary does not fit the table."""
+    ids; ({}, {}) for other datasets. VocabError when the dataset's vocabulary does not fit the table.
+    ``contexts``: also the per-column contextual vocabularies (``context<i>``: ``column``, ids 1..vocab_size,
+    unknown 0 = the null id; the ranking export)."""
     if cfg.data.name != "events":
         return {}, {}
     import duckdb
@@ -351,6 +368,15 @@ def export_vocabularies(cfg: Any, source: Optional[Dict[str, str]], num_items: i
                              unknown_id=int(counts["oov_id"]) if name == "items" else 0)
                 plan.append((name, path, num_ids))
             meta[name] = entry
+        for i, ctx in enumerate(manifest.get("contexts") or [] if contexts else []):
+            path = os.path.join(folder, ctx["vocab_file"])
+            if not os.path.isfile(path):
+                raise VocabError(f"{path}: missing vocabulary of the prepared dataset")
+            raw_type, num_ids = _raw_type(con, path), int(ctx["vocab_size"])
+            meta[f"context{i}"] = {"num_ids": num_ids, "column": ctx["column"], "source": path,
+                                    "source_sha256": sha256_file(path), "raw_type": raw_type, "unknown_id": 0,
+                                    "files": _vocab_files(f"context{i}", raw_type)}
+            plan.append((f"context{i}", path, num_ids))
     finally:
         con.close()
     if not plan:
