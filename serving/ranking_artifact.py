@@ -140,6 +140,8 @@ class RankingServingModel:
             values = [context.get(n) for n in self.context_names]
         else:
             values = list(context)
+            if not values:  # none given: encode asks for it, append keeps the state's
+                return torch.zeros(0, dtype=torch.int64)
             if len(values) != len(entries):
                 raise ValueError(f"context: this model has {len(entries)} contextual features "
                                  f"{list(self.context_names)}, got {len(values)} values")

@@ -97,6 +97,12 @@ def test_rank_raw_equals_rank_of_the_ids_mapped_by_hand(exported):
     ref = model.rank({"item_ids": items_ref.to_ids(raw), "actions": acts, "timestamps": ts, "context": [0]},
                      torch.as_tensor(items_ref.to_ids(cands)))
     assert torch.equal(null.logits, ref.logits) and not torch.equal(null.logits, got.logits)
+    # incremental: append of raw new events (no context: the state's) == encode_raw of the whole history
+    state = model.encode_raw({"item_ids": raw[:6], "actions": acts[:6], "timestamps": ts[:6], "context": ["ios"]})
+    state = model.append(state, model.raw_history({"item_ids": raw[6:], "actions": acts[6:], "timestamps": ts[6:]}),
+                         query_time=ts[-1] + 30)
+    assert torch.allclose(model.rank_state(state, torch.as_tensor(items_ref.to_ids(cands))).logits, got.logits,
+                          atol=1e-5)
     # users: raw user ids both ways
     names = sorted(set(log["uid"]))
     assert model.vocab["users"].to_ids(names).tolist() == list(range(1, len(names) + 1))
