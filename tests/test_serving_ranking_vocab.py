@@ -215,3 +215,41 @@ def test_raw_id_ranking_needs_only_torch_and_numpy(exported):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LOADED []" in proc.stdout
+
+
+def test_export_finds_the_dataset_from_results_json_when_the_sources_moved(exported):
+    """The ranking run records its prepared dataset (results.json data.dataset_dir): export still finds the
+    vocabularies when the config's source files are gone (the cache key can no longer be computed)."""
+    import hstu.serving
+    from hstu.serving.export import export_run
+
+    tmp, log, manifest, folder, _ = exported
+    assert json.loads((tmp / "run" / "results.json").read_text())["data"]["dataset_dir"] == str(folder)
+    run = tmp / "run-moved"
+    shutil.copytree(tmp / "run", run)
+    cfg = (run / "config.yaml").read_text()
+    assert str(tmp / "log.parquet") in cfg
+    (run / "config.yaml").write_text(cfg.replace(str(tmp / "log.parquet"), str(tmp / "moved.parquet")))
+    m = export_run(str(run), str(tmp / "art-moved"))
+    assert m["vocabularies"]["items"]["source"] == os.path.join(str(folder), "vocab", "items.parquet")
+    assert hstu.serving.load(str(tmp / "art-moved"), task="ranking").vocab["items"].to_raw([1]) == \
+        hstu.serving.load(str(tmp / "art"), task="ranking").vocab["items"].to_raw([1])
+
+
+def test_contextual_names_follow_the_selection_order():
+    """ranking.contextual=[age, gender] builds the tables in that order (select_features): the manifest names
+    must too (before: the dataset's order, gender then age, naming each table wrongly); own logs: the columns."""
+    from hstu.serving.export_ranking import ranking_spec_from_state
+
+    def state(ctx_rows, tasks):
+        s = {"tables.items.table.weight": torch.zeros(11, 4), "tables.actions.weight": torch.zeros(6, 4),
+             "head.out.weight": torch.zeros(tasks, 8), "head.hidden.weight": torch.zeros(8, 4),
+             "position_embeddings.weight": torch.zeros(40, 4)}
+        s.update({f"tables.contextual.{i}.weight": torch.zeros(r, 4) for i, r in enumerate(ctx_rows)})
+        return s
+
+    cfg = load_config(None, ["task=ranking", "data.name=ml-1m", "ranking.contextual=[age,gender]"])
+    assert ranking_spec_from_state(cfg, state([8, 3], 2))[1] == ("age", "gender")
+    own = load_config(None, ["task=ranking", "data.name=events", "data.events.paths=[x.parquet]",
+                             "data.events.rating_column=r", "data.events.context_columns=[device,country]"])
+    assert ranking_spec_from_state(own, state([4, 9], 1))[1] == ("device", "country")

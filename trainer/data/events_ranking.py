@@ -80,7 +80,8 @@ def events_ranking_data(cfg: Any, progress: bool = True):
         context_names=context_names, context_vocab=context_vocab,
         regression=ratings.astype(np.float32) if ev.rating_column else None,
         regression_name="rating" if ev.rating_column else None,
-        num_pre=None if seqs.num_pre is None else np.asarray(seqs.num_pre, dtype=np.int64))
+        num_pre=None if seqs.num_pre is None else np.asarray(seqs.num_pre, dtype=np.int64),
+        dataset_dir=str(seqs.events.folder))
 
 
 def time_cutoff_windows(lengths: np.ndarray, num_pre: np.ndarray, max_seq_len: int, num_eval_targets: int):
@@ -104,6 +105,8 @@ def describe_events_split(cfg: Any, data: Any) -> dict:
 
     ev, K = cfg.data.events, cfg.ranking.num_eval_targets
     out = {"labels": list(ev.labels) or list(DEFAULT_LABELS)}
+    if getattr(data, "dataset_dir", None):  # where the vocabularies are (hstu export copies them)
+        out["dataset_dir"] = data.dataset_dir
     if ev.split == "time":
         out["split"] = (f"time cutoff {ev.time_cutoff}: test = the first {K} events at/after it per user, validation"
                         f" = the last {K} before it, training windows end before the validation events")

@@ -61,6 +61,7 @@ class RankingData:
     regression: Optional[np.ndarray] = None
     regression_name: Optional[str] = None
     num_pre: Optional[np.ndarray] = None  # [U] events before the cutoff (own logs, data.events.split=time)
+    dataset_dir: Optional[str] = None  # own logs: the prepared dataset (hstu export copies its vocabularies)
 
     @property
     def num_users(self) -> int:
