@@ -34,7 +34,7 @@ from hstu.serving.retrieval import DEFAULT_CHUNK, ItemTable, row_factor
 log = logging.getLogger(__name__)
 
 TABLE_FILE, SCALE_FILE, FACTOR_FILE = "item_table.bin", "item_scale.bin", "item_factor.bin"
-DEFAULT_EXPORT_CHUNK_ROWS = 1 << 20  # rows per streamed chunk: 256 MiB of fp32 rows at D = 64
+DEFAULT_EXPORT_CHUNK_ROWS = 1 << 18  # rows per streamed chunk: 64 MiB of fp32 rows at D = 64 (peak ~4x: int8)
 
 
 class TensorRows:
