@@ -9,7 +9,10 @@ rename). Each fp32 checkpoint is then loaded by a fresh set of processes at the 
 into a meta-initialised table; the float64 sums of weights and optimizer state over all ranks must equal the
 saving run's (no rank ever holds the full table). Last, one kill: at the largest world size rank 0 is SIGKILLed
 inside a second save (DCP files written, before the rename); the restart resolves the newest checkpoint that
-verifies and must load the first save's table and state exactly.
+verifies and must load the first save's table and state exactly. Then the serving phase
+(benchmarks/table_serving.py): the fp32 checkpoint of the largest world size is exported per dtype
+(``--serve-dtypes``) by the streaming export, in ``--export-chunk-rows`` chunks, and served from the
+memory-mapped table: export seconds and peak RSS, artifact bytes, load seconds, RSS after load, top-K latency.
 
 Memory cap: RLIMIT_AS, set by each rank after its imports and process-group start to (its address space then)
 + 1.3 x its theoretical shard (weights + rowwise AdamW state) + ``--overhead-mib``. Why RLIMIT_AS: it needs no
@@ -20,6 +23,8 @@ number; an allocation past it fails with an error (recorded) instead of swapping
 
     python benchmarks/table_scale.py                       # 25M x 64 (~13 GB with state), 100 steps: hours here
     python benchmarks/table_scale.py --smoke --out /tmp/x  # seconds: what the test suite runs
+    python benchmarks/table_scale.py --serve-from DCP_DIR  # the serving phase alone, on a kept fp32 checkpoint
+                                                           # (--keep-checkpoints --workdir): updates "serving"
 
 Writes benchmarks/results/table_scale.json (``--out`` elsewhere).
 """
@@ -41,11 +46,12 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import ensure_hstu_importable, provenance, write_json  # noqa: E402
+from common import RESULTS_DIR, ensure_hstu_importable, provenance, write_json  # noqa: E402
 
 RESULT_FILE = "table_scale.json"
 PLACEMENTS = {"fp32_device_state": ("float32", "device"), "bf16_host_state": ("bfloat16", "host")}
-SMOKE = {"rows": 20_000, "dim": 16, "steps": 5, "ids_per_step": 256, "worlds": [1, 2]}
+SMOKE = {"rows": 20_000, "dim": 16, "steps": 5, "ids_per_step": 256, "worlds": [1, 2], "serve_queries": 20,
+         "export_chunk_rows": 4096}
 
 
 def find_free_port() -> int:
@@ -283,6 +289,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     runs: List[Dict[str, Any]] = []
     reloads: List[Dict[str, Any]] = []
     kill_resume: Dict[str, Any] = {}
+    serving: Dict[str, Any] = {}
     try:
         for world in args.worlds:
             for name, (dtype, placement) in PLACEMENTS.items():
@@ -321,12 +328,45 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     entry["loaded_step"] = res[0]["loaded_step"]
                 reloads.append(entry)
         kill_resume = _kill_and_resume(args, workdir, args.worlds[-1])
+        fp32 = [r for r in runs if r["ok"] and r["placement"] == "fp32_device_state"]
+        if fp32 and args.serve_dtypes:
+            from table_serving import serving_phase
+
+            saved = max(fp32, key=lambda r: r["world_size"])
+            serving = serving_phase(saved["checkpoint"], workdir, dtypes=args.serve_dtypes,
+                                    chunk_rows=args.export_chunk_rows, queries=args.serve_queries, k=args.serve_k,
+                                    threads=args.serve_threads, keep=args.keep_checkpoints, timeout_s=args.timeout_s)
+            serving["from_world_size"] = saved["world_size"]
     finally:
         if not args.keep_checkpoints:
             shutil.rmtree(workdir, ignore_errors=True)
     return {"rows": args.rows, "dim": args.dim, "steps": args.steps, "ids_per_step": args.ids_per_step,
             "cap": "RLIMIT_AS per rank = address space after startup + 1.3 x shard + overhead_mib",
-            "overhead_mib": args.overhead_mib, "runs": runs, "reloads": reloads, "kill_resume": kill_resume}
+            "overhead_mib": args.overhead_mib, "runs": runs, "reloads": reloads, "kill_resume": kill_resume,
+            "serving": serving}
+
+
+def _serve_only(args: argparse.Namespace) -> Dict[str, Any]:
+    """--serve-from: the serving phase alone, merged into the existing results file (its other phases kept)."""
+    from table_serving import serving_phase
+
+    path = os.path.join(args.out or RESULTS_DIR, RESULT_FILE)
+    payload: Dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            payload = json.load(f)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="table_serving_")
+    try:
+        serving = serving_phase(os.path.abspath(args.serve_from), workdir, dtypes=args.serve_dtypes,
+                                chunk_rows=args.export_chunk_rows, queries=args.serve_queries, k=args.serve_k,
+                                threads=args.serve_threads, keep=args.keep_checkpoints, timeout_s=args.timeout_s)
+    finally:
+        if not args.keep_checkpoints and not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    payload["serving"] = {**serving, "provenance": provenance()}
+    path = write_json(RESULT_FILE, payload, args.out)
+    print(f"wrote {path}")
+    return payload
 
 
 def main(argv: List[str] = None) -> Dict[str, Any]:
@@ -340,6 +380,14 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     p.add_argument("--timeout-s", type=float, default=6 * 3600, help="per launch")
     p.add_argument("--workdir", help="checkpoint directory (default a temp dir, removed unless --keep-checkpoints)")
     p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--serve-dtypes", nargs="*", default=["fp32", "int8"], choices=["fp32", "bf16", "int8"],
+                   help="serving phase: artifact dtypes exported and served (none: skip the phase)")
+    p.add_argument("--export-chunk-rows", type=int, default=1 << 18, help="rows per streamed export chunk")
+    p.add_argument("--serve-queries", type=int, default=200, help="single-query top-k scans timed per dtype")
+    p.add_argument("--serve-k", type=int, default=10)
+    p.add_argument("--serve-threads", type=int, default=1, help="torch threads of the export / serving process")
+    p.add_argument("--serve-from", metavar="DCP_DIR", help="run only the serving phase on this kept fp32 checkpoint "
+                   "(a step directory of an earlier run) and replace the \"serving\" entry of the results file")
     p.add_argument("--smoke", action="store_true", help=f"tiny sizes for the test suite: {SMOKE}")
     p.add_argument("--out", default="", help="results directory (default benchmarks/results)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -355,6 +403,8 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
+    if args.serve_from:
+        return _serve_only(args)
     payload = {**provenance(), "smoke": args.smoke, **run(args)}
     path = write_json(RESULT_FILE, payload, args.out)
     print(f"wrote {path}")

@@ -214,10 +214,14 @@ def _item_rows_from(model, lookup: Callable[[torch.Tensor], torch.Tensor], tower
 
 def export_model(model, config: Dict[str, Any], out: str, *, embedding_dtype: str = "fp32",
                  source: Optional[Dict[str, str]] = None, overwrite: bool = False, item_rows: Any = None,
-                 chunk_rows: int = DEFAULT_EXPORT_CHUNK_ROWS) -> Dict[str, Any]:
+                 chunk_rows: int = DEFAULT_EXPORT_CHUNK_ROWS,
+                 timings: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
     """Write the artifact of a RetrievalModel (HSTU) to ``out`` atomically; returns the manifest. ``item_rows``:
     a row reader of its id table [num_items + 1, D] (serving/table_stream.py; the model's table may then be on
-    the meta device), default the model's own table. The item vectors are streamed ``chunk_rows`` at a time."""
+    the meta device), default the model's own table. The item vectors are streamed ``chunk_rows`` at a time.
+    ``timings``: filled with the seconds of the table files ("table_s") and of the records ("records_s")."""
+    import time
+
     from hstu.modules.model import L2_EPS
 
     if embedding_dtype not in EMBEDDING_DTYPES:
@@ -249,13 +253,18 @@ def export_model(model, config: Dict[str, Any], out: str, *, embedding_dtype: st
                      "score": {"file": SCORE_FILE, "inputs": STEP_INPUTS, "outputs": ["enc"]}},
     })
 
+    timings = {} if timings is None else timings
+
     def write_table(path: str) -> None:  # item_table.bin (+ item_scale.bin, item_factor.bin) in bounded chunks
+        t0 = time.perf_counter()
         emb = write_raw_item_table(os.path.dirname(path), num_rows, dim, item_vectors, embedding_dtype,
                                    l2_norm=model.l2_norm_output, eps=L2_EPS, chunk_rows=int(chunk_rows))
         emb["quantization"] = "int8 symmetric rowwise, row = weight * scale" if embedding_dtype == "int8" else "none"
         manifest["embedding"] = emb
+        timings["table_s"] = time.perf_counter() - t0
 
     def write_records(path: str) -> None:  # reference outputs of the model with exactly the stored rows
+        t0 = time.perf_counter()
         d, emb = os.path.dirname(path), manifest["embedding"]
         table = ItemTable.open_raw(os.path.join(d, emb["file"]), embedding_dtype, num_rows, dim,
                                    scale_file=emb.get("scale_file") and os.path.join(d, emb["scale_file"]),
@@ -271,6 +280,7 @@ def export_model(model, config: Dict[str, Any], out: str, *, embedding_dtype: st
                     for r in records)
         torch.save(records, path)
         manifest["records"] = {"file": RECORDS_FILE, "count": len(records)}
+        timings["records_s"] = time.perf_counter() - t0
 
     files = {EXTEND_FILE: lambda p: torch.export.save(extend, p), SCORE_FILE: lambda p: torch.export.save(score, p),
              TABLE_FILE: write_table, RECORDS_FILE: write_records}
