@@ -263,8 +263,10 @@ def _table_serving_lines(sv: dict) -> List[str]:
     if not sv:
         return []
     gib = 1024 ** 3
-    out = ["", f"Serving phase (benchmarks/table_serving.py): the fp32 checkpoint of {sv.get('from_world_size', '?')} "
-           f"ranks exported in {sv.get('export_chunk_rows')}-row chunks and served memory-mapped, "
+    size = f" ({sv['rows']} x {sv['dim']}, {sv['steps']} steps; `--serve-only`)" if "rows" in sv else ""
+    src = (f"the fp32 checkpoint of {sv['from_world_size']} ranks{size}" if sv.get("from_world_size")
+           else f"the kept checkpoint {sv.get('checkpoint')}")
+    out = ["", f"Serving phase (benchmarks/table_serving.py): {src} exported in {sv.get('export_chunk_rows')}-row chunks and served memory-mapped, "
            f"{sv.get('threads')} thread(s), load average {_cell(sv.get('loadavg_start'))} → "
            f"{_cell(sv.get('loadavg_end'))}" + (f", run {sv['provenance'].get('date')} at commit "
                                                   f"{sv['provenance'].get('commit')}" if sv.get("provenance") else ""),

@@ -23,8 +23,9 @@ number; an allocation past it fails with an error (recorded) instead of swapping
 
     python benchmarks/table_scale.py                       # 25M x 64 (~13 GB with state), 100 steps: hours here
     python benchmarks/table_scale.py --smoke --out /tmp/x  # seconds: what the test suite runs
-    python benchmarks/table_scale.py --serve-from DCP_DIR  # the serving phase alone, on a kept fp32 checkpoint
-                                                           # (--keep-checkpoints --workdir): updates "serving"
+    python benchmarks/table_scale.py --serve-only --worlds 2 --steps 10  # the serving phase alone: one fp32
+                          # training launch writes its checkpoint; replaces "serving" in the existing results file
+    python benchmarks/table_scale.py --serve-only --serve-from STEP_DIR  # ... on a kept fp32 checkpoint
 
 Writes benchmarks/results/table_scale.json (``--out`` elsewhere).
 """
@@ -347,7 +348,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _serve_only(args: argparse.Namespace) -> Dict[str, Any]:
-    """--serve-from: the serving phase alone, merged into the existing results file (its other phases kept)."""
+    """--serve-only: the serving phase alone, merged into the existing results file (its other phases kept), on
+    --serve-from or on the checkpoint of one fp32 training launch at --worlds[0] (removed after)."""
     from table_serving import serving_phase
 
     path = os.path.join(args.out or RESULTS_DIR, RESULT_FILE)
@@ -357,13 +359,26 @@ def _serve_only(args: argparse.Namespace) -> Dict[str, Any]:
             payload = json.load(f)
     workdir = args.workdir or tempfile.mkdtemp(prefix="table_serving_")
     try:
-        serving = serving_phase(os.path.abspath(args.serve_from), workdir, dtypes=args.serve_dtypes,
+        source, world = args.serve_from, None
+        if not source:
+            world = args.worlds[0]
+            dtype, placement = PLACEMENTS["fp32_device_state"]
+            spec = {"role": "train", "rows": args.rows, "dim": args.dim, "steps": args.steps, "seed": 0,
+                    "ids_per_step": args.ids_per_step, "weight_dtype": dtype, "state_placement": placement,
+                    "overhead_mib": args.overhead_mib, "ckpt_dir": os.path.join(workdir, f"w{world}_serve")}
+            res = launch(spec, world, args.timeout_s)
+            if not _summary(res)["ok"]:
+                raise RuntimeError(f"the fp32 training launch failed: {_summary(res)['errors']}")
+            source = res[0]["checkpoint"]
+        serving = serving_phase(os.path.abspath(source), workdir, dtypes=args.serve_dtypes,
                                 chunk_rows=args.export_chunk_rows, queries=args.serve_queries, k=args.serve_k,
                                 threads=args.serve_threads, keep=args.keep_checkpoints, timeout_s=args.timeout_s)
     finally:
         if not args.keep_checkpoints and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    payload["serving"] = {**serving, "provenance": provenance()}
+    payload["serving"] = {**serving, "provenance": provenance(), "from_world_size": world}
+    if world is not None:
+        payload["serving"].update(rows=args.rows, dim=args.dim, steps=args.steps)
     path = write_json(RESULT_FILE, payload, args.out)
     print(f"wrote {path}")
     return payload
@@ -386,8 +401,10 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     p.add_argument("--serve-queries", type=int, default=200, help="single-query top-k scans timed per dtype")
     p.add_argument("--serve-k", type=int, default=10)
     p.add_argument("--serve-threads", type=int, default=1, help="torch threads of the export / serving process")
-    p.add_argument("--serve-from", metavar="DCP_DIR", help="run only the serving phase on this kept fp32 checkpoint "
-                   "(a step directory of an earlier run) and replace the \"serving\" entry of the results file")
+    p.add_argument("--serve-only", action="store_true", help="run only the serving phase (on --serve-from, else on "
+                   "one fp32 training launch at the first --worlds) and replace the \"serving\" entry of the "
+                   "results file, keeping its other phases")
+    p.add_argument("--serve-from", metavar="STEP_DIR", help="with --serve-only: a kept fp32 checkpoint step directory")
     p.add_argument("--smoke", action="store_true", help=f"tiny sizes for the test suite: {SMOKE}")
     p.add_argument("--out", default="", help="results directory (default benchmarks/results)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -403,7 +420,7 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
-    if args.serve_from:
+    if args.serve_only:
         return _serve_only(args)
     payload = {**provenance(), "smoke": args.smoke, **run(args)}
     path = write_json(RESULT_FILE, payload, args.out)
