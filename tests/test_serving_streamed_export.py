@@ -218,3 +218,19 @@ def test_streamed_export_memory_is_bounded_by_the_chunk(tmp_path):
     assert os.path.getsize(tmp_path / "item_table.bin") == rows * dim
     assert growth["whole"] >= table_bytes, growth
     assert growth["stream"] < table_bytes / 4, growth
+
+
+def test_two_rank_chunked_evaluation_equals_one_process(sharded_run):
+    """The 2-rank run's test-split evaluation (chunked collective lookups, no rank holding the item table)
+    equals `hstu eval` of its checkpoint in one process (plain model)."""
+    import math
+
+    from hstu.trainer.cli import evaluate_run
+    from hstu.trainer.metrics_log import read_metrics
+
+    logged = read_metrics(os.path.join(sharded_run, "metrics.jsonl"), kind="eval")[-1]
+    out = evaluate_run(sharded_run, [], "latest", None, None, False)
+    assert out["checkpoint"].endswith(f"step_{logged['step']:08d}")
+    assert out["metrics"]["num_users"] == logged["num_users"] == 48
+    for key in ("hr@10", "ndcg@10", "mrr"):
+        assert math.isclose(out["metrics"][key], logged[key], rel_tol=1e-6, abs_tol=1e-9), key
