@@ -398,7 +398,7 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     p.add_argument("--serve-dtypes", nargs="*", default=["fp32", "int8"], choices=["fp32", "bf16", "int8"],
                    help="serving phase: artifact dtypes exported and served (none: skip the phase)")
     p.add_argument("--export-chunk-rows", type=int, default=1 << 18, help="rows per streamed export chunk")
-    p.add_argument("--serve-queries", type=int, default=200, help="single-query top-k scans timed per dtype")
+    p.add_argument("--serve-queries", type=int, default=100, help="single-query top-k scans timed per dtype")
     p.add_argument("--serve-k", type=int, default=10)
     p.add_argument("--serve-threads", type=int, default=1, help="torch threads of the export / serving process")
     p.add_argument("--serve-only", action="store_true", help="run only the serving phase (on --serve-from, else on "

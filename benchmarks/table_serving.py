@@ -87,7 +87,8 @@ def export_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     table_files = [manifest["embedding"][k] for k in ("file", "scale_file", "factor_file")
                    if k in manifest["embedding"]]
     return {"export_s": round(seconds, 3), "export_table_s": round(timings["table_s"], 3),
-            "export_records_s": round(timings["records_s"], 3), "export_peak_rss": after["VmHWM"], "export_rss_base": base["VmRSS"],
+            "export_records_s": round(timings["records_s"], 3), "export_peak_rss": after["VmHWM"],
+            "export_rss_base": base["VmRSS"],
             "export_peak_growth": after["VmHWM"] - base["VmRSS"],
             "shard_chunks": len(rows.chunks), "byte_range_reads": all(c["raw"] is not None for c in rows.chunks),
             "artifact_bytes": sum(v["bytes"] for v in files.values()),
