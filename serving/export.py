@@ -340,32 +340,37 @@ def export_run(run_dir: str, out: str, *, embedding_dtype: str = "fp32", checkpo
     cfg.ops.backend = "pytorch"  # the exported programs use plain torch ops; never needs Triton
     from hstu.trainer.plain_weights import read_plain_state
 
-    resolved = resolve_checkpoint(run_dir, checkpoint, cfg.checkpoint.dir or None)
-    streamed = cfg.task == "retrieval"
-    ckpt, state = read_plain_state(resolved, "hstu export", verify=False, skip=(ITEM_KEY,) if streamed else ())
+    streamed = tuple(getattr(task, "streamed_export_keys", ()))  # the task's hook streams these from ckpt
+    ckpt, state = read_plain_state(resolve_checkpoint(run_dir, checkpoint, cfg.checkpoint.dir or None),
+                                   "hstu export", verify=False, skip=streamed)
     source = {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(ckpt), "config": cfg_path}
-    if not streamed:
-        return task.export(state, ckpt, out, embedding_dtype=embedding_dtype, overwrite=overwrite, source=source)
-    from hstu.serving.table_stream import open_item_rows
-
-    try:
-        rows = open_item_rows(ckpt, ITEM_KEY)
-    except KeyError:
-        raise ConfigError(f"{ckpt}: no {ITEM_KEY} (not a RetrievalModel checkpoint?)") from None
-    try:
-        return export_retrieval_state(cfg, state, ckpt, out, embedding_dtype=embedding_dtype, overwrite=overwrite,
-                                      source=source, item_rows=rows, chunk_rows=chunk_rows)
-    finally:
-        rows.close()
+    extra = {"chunk_rows": chunk_rows} if streamed else {}
+    return task.export(state, ckpt, out, embedding_dtype=embedding_dtype, overwrite=overwrite, source=source,
+                       **extra)
 
 
 def export_retrieval_state(cfg, state: Dict[str, torch.Tensor], ckpt: str, out: str, *,
                            embedding_dtype: str = "fp32", overwrite: bool = False,
                            source: Optional[Dict[str, str]] = None, item_rows: Any = None,
-                           chunk_rows: int = DEFAULT_EXPORT_CHUNK_ROWS) -> Dict[str, Any]:
+                           chunk_rows: Optional[int] = None) -> Dict[str, Any]:
     """A retrieval run's plain weights ``state`` (read from ``ckpt``) -> artifact at ``out``; returns the
-    manifest (the retrieval task's export hook, trainer/tasks/retrieval.py). ``item_rows``: a row reader of the
-    item table (serving/table_stream.py), which ``state`` then lacks: the model's table stays on the meta device."""
+    manifest (the retrieval task's export hook, trainer/tasks/retrieval.py). When ``state`` lacks the item table
+    it is streamed from ``ckpt`` (or ``item_rows``, a row reader: serving/table_stream.py) ``chunk_rows`` rows at
+    a time, and the model's table stays on the meta device."""
+    if ITEM_KEY not in state and item_rows is None:
+        from hstu.serving.table_stream import open_item_rows
+        from hstu.trainer.config import ConfigError
+
+        try:
+            rows = open_item_rows(ckpt, ITEM_KEY)
+        except KeyError:
+            raise ConfigError(f"{ckpt}: no {ITEM_KEY} (not a RetrievalModel checkpoint?)") from None
+        try:
+            return export_retrieval_state(cfg, state, ckpt, out, embedding_dtype=embedding_dtype,
+                                          overwrite=overwrite, source=source, item_rows=rows, chunk_rows=chunk_rows)
+        finally:
+            rows.close()
+    chunk_rows = DEFAULT_EXPORT_CHUNK_ROWS if chunk_rows is None else chunk_rows
     from hstu.modules.embeddings import tables_on
     from hstu.modules.item_tower import features_from_state
     from hstu.modules.model import build_model
