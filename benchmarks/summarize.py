@@ -255,7 +255,36 @@ def _table_scale_section(payload: dict) -> List[str]:
         out += ["", f"- kill and resume ({kr.get('world_size')} ranks, rank 0 SIGKILLed inside a save): killed "
                 f"{_cell(kr.get('killed'))}, resumed from {kr.get('resumed_from')} (step {kr.get('resumed_step')}), "
                 f"same table + state {_cell(kr.get('sums_equal_last_good_save'))}"]
-    return out + [""]
+    return out + _table_serving_lines(payload.get("serving") or {}) + [""]
+
+
+def _table_serving_lines(sv: dict) -> List[str]:
+    """table_scale.json "serving": streamed export + memory-mapped serving of the large table, per dtype."""
+    if not sv:
+        return []
+    gib = 1024 ** 3
+    size = f" ({sv['rows']} x {sv['dim']}, {sv['steps']} steps; `--serve-only`)" if "rows" in sv else ""
+    src = (f"the fp32 checkpoint of {sv['from_world_size']} ranks{size}" if sv.get("from_world_size")
+           else f"the kept checkpoint {sv.get('checkpoint')}")
+    out = ["", f"Serving phase (benchmarks/table_serving.py): {src} exported in {sv.get('export_chunk_rows')}-row chunks and served memory-mapped, "
+           f"{sv.get('threads')} thread(s), load average {_cell(sv.get('loadavg_start'))} → "
+           f"{_cell(sv.get('loadavg_end'))}" + (f", run {sv['provenance'].get('date')} at commit "
+                                                  f"{sv['provenance'].get('commit')}" if sv.get("provenance") else ""),
+           "", "| dtype | ok | export s (table part) | export peak RSS GiB (growth) | table files GB | "
+           "table map s (RSS growth MiB) | artifact load s | RSS after load GiB (anon) | top-K p50 / p99 ms | "
+           "retrieve p50 ms | RSS after queries GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sv.get("runs", []):
+        if not r.get("ok"):
+            out.append(f"| {r.get('dtype')} | **no** | {_cell(r.get('error'))} |  |  |  |  |  |  |  |  |")
+            continue
+        out.append(f"| {r['dtype']} | yes | {_fmt(r['export_s'])} ({_fmt(r['export_table_s'])}) | "
+                   f"{_fmt(r['export_peak_rss'] / gib)} ({_fmt(r['export_peak_growth'] / gib)}) | "
+                   f"{_fmt(r['table_files_bytes'] / 1e9)} | {_fmt(r['table_map_s'])} "
+                   f"({_fmt(r['table_map_rss_growth'] / 2 ** 20)}) | {_fmt(r['load_s'])} | "
+                   f"{_fmt(r['rss_after_load'] / gib)} ({_fmt(r['rss_anon_after_load'] / gib)}) | "
+                   f"{_fmt(r['topk_ms_p50'])} / {_fmt(r['topk_ms_p99'])} | {_fmt(r['retrieve_ms_p50'])} | "
+                   f"{_fmt(r['rss_after_queries'] / gib)} |")
+    return out
 
 
 def _throughput_section(name: str, payload: dict) -> List[str]:

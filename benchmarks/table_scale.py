@@ -9,7 +9,10 @@ rename). Each fp32 checkpoint is then loaded by a fresh set of processes at the 
 into a meta-initialised table; the float64 sums of weights and optimizer state over all ranks must equal the
 saving run's (no rank ever holds the full table). Last, one kill: at the largest world size rank 0 is SIGKILLed
 inside a second save (DCP files written, before the rename); the restart resolves the newest checkpoint that
-verifies and must load the first save's table and state exactly.
+verifies and must load the first save's table and state exactly. Then the serving phase
+(benchmarks/table_serving.py): the fp32 checkpoint of the largest world size is exported per dtype
+(``--serve-dtypes``) by the streaming export, in ``--export-chunk-rows`` chunks, and served from the
+memory-mapped table: export seconds and peak RSS, artifact bytes, load seconds, RSS after load, top-K latency.
 
 Memory cap: RLIMIT_AS, set by each rank after its imports and process-group start to (its address space then)
 + 1.3 x its theoretical shard (weights + rowwise AdamW state) + ``--overhead-mib``. Why RLIMIT_AS: it needs no
@@ -20,6 +23,9 @@ number; an allocation past it fails with an error (recorded) instead of swapping
 
     python benchmarks/table_scale.py                       # 25M x 64 (~13 GB with state), 100 steps: hours here
     python benchmarks/table_scale.py --smoke --out /tmp/x  # seconds: what the test suite runs
+    python benchmarks/table_scale.py --serve-only --worlds 2 --steps 10  # the serving phase alone: one fp32
+                          # training launch writes its checkpoint; replaces "serving" in the existing results file
+    python benchmarks/table_scale.py --serve-only --serve-from STEP_DIR  # ... on a kept fp32 checkpoint
 
 Writes benchmarks/results/table_scale.json (``--out`` elsewhere).
 """
@@ -41,11 +47,12 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import ensure_hstu_importable, provenance, write_json  # noqa: E402
+from common import RESULTS_DIR, ensure_hstu_importable, provenance, write_json  # noqa: E402
 
 RESULT_FILE = "table_scale.json"
 PLACEMENTS = {"fp32_device_state": ("float32", "device"), "bf16_host_state": ("bfloat16", "host")}
-SMOKE = {"rows": 20_000, "dim": 16, "steps": 5, "ids_per_step": 256, "worlds": [1, 2]}
+SMOKE = {"rows": 20_000, "dim": 16, "steps": 5, "ids_per_step": 256, "worlds": [1, 2], "serve_queries": 20,
+         "export_chunk_rows": 4096}
 
 
 def find_free_port() -> int:
@@ -286,6 +293,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     runs: List[Dict[str, Any]] = []
     reloads: List[Dict[str, Any]] = []
     kill_resume: Dict[str, Any] = {}
+    serving: Dict[str, Any] = {}
     try:
         for world in args.worlds:
             for name, (dtype, placement) in PLACEMENTS.items():
@@ -324,12 +332,59 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     entry["loaded_step"] = res[0]["loaded_step"]
                 reloads.append(entry)
         kill_resume = _kill_and_resume(args, workdir, args.worlds[-1])
+        fp32 = [r for r in runs if r["ok"] and r["placement"] == "fp32_device_state"]
+        if fp32 and args.serve_dtypes:
+            from table_serving import serving_phase
+
+            saved = max(fp32, key=lambda r: r["world_size"])
+            serving = serving_phase(saved["checkpoint"], workdir, dtypes=args.serve_dtypes,
+                                    chunk_rows=args.export_chunk_rows, queries=args.serve_queries, k=args.serve_k,
+                                    threads=args.serve_threads, keep=args.keep_checkpoints, timeout_s=args.timeout_s)
+            serving["from_world_size"] = saved["world_size"]
     finally:
         if not args.keep_checkpoints:
             shutil.rmtree(workdir, ignore_errors=True)
     return {"rows": args.rows, "dim": args.dim, "steps": args.steps, "ids_per_step": args.ids_per_step,
             "cap": "RLIMIT_AS per rank = address space after startup + 1.3 x shard + overhead_mib",
-            "overhead_mib": args.overhead_mib, "runs": runs, "reloads": reloads, "kill_resume": kill_resume}
+            "overhead_mib": args.overhead_mib, "runs": runs, "reloads": reloads, "kill_resume": kill_resume,
+            "serving": serving}
+
+
+def _serve_only(args: argparse.Namespace) -> Dict[str, Any]:
+    """--serve-only: the serving phase alone, merged into the existing results file (its other phases kept), on
+    --serve-from or on the checkpoint of one fp32 training launch at --worlds[0] (removed after)."""
+    from table_serving import serving_phase
+
+    path = os.path.join(args.out or RESULTS_DIR, RESULT_FILE)
+    payload: Dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            payload = json.load(f)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="table_serving_")
+    try:
+        source, world = args.serve_from, None
+        if not source:
+            world = args.worlds[0]
+            dtype, placement = PLACEMENTS["fp32_device_state"]
+            spec = {"role": "train", "rows": args.rows, "dim": args.dim, "steps": args.steps, "seed": 0,
+                    "ids_per_step": args.ids_per_step, "weight_dtype": dtype, "state_placement": placement,
+                    "overhead_mib": args.overhead_mib, "ckpt_dir": os.path.join(workdir, f"w{world}_serve")}
+            res = launch(spec, world, args.timeout_s)
+            if not _summary(res)["ok"]:
+                raise RuntimeError(f"the fp32 training launch failed: {_summary(res)['errors']}")
+            source = res[0]["checkpoint"]
+        serving = serving_phase(os.path.abspath(source), workdir, dtypes=args.serve_dtypes,
+                                chunk_rows=args.export_chunk_rows, queries=args.serve_queries, k=args.serve_k,
+                                threads=args.serve_threads, keep=args.keep_checkpoints, timeout_s=args.timeout_s)
+    finally:
+        if not args.keep_checkpoints and not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    payload["serving"] = {**serving, "provenance": provenance(), "from_world_size": world}
+    if world is not None:
+        payload["serving"].update(rows=args.rows, dim=args.dim, steps=args.steps)
+    path = write_json(RESULT_FILE, payload, args.out)
+    print(f"wrote {path}")
+    return payload
 
 
 def main(argv: List[str] = None) -> Dict[str, Any]:
@@ -343,6 +398,16 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     p.add_argument("--timeout-s", type=float, default=6 * 3600, help="per launch")
     p.add_argument("--workdir", help="checkpoint directory (default a temp dir, removed unless --keep-checkpoints)")
     p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--serve-dtypes", nargs="*", default=["fp32", "int8"], choices=["fp32", "bf16", "int8"],
+                   help="serving phase: artifact dtypes exported and served (none: skip the phase)")
+    p.add_argument("--export-chunk-rows", type=int, default=1 << 18, help="rows per streamed export chunk")
+    p.add_argument("--serve-queries", type=int, default=100, help="single-query top-k scans timed per dtype")
+    p.add_argument("--serve-k", type=int, default=10)
+    p.add_argument("--serve-threads", type=int, default=1, help="torch threads of the export / serving process")
+    p.add_argument("--serve-only", action="store_true", help="run only the serving phase (on --serve-from, else on "
+                   "one fp32 training launch at the first --worlds) and replace the \"serving\" entry of the "
+                   "results file, keeping its other phases")
+    p.add_argument("--serve-from", metavar="STEP_DIR", help="with --serve-only: a kept fp32 checkpoint step directory")
     p.add_argument("--smoke", action="store_true", help=f"tiny sizes for the test suite: {SMOKE}")
     p.add_argument("--out", default="", help="results directory (default benchmarks/results)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -358,6 +423,8 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
+    if args.serve_only:
+        return _serve_only(args)
     payload = {**provenance(), "smoke": args.smoke, **run(args)}
     path = write_json(RESULT_FILE, payload, args.out)
     print(f"wrote {path}")

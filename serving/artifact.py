@@ -25,8 +25,8 @@ from hstu.serving.mfalcon import DEFAULT_MICRO_BATCH, MFalcon, Tensorish, UserSt
 from hstu.serving.retrieval import ItemTable, TopK, topk_inner_product
 from hstu.serving.vocab import RawIdServing, VocabError, load_vocabularies
 
-FORMAT, FORMAT_VERSION = "hstu-serving", 2  # = serving/export.py (not imported: it needs the trainer)
-READABLE_VERSIONS = (1, 2)  # 1: retrieval artifacts before manifest.task existed
+FORMAT, FORMAT_VERSION = "hstu-serving", 3  # = serving/export.py (not imported: it needs the trainer)
+READABLE_VERSIONS = (1, 2, 3)  # 1: before manifest.task; 1-2: item table in embeddings.pt (read into memory)
 MANIFEST, CONFIG_JSON = "manifest.json", "config.json"
 MODEL_FIELDS = ("arch", "variant", "embedding_dim", "num_layers", "num_heads", "attention_dim", "linear_dim",
                 "l2_norm_output", "num_items", "max_seq_len")
@@ -252,8 +252,11 @@ def _check_config(manifest: Dict[str, Any], config: Dict[str, Any], path: str,
 
 
 def _load_table(path: str, manifest: Dict[str, Any]) -> ItemTable:
+    """The item table: memory-mapped raw files (format 3: loading touches no row) or embeddings.pt (1-2)."""
     mpath = os.path.join(path, MANIFEST)
     emb = _field(manifest, "embedding", mpath)
+    if "layout" in emb:  # format 3 (format 1-2 loaders refuse it by format_version)
+        return _map_table(path, manifest, emb, mpath)
     file = os.path.join(path, _field(manifest, "embedding.file", mpath))
     state = torch.load(file, map_location="cpu", weights_only=True)
     w = state.get("weight") if isinstance(state, dict) else None
@@ -270,6 +273,27 @@ def _load_table(path: str, manifest: Dict[str, Any]) -> ItemTable:
     if (scale is None) != (dtype != torch.int8) or (scale is not None and tuple(scale.shape) != (expected[0],)):
         raise ArtifactError(f"{file}: field 'scale' must be [{expected[0]}] fp32 exactly for int8 tables")
     return ItemTable(w, scale, l2_norm=bool(manifest["model"]["l2_norm_output"]), eps=L2_EPS)
+
+
+def _map_table(path: str, manifest: Dict[str, Any], emb: Dict[str, Any], mpath: str) -> ItemTable:
+    rows, dim = manifest["model"]["num_items"] + 1, manifest["model"]["embedding_dim"]
+    if (emb.get("rows"), emb.get("dim")) != (rows, dim):
+        raise ArtifactError(f"{mpath}: field embedding.rows/dim = {emb.get('rows')}/{emb.get('dim')}, expected "
+                            f"{rows}/{dim} (model.num_items + 1, model.embedding_dim)")
+    dtype = emb.get("dtype")
+    if dtype not in ("fp32", "bf16", "int8"):
+        raise ArtifactError(f"{mpath}: field embedding.dtype = {dtype!r}, expected fp32 | bf16 | int8")
+    l2 = bool(manifest["model"]["l2_norm_output"])
+    for name, needed in (("scale_file", dtype == "int8"), ("factor_file", l2)):
+        if (name in emb) != needed:
+            raise ArtifactError(f"{mpath}: field embedding.{name} must be {'present' if needed else 'absent'} "
+                                f"(embedding.dtype {dtype}, model.l2_norm_output {l2})")
+    files = {k: os.path.join(path, emb[k]) for k in ("file", "scale_file", "factor_file") if k in emb}
+    try:
+        return ItemTable.open_raw(files["file"], dtype, rows, dim, scale_file=files.get("scale_file"),
+                                  factor_file=files.get("factor_file"), l2_norm=l2, eps=L2_EPS)
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
 
 
 def load_programs(path: str, manifest: Dict[str, Any]) -> Dict[str, Any]:

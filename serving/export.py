@@ -7,17 +7,22 @@ Artifact directory (written into a hidden temp dir next to OUT, then renamed; fo
     config.yaml       the run's resolved config, verbatim;  config.json: the same, for the torch-only loader
     dense_extend.pt2  torch.export program: history rows (causal continuation of a KV cache)  -> enc, K, V
     dense_score.pt2   torch.export program: M-FALCON candidates (history + self only)         -> enc
-    embeddings.pt     item table rows 0..num_items, unsharded: fp32 | bf16 | int8 (+ rowwise scale)
+    item_table.bin    item table rows 0..num_items, raw little-endian [rows, D]: fp32 | bf16 | int8, written in
+                      bounded chunks straight from the checkpoint's shards (serving/table_stream.py); int8:
+                      item_scale.bin [rows] fp32 (row = weight * scale); l2_norm_output: item_factor.bin [rows]
+                      fp32 (scale / ||row||), so the loader memory-maps all three and touches no row at load
     records.pt        recorded input -> output pairs (rank scores, user vector, top-10) of the reference model
 
 The dense programs are exported for ONE user with dynamic sizes (new rows M >= 1, cached rows N >= 0) from plain
 torch ops (``HSTUEncoder.forward_cached``: dense single-sequence attention, no jagged op, no custom op), so they
 load and run with torch alone. Checkpoints are read through trainer/plain_weights.py (``read_plain_state``): full
-unsharded tensors of best.pt or a DCP checkpoint, whatever world size and sharding wrote them.
+unsharded tensors of best.pt or a DCP checkpoint, whatever world size and sharding wrote them — except the item
+table, which is never held whole: it is read ``--chunk-rows`` rows at a time (serving/table_stream.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -29,14 +34,15 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 from hstu.serving.mfalcon import DenseStep
-from hstu.serving.retrieval import EMBEDDING_DTYPES, ItemTable, brute_force_topk
+from hstu.serving.retrieval import EMBEDDING_DTYPES, ItemTable, topk_inner_product
+from hstu.serving.table_stream import DEFAULT_EXPORT_CHUNK_ROWS, TABLE_FILE, TensorRows, write_raw_item_table
 from hstu.trainer.integrity import sha256_file
 from hstu.trainer.plain_weights import ITEM_KEY
 
-FORMAT, FORMAT_VERSION = "hstu-serving", 2  # 2: manifest.task (retrieval | ranking); 1 = retrieval
+FORMAT, FORMAT_VERSION = "hstu-serving", 3  # 3: raw memory-mapped item table; 2: manifest.task; 1 = retrieval
 MANIFEST, CONFIG_YAML, CONFIG_JSON = "manifest.json", "config.yaml", "config.json"
 EXTEND_FILE, SCORE_FILE = "dense_extend.pt2", "dense_score.pt2"
-EMBEDDINGS_FILE, RECORDS_FILE = "embeddings.pt", "records.pt"
+RECORDS_FILE = "records.pt"
 ITEM_TOWER_FILE, ITEM_FEATURES_FILE = "item_tower.pt2", "item_features.pt"
 STEP_INPUTS = ["x", "pos", "ts", "t_next", "q_time", "past_k", "past_v", "past_pos", "past_ts"]
 MODEL_FIELDS = ("arch", "variant", "embedding_dim", "num_layers", "num_heads", "attention_dim", "linear_dim",
@@ -177,57 +183,109 @@ def _records(model, table: ItemTable, n_max: int, seed: int = 0):
         qt = int(ts[-1]) + (3_600 if i % 2 else 0)
         cand = torch.randint(1, model.num_items + 1, (8,), generator=g)
         uv = reference_user_vector(model, ids, ts, qt)
-        top = brute_force_topk(uv, table, RECORD_TOPK)
+        top = topk_inner_product(uv, table, RECORD_TOPK)
         out.append({"history_ids": ids, "history_timestamps": ts, "query_time": torch.tensor(qt),
                     "candidates": cand, "rank_scores": reference_rank_scores(model, ids, ts, qt, cand),
                     "user_vector": uv, "topk_ids": top.ids, "topk_scores": top.scores})
     return out
 
 
+class _RowLookup(torch.nn.Module):
+    """Stands in for ItemEmbeddings: ids [...] -> fp32 rows [..., D] from ``fn`` (a table on disk)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fn(ids).float()
+
+
+@contextlib.contextmanager
+def _item_rows_from(model, lookup: Callable[[torch.Tensor], torch.Tensor], tower):
+    """``model`` with its id table replaced by ``lookup`` and its item tower by ``tower``, restored after."""
+    saved = model.item_embeddings, model.item_tower
+    model.item_embeddings, model.item_tower = _RowLookup(lookup), tower
+    try:
+        yield model
+    finally:
+        model.item_embeddings, model.item_tower = saved
+
+
 def export_model(model, config: Dict[str, Any], out: str, *, embedding_dtype: str = "fp32",
-                 source: Optional[Dict[str, str]] = None, overwrite: bool = False,
+                 source: Optional[Dict[str, str]] = None, overwrite: bool = False, item_rows: Any = None,
+                 chunk_rows: int = DEFAULT_EXPORT_CHUNK_ROWS, timings: Optional[Dict[str, float]] = None,
                  vocabularies: Optional[tuple] = None) -> Dict[str, Any]:
-    """Write the artifact of a RetrievalModel (HSTU) to ``out`` atomically; returns the manifest.
+    """Write the artifact of a RetrievalModel (HSTU) to ``out`` atomically; returns the manifest. ``item_rows``:
+    a row reader of its id table [num_items + 1, D] (serving/table_stream.py; the model's table may then be on
+    the meta device), default the model's own table. The item vectors are streamed ``chunk_rows`` at a time.
+    ``timings``: filled with the seconds of the table files ("table_s") and of the records ("records_s").
     ``vocabularies``: (manifest entry, files) of an own-logs run (serving/vocab.py export_vocabularies)."""
-    import copy
+    import time
+
 
     from hstu.modules.model import L2_EPS
 
     if embedding_dtype not in EMBEDDING_DTYPES:
         raise ValueError(f"--embedding-dtype must be one of {EMBEDDING_DTYPES}, got {embedding_dtype!r}")
+    if int(chunk_rows) < 1:
+        raise ValueError(f"--chunk-rows must be >= 1, got {chunk_rows}")
     mc = config["model"]
     if mc.get("arch") != "hstu" or not hasattr(model.encoder, "forward_cached"):
         raise ValueError(f"serving export supports model.arch hstu only, got {mc.get('arch')!r}")
     out = check_out(out, overwrite)
     model = model.eval()
-    with torch.no_grad():  # the item vectors before normalisation: the id table, or the item tower's output
-        rows = model.embed_items(torch.arange(model.num_items + 1))
-    table = ItemTable.quantize(rows, embedding_dtype, l2_norm=model.l2_norm_output, eps=L2_EPS)
-    ref = copy.deepcopy(model)  # reference outputs use exactly the rows the artifact stores
-    ref.item_tower = None
-    with torch.no_grad():
-        ref.item_embeddings.table.weight.copy_(table.lookup(torch.arange(table.num_rows)))
+    rows_reader = item_rows if item_rows is not None else TensorRows(model.item_embeddings.table.weight)
+    num_rows, dim = int(model.num_items) + 1, int(mc["embedding_dim"])
+    if tuple(rows_reader.shape) != (num_rows, dim):
+        raise ValueError(f"item table rows have shape {tuple(rows_reader.shape)}, the model needs {(num_rows, dim)}")
+
+    @torch.no_grad()
+    def item_vectors(start: int, end: int) -> torch.Tensor:  # before normalisation: id rows, or the item tower's
+        raw = rows_reader.read(start, end).float()
+        return raw if model.item_tower is None else model.item_tower(torch.arange(start, end), raw)
+
     enc = model.encoder
     extend, score = export_dense_programs(enc, model.l2_norm_output, L2_EPS)
-    records = _records(ref, table, enc.max_seq_len)
     meta_model = {k: mc[k] for k in MODEL_FIELDS}
     meta_model.update(num_items=int(model.num_items), max_seq_len=int(enc.max_seq_len))
     manifest = manifest_head("retrieval", meta_model, source)
     manifest.update({
-        "embedding": {"file": EMBEDDINGS_FILE, "dtype": embedding_dtype, "rows": table.num_rows, "dim": table.dim,
-                      "quantization": "int8 symmetric rowwise, row = weight * scale" if embedding_dtype == "int8"
-                      else "none"},
         "programs": {"extend": {"file": EXTEND_FILE, "inputs": STEP_INPUTS, "outputs": ["enc", "k", "v"]},
                      "score": {"file": SCORE_FILE, "inputs": STEP_INPUTS, "outputs": ["enc"]}},
-        "records": {"file": RECORDS_FILE, "count": len(records)},
     })
-    if embedding_dtype != "fp32":  # what quantisation costs on the recorded requests, vs the fp32 model
-        err = max(float((reference_rank_scores(model, r["history_ids"], r["history_timestamps"],
-                                               int(r["query_time"]), r["candidates"]) - r["rank_scores"]).abs().max())
-                  for r in records)
-        manifest["quantization_max_abs_rank_error"] = err
+
+    timings = {} if timings is None else timings
+
+    def write_table(path: str) -> None:  # item_table.bin (+ item_scale.bin, item_factor.bin) in bounded chunks
+        t0 = time.perf_counter()
+        emb = write_raw_item_table(os.path.dirname(path), num_rows, dim, item_vectors, embedding_dtype,
+                                   l2_norm=model.l2_norm_output, eps=L2_EPS, chunk_rows=int(chunk_rows))
+        emb["quantization"] = "int8 symmetric rowwise, row = weight * scale" if embedding_dtype == "int8" else "none"
+        manifest["embedding"] = emb
+        timings["table_s"] = time.perf_counter() - t0
+
+    def write_records(path: str) -> None:  # reference outputs of the model with exactly the stored rows
+        t0 = time.perf_counter()
+        d, emb = os.path.dirname(path), manifest["embedding"]
+        table = ItemTable.open_raw(os.path.join(d, emb["file"]), embedding_dtype, num_rows, dim,
+                                   scale_file=emb.get("scale_file") and os.path.join(d, emb["scale_file"]),
+                                   factor_file=emb.get("factor_file") and os.path.join(d, emb["factor_file"]),
+                                   l2_norm=model.l2_norm_output, eps=L2_EPS)
+        with _item_rows_from(model, table.lookup, None):
+            records = _records(model, table, enc.max_seq_len)
+        if embedding_dtype != "fp32":  # what quantisation costs on the recorded requests, vs the fp32 model
+            with _item_rows_from(model, rows_reader.take, model.item_tower):
+                manifest["quantization_max_abs_rank_error"] = max(
+                    float((reference_rank_scores(model, r["history_ids"], r["history_timestamps"],
+                                                 int(r["query_time"]), r["candidates"]) - r["rank_scores"]).abs().max())
+                    for r in records)
+        torch.save(records, path)
+        manifest["records"] = {"file": RECORDS_FILE, "count": len(records)}
+        timings["records_s"] = time.perf_counter() - t0
+
     files = {EXTEND_FILE: lambda p: torch.export.save(extend, p), SCORE_FILE: lambda p: torch.export.save(score, p),
-             EMBEDDINGS_FILE: lambda p: torch.save(table.state(), p), RECORDS_FILE: lambda p: torch.save(records, p)}
+             TABLE_FILE: write_table, RECORDS_FILE: write_records}
     if model.item_tower is not None:
         manifest["item_tower"], tower_files = export_item_tower(model.item_tower, config)
         files.update(tower_files)
@@ -269,11 +327,13 @@ def export_item_tower(tower, config: Dict[str, Any]):
 
 
 def export_run(run_dir: str, out: str, *, embedding_dtype: str = "fp32", checkpoint: Optional[str] = None,
-               overwrite: bool = False, overrides: Sequence[str] = (), dataset_dir: Optional[str] = None
-               ) -> Dict[str, Any]:
+               overwrite: bool = False, overrides: Sequence[str] = (), dataset_dir: Optional[str] = None,
+               chunk_rows: int = DEFAULT_EXPORT_CHUNK_ROWS) -> Dict[str, Any]:
     """RUN_DIR (config.yaml + best.pt or a DCP checkpoint) -> artifact at ``out``; returns the manifest. The
-    run's task spec (trainer/tasks/) writes it: :func:`export_retrieval_state` | export_ranking.py.
+    run's task spec (trainer/tasks/) writes it: :func:`export_retrieval_state` | export_ranking.py. A retrieval
+    run's item table is never read whole: it is streamed ``chunk_rows`` rows at a time from the checkpoint.
     ``dataset_dir``: the prepared own-logs dataset whose vocabularies to copy (default: found from the run)."""
+
     from hstu.trainer.config import ConfigError, load_config
     from hstu.trainer.tasks import get_task
 
@@ -288,33 +348,63 @@ def export_run(run_dir: str, out: str, *, embedding_dtype: str = "fp32", checkpo
     cfg.ops.backend = "pytorch"  # the exported programs use plain torch ops; never needs Triton
     from hstu.trainer.plain_weights import read_plain_state
 
+    streamed = tuple(getattr(task, "streamed_export_keys", ()))  # the task's hook streams these from ckpt
     ckpt, state = read_plain_state(resolve_checkpoint(run_dir, checkpoint, cfg.checkpoint.dir or None),
-                                   "hstu export", verify=False)
+                                   "hstu export", verify=False, skip=streamed)
     source = {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(ckpt), "config": cfg_path}
     if dataset_dir:
         source["dataset_dir"] = os.path.abspath(dataset_dir)
-    return task.export(state, ckpt, out, embedding_dtype=embedding_dtype, overwrite=overwrite, source=source)
+    extra = {"chunk_rows": chunk_rows} if streamed else {}
+    return task.export(state, ckpt, out, embedding_dtype=embedding_dtype, overwrite=overwrite, source=source,
+                       **extra)
+
 
 
 def export_retrieval_state(cfg, state: Dict[str, torch.Tensor], ckpt: str, out: str, *,
                            embedding_dtype: str = "fp32", overwrite: bool = False,
-                           source: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+                           source: Optional[Dict[str, str]] = None, item_rows: Any = None,
+                           chunk_rows: Optional[int] = None) -> Dict[str, Any]:
     """A retrieval run's plain weights ``state`` (read from ``ckpt``) -> artifact at ``out``; returns the
-    manifest (the retrieval task's export hook, trainer/tasks/retrieval.py)."""
+    manifest (the retrieval task's export hook, trainer/tasks/retrieval.py). When ``state`` lacks the item table
+    it is streamed from ``ckpt`` (or ``item_rows``, a row reader: serving/table_stream.py) ``chunk_rows`` rows at
+    a time, and the model's table stays on the meta device."""
+    if ITEM_KEY not in state and item_rows is None:
+        from hstu.serving.table_stream import open_item_rows
+        from hstu.trainer.config import ConfigError
+
+        try:
+            rows = open_item_rows(ckpt, ITEM_KEY)
+        except KeyError:
+            raise ConfigError(f"{ckpt}: no {ITEM_KEY} (not a RetrievalModel checkpoint?)") from None
+        try:
+            return export_retrieval_state(cfg, state, ckpt, out, embedding_dtype=embedding_dtype,
+                                          overwrite=overwrite, source=source, item_rows=rows, chunk_rows=chunk_rows)
+        finally:
+            rows.close()
+    chunk_rows = DEFAULT_EXPORT_CHUNK_ROWS if chunk_rows is None else chunk_rows
+    from hstu.modules.embeddings import tables_on
+    from hstu.modules.item_tower import features_from_state
     from hstu.modules.model import build_model
     from hstu.trainer.config import ConfigError, to_dict
     from hstu.trainer.plain_weights import check_fits
 
-    from hstu.modules.item_tower import features_from_state
-
-    if ITEM_KEY not in state:
+    if item_rows is None and ITEM_KEY not in state:
         raise ConfigError(f"{ckpt}: no {ITEM_KEY} (not a RetrievalModel checkpoint?)")
+    shape = tuple(item_rows.shape) if item_rows is not None else tuple(state[ITEM_KEY].shape)
     layout = features_from_state(state)  # the item tower's structure comes from the checkpoint, no data is read
     if cfg.model.item_features.enabled and layout is None:
         raise ConfigError(f"{ckpt}: model.item_features.enabled=true but the checkpoint has no item_tower.*")
-    model = build_model(cfg, int(state[ITEM_KEY].shape[0]) - 1, layout)
-    check_fits(model.state_dict(), state, ckpt, "hstu export")
-    model.load_state_dict(state)
+    with tables_on("meta" if item_rows is not None else None):
+        model = build_model(cfg, int(shape[0]) - 1, layout)
+    full = dict(state)
+    if item_rows is not None:
+        full[ITEM_KEY] = torch.empty(shape, device="meta")
+    check_fits(model.state_dict(), full, ckpt, "hstu export")
+    if item_rows is None:
+        model.load_state_dict(state)
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert list(missing) == [ITEM_KEY] and not unexpected, (missing, unexpected)  # check_fits passed
     from hstu.serving.vocab import VocabError, export_vocabularies
 
     try:  # before the programs: a vocabulary that does not fit the table fails fast
@@ -322,7 +412,8 @@ def export_retrieval_state(cfg, state: Dict[str, torch.Tensor], ckpt: str, out: 
     except VocabError as e:
         raise ConfigError(str(e)) from None
     return export_model(model, to_dict(cfg), out, embedding_dtype=embedding_dtype, overwrite=overwrite,
-                        source=source, vocabularies=vocabularies)
+                        source=source, item_rows=item_rows, chunk_rows=chunk_rows, vocabularies=vocabularies)
+
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -335,6 +426,9 @@ def add_export_arguments(p) -> None:
     p.add_argument("--checkpoint", metavar="best|latest|PATH", help="best (RUN_DIR/best.pt), latest (the latest "
                    "DCP checkpoint, sharded or not, read unsharded in this one process) or a state_dict file / DCP "
                    "directory (default: best.pt, else the latest checkpoint)")
+    p.add_argument("--chunk-rows", type=int, default=DEFAULT_EXPORT_CHUNK_ROWS, metavar="N",
+                   help="item-table rows read from the checkpoint and written per step (bounds the export's memory; "
+                   f"default {DEFAULT_EXPORT_CHUNK_ROWS})")
     p.add_argument("--force", action="store_true", help="replace an existing artifact at --out")
     p.add_argument("--dataset-dir", metavar="DIR", help="data.name=events runs: the prepared dataset whose raw-id "
                    "vocabularies the artifact carries (default: the one recorded in RUN_DIR/results.json, else the "
@@ -351,7 +445,8 @@ def cmd_export(args) -> int:
     try:
         manifest = export_run(args.run_dir, args.out, embedding_dtype=args.embedding_dtype,
                               checkpoint=args.checkpoint, overwrite=args.force, overrides=args.overrides,
-                              dataset_dir=getattr(args, "dataset_dir", None))
+                              dataset_dir=getattr(args, "dataset_dir", None),
+                              chunk_rows=getattr(args, "chunk_rows", DEFAULT_EXPORT_CHUNK_ROWS))
     except (FileExistsError, ValueError) as e:
         raise ConfigError(str(e)) from None
     print(json.dumps({"out": os.path.abspath(args.out), "format_version": manifest["format_version"],

@@ -8,6 +8,8 @@ exactly like a stable sort of the brute-force score row.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -17,6 +19,25 @@ from hstu.serving.inputs import check_k
 EMBEDDING_DTYPES = ("fp32", "bf16", "int8")
 DEFAULT_CHUNK = 65536  # fp32 rows per top-K chunk; bf16 / int8 use 16384 (their fp32 copy then stays in cache)
 COMPRESSED_CHUNK = 16384
+RAW_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
+def map_raw(path: str, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """The raw little-endian file ``path`` as a lazily memory-mapped tensor ``shape`` of ``dtype`` (its size must
+    be exactly that); ValueError naming the file otherwise."""
+    if sys.byteorder != "little":
+        raise ValueError(f"{path}: raw tables are little-endian; this host is big-endian")
+    numel = 1
+    for n in shape:
+        numel *= int(n)
+    want = numel * torch.empty(0, dtype=dtype).element_size()
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    if size != want:
+        raise ValueError(f"{path}: {size if size is not None else 'missing'} bytes, expected {want} "
+                         f"({list(shape)} {str(dtype).replace('torch.', '')})")
+    if numel == 0:
+        return torch.empty(*shape, dtype=dtype)
+    return torch.from_file(path, shared=False, size=numel, dtype=dtype).view(*shape)
 
 
 class TopK(NamedTuple):
@@ -33,24 +54,28 @@ class ItemTable:
     scoring a chunk is one matmul plus one multiply."""
 
     def __init__(self, weight: torch.Tensor, scale: Optional[torch.Tensor] = None, *, l2_norm: bool = True,
-                 eps: float = 1e-6) -> None:
+                 eps: float = 1e-6, factor: Optional[torch.Tensor] = None) -> None:
         self.weight, self.scale, self.l2_norm, self.eps = weight, scale, bool(l2_norm), float(eps)
         self.dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}.get(weight.dtype)
         if self.dtype is None or (self.dtype == "int8") != (scale is not None):
             raise ValueError(f"unsupported item table: weight {weight.dtype}, "
                              f"scale {'given' if scale is not None else 'None'}")
         self.num_rows, self.dim = weight.shape
-        factor = None
-        if self.l2_norm:
-            norms = torch.cat([self.lookup(torch.arange(s, min(s + DEFAULT_CHUNK, self.num_rows))).norm(dim=1)
-                               for s in range(0, self.num_rows, DEFAULT_CHUNK)])
-            factor = 1.0 / norms.clamp(min=self.eps)
-            if self.scale is not None:
-                factor = factor * self.scale
-        elif self.scale is not None:
-            factor = self.scale.float()
-        self.row_factor = factor  # [rows] fp32 or None
+        # [rows] fp32 or None; ``factor``: precomputed (a memory-mapped artifact: loading touches no row)
+        self.row_factor = factor if factor is not None else row_factor(self, self.l2_norm, self.eps)
         self.default_chunk = DEFAULT_CHUNK if self.dtype == "fp32" else COMPRESSED_CHUNK
+
+    @classmethod
+    def open_raw(cls, table_file: str, dtype: str, rows: int, dim: int, *, scale_file: Optional[str] = None,
+                 factor_file: Optional[str] = None, l2_norm: bool = True, eps: float = 1e-6) -> "ItemTable":
+        """A memory-mapped table of raw little-endian files (weight [rows, dim] in ``dtype``, int8: scale [rows]
+        fp32, l2_norm: factor [rows] fp32): nothing is read until rows are used (copy-on-write private map)."""
+        weight = map_raw(table_file, RAW_DTYPES[dtype], (rows, dim))
+        scale = map_raw(scale_file, torch.float32, (rows,)) if scale_file else None
+        factor = map_raw(factor_file, torch.float32, (rows,)) if factor_file else None
+        if l2_norm and factor is None:
+            raise ValueError(f"{table_file}: an L2-normalised table needs its row factor file")
+        return cls(weight, scale, l2_norm=l2_norm, eps=eps, factor=factor)  # no l2: factor = scale | None
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, dtype: str, **kw) -> "ItemTable":
@@ -97,6 +122,17 @@ class ItemTable:
         """query [B, D] fp32 -> [B, end − start] scores of rows start..end−1."""
         s = query @ self.weight[start:end].float().t()
         return s * self.row_factor[start:end] if self.row_factor is not None else s
+
+
+def row_factor(table: "ItemTable", l2_norm: bool, eps: float) -> Optional[torch.Tensor]:
+    """[rows] fp32 per-row score factor of ``table`` (scale / ||row|| with l2_norm, scale for int8, else None),
+    computed DEFAULT_CHUNK rows at a time (row-wise: a row's factor does not depend on the others)."""
+    if l2_norm:
+        norms = torch.cat([table.lookup(torch.arange(s, min(s + DEFAULT_CHUNK, table.num_rows))).norm(dim=1)
+                           for s in range(0, table.num_rows, DEFAULT_CHUNK)] or [torch.zeros(0)])
+        factor = 1.0 / norms.clamp(min=eps)
+        return factor * table.scale if table.scale is not None else factor
+    return table.scale.float() if table.scale is not None else None
 
 
 def _exclusion_mask(exclude, B: int, start: int, end: int) -> Optional[torch.Tensor]:

@@ -398,8 +398,19 @@ def test_table_scale_smoke_trains_saves_and_reshards_under_caps(tmp_path):
     kr = payload["kill_resume"]  # rank 0 SIGKILLed inside the second save; the restart loads the first
     assert kr["killed"] and kr["ok"] and kr["resumed_from"] == "step_00000005" and kr["resumed_step"] == 5, kr
     assert kr["sums_equal_last_good_save"]
+    sv = payload["serving"]  # the 2-rank fp32 checkpoint exported in 4096-row chunks and served memory-mapped
+    assert sv["from_world_size"] == 2 and [r["dtype"] for r in sv["runs"]] == ["fp32", "int8"]
+    rows, dim = payload["rows"], payload["dim"]
+    for r, table_bytes in zip(sv["runs"], (rows * dim * 4 + rows * 4, rows * dim + 2 * rows * 4)):
+        assert r["ok"], r.get("error")
+        assert r["shard_chunks"] == 2 and r["byte_range_reads"]  # read from both shards by byte range
+        assert r["table_files_bytes"] == table_bytes and r["artifact_bytes"] > table_bytes
+        assert r["export_peak_rss"] >= r["export_rss_base"] > 0 and r["queries"] == 20
+        assert all(_positive(r[k]) for k in ("export_s", "load_s", "topk_ms_p50", "topk_ms_p99", "retrieve_ms_p50"))
+        assert r["topk_ms_p99"] >= r["topk_ms_p50"] and r["rss_after_load"] >= r["rss_anon_after_load"] > 0
     summarize = _load("summarize")
     lines = summarize._table_scale_section(payload)
+    assert sum(line.startswith(("| fp32 | yes |", "| int8 | yes |")) for line in lines) == 2
     assert any("(**smoke size**)" in line for line in lines)
     assert sum(line.startswith("| 2 | ") for line in lines) == 2
     assert any(line.startswith("| 1 -> 2 | yes | yes |") for line in lines)

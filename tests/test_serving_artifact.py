@@ -84,10 +84,10 @@ def _request(seed, n):
 def test_cli_export_writes_complete_artifact(research, capsys):
     _, out = research
     names = sorted(os.listdir(out))
-    assert names == ["config.json", "config.yaml", "dense_extend.pt2", "dense_score.pt2", "embeddings.pt",
-                     "manifest.json", "records.pt"]
+    assert names == ["config.json", "config.yaml", "dense_extend.pt2", "dense_score.pt2", "item_factor.bin",
+                     "item_table.bin", "manifest.json", "records.pt"]
     manifest = json.load(open(os.path.join(out, "manifest.json")))
-    assert manifest["format"] == "hstu-serving" and manifest["format_version"] == 2
+    assert manifest["format"] == "hstu-serving" and manifest["format_version"] == 3
     assert manifest["task"] == "retrieval"
     assert manifest["model"]["num_items"] == NUM_ITEMS and manifest["model"]["max_seq_len"] == MAX_LEN
     assert manifest["model"]["variant"] == "research" and manifest["embedding"]["dtype"] == "fp32"
@@ -234,7 +234,7 @@ def test_errors_name_the_file_and_field(research, tmp_path):
     shutil.rmtree(art)
     art = _copy(out, tmp_path)
     _rewrite(art, "manifest.json", lambda m: m["model"].update(num_items=NUM_ITEMS + 1))
-    with pytest.raises(ArtifactError, match=r"embeddings\.pt: field weight has shape"):
+    with pytest.raises(ArtifactError, match=r"manifest\.json: field embedding\.rows/dim = 501/16, expected 502/16"):
         hstu.serving.load(art)
     shutil.rmtree(art)
     art = _copy(out, tmp_path)
@@ -243,10 +243,10 @@ def test_errors_name_the_file_and_field(research, tmp_path):
         hstu.serving.load(art)
     shutil.rmtree(art)
     art = _copy(out, tmp_path)
-    with open(os.path.join(art, "embeddings.pt"), "r+b") as f:  # same size, different bytes
+    with open(os.path.join(art, "item_table.bin"), "r+b") as f:  # same size, different bytes
         f.seek(-8, 2)
         f.write(b"\x00" * 8)
-    with pytest.raises(ArtifactError, match=r"embeddings\.pt: size or sha256 differs"):
+    with pytest.raises(ArtifactError, match=r"item_table\.bin: size or sha256 differs"):
         hstu.serving.load(art)
 
 

@@ -88,7 +88,7 @@ def test_artifact_files_and_metadata(synthetic, ml1m):
     assert sorted(os.listdir(out)) == ["config.json", "config.yaml", "dense_extend.pt2", "dense_score.pt2",
                                        "manifest.json", "records.pt", "tables.pt"]
     man = json.load(open(os.path.join(out, "manifest.json")))
-    assert man["format_version"] == 2 and man["task"] == "ranking" and man["model"]["max_seq_len"] == MAX_LEN
+    assert man["format_version"] == 3 and man["task"] == "ranking" and man["model"]["max_seq_len"] == MAX_LEN
     r = man["ranking"]
     assert r["task_names"] == ["click", "like", "share", "complete"] and r["regression"]
     assert [c["name"] for c in r["contextual"]] == ["country", "age_group"]

@@ -21,7 +21,8 @@ and to those whose target never occurs in training (``unseen/...``; e.g. the ``d
 
 Data parallel: each rank ranks its own slice of the users (its eval loader) and passes ``reduce`` (an in-place
 SUM over ranks); metric sums and user counts are reduced before dividing, so the result equals a
-single-process evaluation. The item table is built by every rank (a collective lookup when it is sharded).
+single-process evaluation. No rank builds the whole item table: items are looked up a chunk at a time (a
+collective lookup when the table is sharded) and scored against all of the rank's users (:func:`evaluate`).
 """
 
 from __future__ import annotations
@@ -185,18 +186,41 @@ def evaluate(model, loader: Iterable, num_items: int, eval_cfg, device="cpu", re
     Returns metrics dict (and this process's ranks [U] when ``return_ranks``). Restores the model's train/eval
     mode. ``reduce``: see the module docstring (every rank must have the same number of batches). ``groups``:
     {name: bool [N+1]} target groups (:func:`item_groups`) also reported as ``name/<metric>``.
+
+    The item table is never built whole: this rank's user vectors [U, D] and target scores come first (one pass
+    over the loader), then items 1..N are looked up ``eval.item_chunk_size`` at a time (the same chunks on every
+    rank: a collective lookup when the table is sharded) and each chunk is scored against every batch — memory
+    O(U·D + B·chunk), the item vectors of a chunk at a time; ranks equal :func:`rank_targets` over the full table.
     """
     was_training = model.training
     model.eval()
     try:
-        table = all_item_vectors(model, num_items, device, eval_cfg.item_chunk_size)
-        acc = _GroupedAccumulator(eval_cfg.ks, eval_cfg.ndcg_ks, groups)
+        users = []  # per batch: (user vectors [B, D], target ids [B], target scores [B, 1], history ids, offsets)
         for batch in loader:
             batch = batch.to(device)
             user_vecs = model.user_vectors(batch).float()
+            target_ids = batch.target_ids.to(device)
+            target_vecs = model.item_vectors(target_ids).float()
             hist_ids, hist_off = _history(batch, eval_cfg.remove_history)
-            ranks = rank_targets(user_vecs, batch.target_ids, table, hist_ids, hist_off, eval_cfg.item_chunk_size)
-            acc.add(ranks, batch.target_ids)
+            with torch.autocast(device_type=user_vecs.device.type, enabled=False):
+                target_scores = (user_vecs * target_vecs).sum(-1, keepdim=True)
+            users.append((user_vecs, target_ids, target_scores, hist_ids, hist_off))
+        higher = [torch.zeros(u[0].shape[0], dtype=torch.long, device=u[0].device) for u in users]
+        chunk = max(1, int(eval_cfg.item_chunk_size))
+        for lo in range(1, num_items + 1, chunk):
+            hi = min(num_items + 1, lo + chunk)
+            ids = torch.arange(lo, hi, device=device)
+            vecs = model.item_vectors(ids).float()
+            with torch.autocast(device_type=vecs.device.type, enabled=False):
+                for (user_vecs, target_ids, target_scores, hist_ids, hist_off), count in zip(users, higher):
+                    beats = (user_vecs @ vecs.t()) > target_scores
+                    beats &= ids.unsqueeze(0) != target_ids.unsqueeze(1)
+                    if hist_ids is not None and hist_off is not None:
+                        beats &= ~history_mask(hist_ids, hist_off, target_ids, lo, hi)
+                    count += beats.sum(1)
+        acc = _GroupedAccumulator(eval_cfg.ks, eval_cfg.ndcg_ks, groups)
+        for (_, target_ids, _, _, _), count in zip(users, higher):
+            acc.add(count + 1, target_ids)
     finally:
         model.train(was_training)
     result = acc.result(reduce)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Sequence, Tuple
 
 import torch
 
@@ -58,12 +58,14 @@ def plain_name(name: str, coll: str = "") -> str:
     return name
 
 
-def iter_plain_tensors(source: str) -> Iterator[Tuple[str, torch.Tensor]]:
+def iter_plain_tensors(source: str, skip: Sequence[str] = ()) -> Iterator[Tuple[str, torch.Tensor]]:
     """(plain name, full tensor) of every model parameter/buffer in ``source`` (a state_dict file or a DCP
-    checkpoint directory), one tensor in memory at a time."""
+    checkpoint directory), one tensor in memory at a time; plain names in ``skip`` are not read (``hstu export``
+    streams the item table instead: serving/table_stream.py)."""
     if os.path.isfile(source):
         for name, t in torch.load(source, map_location="cpu", weights_only=True, mmap=True).items():
-            yield plain_name(name), t
+            if plain_name(name) not in skip:
+                yield plain_name(name), t
         return
     if not os.path.exists(os.path.join(source, ".metadata")):
         raise FileNotFoundError(f"checkpoint not found: {source} (expected a state_dict file or a DCP directory)")
@@ -75,6 +77,8 @@ def iter_plain_tensors(source: str) -> Iterator[Tuple[str, torch.Tensor]]:
     for key, md in meta.items():
         if not (key.startswith("model.") and isinstance(md, TensorStorageMetadata)):
             continue
+        if plain_name(key[len("model."):], coll) in skip:
+            continue
         target = {key: torch.empty(tuple(md.size), dtype=md.properties.dtype)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process": intended
@@ -82,11 +86,12 @@ def iter_plain_tensors(source: str) -> Iterator[Tuple[str, torch.Tensor]]:
         yield plain_name(key[len("model."):], coll), target[key]
 
 
-def read_plain_state(source: str, what: str = "checkpoint",
-                     verify: bool = True) -> Tuple[str, Dict[str, torch.Tensor]]:
+def read_plain_state(source: str, what: str = "checkpoint", verify: bool = True,
+                     skip: Sequence[str] = ()) -> Tuple[str, Dict[str, torch.Tensor]]:
     """(the verified path, {plain name: full tensor}) of ``source``: a state_dict file, a DCP step directory or
     a checkpoint directory (its newest step that verifies). Raises CheckpointError naming ``what`` and the path.
-    ``verify=False``: ``source`` was verified already (integrity.resolve_run_checkpoint)."""
+    ``verify=False``: ``source`` was verified already (integrity.resolve_run_checkpoint); ``skip``: plain names
+    left out."""
     path = source
     if verify:
         try:
@@ -94,7 +99,7 @@ def read_plain_state(source: str, what: str = "checkpoint",
         except CheckpointError as e:
             raise CheckpointError(f"{what}: {e}") from None
     try:
-        return path, dict(iter_plain_tensors(path))
+        return path, dict(iter_plain_tensors(path, skip))
     except Exception as e:  # noqa: BLE001 - unpickling / zip / DCP failures of a file that is not a checkpoint
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         raise CheckpointError(f"{what}: cannot read {path} as a checkpoint (a best.pt / state_dict file or a DCP "

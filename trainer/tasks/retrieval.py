@@ -279,10 +279,14 @@ class RetrievalTask:
 
         return plain_state_dict(model)
 
+    streamed_export_keys = ("item_embeddings.table.weight",)  # = plain_weights.ITEM_KEY: never read whole
+
     def export(self, state: Dict[str, torch.Tensor], ckpt: str, out: str, *, embedding_dtype: str = "fp32",
-               overwrite: bool = False, source: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-        """``hstu export`` of the plain weights ``state`` (read from ``ckpt``): serving/export.py."""
+               overwrite: bool = False, source: Optional[Dict[str, str]] = None,
+               chunk_rows: Optional[int] = None) -> Dict[str, Any]:
+        """``hstu export`` of the plain weights ``state`` (read from ``ckpt``; without the item table, which is
+        streamed from ``ckpt`` ``chunk_rows`` rows at a time): serving/export.py."""
         from hstu.serving.export import export_retrieval_state
 
         return export_retrieval_state(self.cfg, state, ckpt, out, embedding_dtype=embedding_dtype,
-                                      overwrite=overwrite, source=source)
+                                      overwrite=overwrite, source=source, chunk_rows=chunk_rows)

@@ -57,3 +57,5 @@ class TaskSpec(Protocol):
     def plain_state_dict(self, model: torch.nn.Module) -> Dict[str, torch.Tensor]: ...  # sharded -> best.pt
     def export(self, state: Dict[str, torch.Tensor], ckpt: str, out: str, *, embedding_dtype: str,
                overwrite: bool, source: Optional[Dict[str, str]]) -> Dict[str, Any]: ...  # `hstu export`
+    # optional: ``streamed_export_keys`` (plain names `hstu export` leaves out of ``state``: the hook streams them
+    # from ``ckpt`` in ``chunk_rows`` chunks, an extra keyword of its export)
