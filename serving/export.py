@@ -396,6 +396,8 @@ def export_retrieval_state(cfg, state: Dict[str, torch.Tensor], ckpt: str, out: 
         raise ConfigError(f"{ckpt}: model.item_features.enabled=true but the checkpoint has no item_tower.*")
     with tables_on("meta" if item_rows is not None else None):
         model = build_model(cfg, int(shape[0]) - 1, layout)
+    if item_rows is not None and model.item_tower is not None:  # its feature tables were built on meta too: they
+        model.item_tower.to_empty(device="cpu")  # are small and come from ``state`` (load_state_dict below)
     full = dict(state)
     if item_rows is not None:
         full[ITEM_KEY] = torch.empty(shape, device="meta")
