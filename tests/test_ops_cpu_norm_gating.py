@@ -136,6 +136,25 @@ def test_other_dtypes_run_the_reference(dtype):
         assert torch.equal(x, r)
 
 
+def test_cpu_layer_gating_fuses_the_dropout_it_applied_after_the_op():
+    """modules/hstu.py gate_and_dropout on ops.backend=cpu: one fused op, the same seed and dropped elements as its
+    earlier path (the op without dropout, then the C++ seeded dropout) under the same torch seed."""
+    from hstu.modules.hstu import LN_EPS, gate_and_dropout
+    from hstu.ops.backend import Backend
+    from hstu.ops.cpu.dropout import cpu_seeded_dropout
+
+    a, u, w, b = _inputs(200, 50, True)
+    torch.manual_seed(11)
+    y = gate_and_dropout(a, u, w, b, dropout=0.2, training=True, concat=True, backend=Backend.CPU)
+    torch.manual_seed(11)
+    old = cpu_seeded_dropout(norm_gating(a, u, w, b, eps=LN_EPS, concat=True, backend="pytorch"), 0.2)
+    assert "CpuNormGating" in type(y.grad_fn.next_functions[0][0]).__name__  # no separate dropout node
+    assert torch.equal(y == 0, old == 0) and 0.15 < float((y == 0).float().mean()) < 0.25
+    torch.testing.assert_close(y, old, rtol=1e-5, atol=1e-5)
+    y_eval = gate_and_dropout(a, u, w, b, dropout=0.2, training=False, concat=True, backend=Backend.CPU)
+    torch.testing.assert_close(y_eval, norm_gating(a, u, w, b, eps=LN_EPS, concat=True), rtol=1e-5, atol=1e-5)
+
+
 def test_empty_rows():
     a = torch.zeros(0, 50, requires_grad=True)
     y = norm_gating(a, torch.zeros(0, 50), dropout_p=0.2, concat=True, backend="cpu")
