@@ -170,3 +170,41 @@ def test_portable_path_without_avx2_matches(tmp_path):
     for x, y in zip(vec, sca):
         assert torch.equal(x == 0, y == 0)
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["research", "production"])
+def test_cpu_encoder_matches_pytorch_encoder(variant):
+    """The HSTU encoder with ops.backend=cpu (C++ attention and norm gating) gives the forward and gradients of
+    ops.backend=pytorch (dropout 0; production: a non-trivial LN affine, so dweight / dbias matter)."""
+    from hstu.modules.hstu import HSTUEncoder
+    from hstu.trainer.config import ModelConfig, OpsConfig
+
+    cfg = ModelConfig(variant=variant, embedding_dim=16, num_layers=2, num_heads=2, attention_dim=8, linear_dim=8,
+                      dropout=0.0, num_time_buckets=64, use_rab_position=True, use_rab_time=True)
+    torch.manual_seed(0)
+    ref_model = HSTUEncoder(cfg, 12, OpsConfig(backend="pytorch")).train()
+    cpu_model = HSTUEncoder(cfg, 12, OpsConfig(backend="cpu")).train()
+    with torch.no_grad():
+        for n, p in ref_model.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    cpu_model.load_state_dict(ref_model.state_dict())
+    lengths = [5, 0, 12, 1, 7]
+    g = torch.Generator().manual_seed(0)
+    offsets = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    x = torch.randn(sum(lengths), cfg.embedding_dim, generator=g)
+    ts = 1_600_000_000 + torch.randint(0, 10**5, (sum(lengths),), generator=g).cumsum(0)
+    qts = ts[offsets[1:] - 1] + 3600
+    dy = torch.randn(x.shape, generator=g)
+    results = []
+    for model in (ref_model, cpu_model):
+        xi = x.clone().requires_grad_()
+        out = model(xi, offsets, max(lengths), ts, qts)
+        out.backward(dy)
+        results.append((out.detach(), xi.grad, {n: p.grad for n, p in model.named_parameters()}))
+    (ref, ref_gx, ref_gp), (out, gx, gp) = results
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-4, atol=1e-5)
+    for n, gr in ref_gp.items():
+        assert gr is not None and gr.abs().sum() > 0, f"no gradient reaches {n}"
+        torch.testing.assert_close(gp[n], gr, rtol=1e-4, atol=1e-5, msg=n)
