@@ -208,3 +208,37 @@ def test_cpu_encoder_matches_pytorch_encoder(variant):
     for n, gr in ref_gp.items():
         assert gr is not None and gr.abs().sum() > 0, f"no gradient reaches {n}"
         torch.testing.assert_close(gp[n], gr, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_cpu_seeded_dropout_shares_the_philox_masks():
+    """ops/cpu/dropout.py (csrc/dropout_cpu.cpp, its Philox now from the shared csrc/philox.h) drops exactly the
+    elements of the reference mask and scales the others by 1/(1 - p)."""
+    from hstu.ops.cpu.dropout import cpu_seeded_dropout
+
+    x = torch.randn(1001, 37)
+    y = cpu_seeded_dropout(x, 0.3, seed=77)
+    keep = dropout_keep_mask(77, x.shape, 0.3)
+    assert torch.equal(y != 0, keep)
+    torch.testing.assert_close(y[keep], x[keep] / 0.7)
+
+
+def test_benchmark_quick_writes_rows(tmp_path):
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "norm_gating.py")
+    spec = importlib.util.spec_from_file_location("bench_norm_gating", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        mod.main(["--quick", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "norm_gating.json").read_text())
+    assert {k for k in ("date", "machine", "commit", "command") if k in data} == {"date", "machine", "commit", "command"}
+    assert [(r["case"], r["impl"]) for r in data["rows"]] == \
+        [(c, i) for c in ("research", "production_concat") for i in mod.IMPLS]
+    for r in data["rows"]:
+        assert r["same_dropped_elements"] and r["max_abs_diff_vs_reference"] < 1e-4 and r["fwd_bwd_median_ms"] > 0
