@@ -40,11 +40,12 @@ def gate_and_dropout(attn: torch.Tensor, u: torch.Tensor, weight: Optional[torch
     (ops/norm_gating.py). attn, u [N, H·dv] -> [N, H·dv] | [N, 3·H·dv].
 
     PyTorch backend: the op without dropout, then torch's ``F.dropout`` — the RNG stream every earlier run used,
-    so fixed-seed training is unchanged. CPU backend: the op, then the seeded Philox dropout (same masks as the
-    Triton kernel for the same seed). Triton backend: dropout fused in the kernel (a counter-based Philox
-    mask, seed drawn from torch's CPU generator per call), so the same torch seed drops other elements than on
-    the PyTorch backend (same rate and scaling; equal outputs when dropout is 0 or in eval)."""
-    if backend == Backend.TRITON:
+    so fixed-seed training is unchanged. CPU and Triton backends: dropout fused in the kernel (a counter-based
+    Philox mask, seed drawn from torch's CPU generator per call), so the same torch seed drops other elements than
+    on the PyTorch backend (same rate and scaling; equal outputs when dropout is 0 or in eval). On CPU the fused
+    op draws the same seed as the op followed by ``backend_dropout`` (its path before the C++ norm_gating
+    kernel) and drops the same elements: fixed-seed ``ops.backend=cpu`` runs change by float rounding only."""
+    if backend in (Backend.TRITON, Backend.CPU):
         return norm_gating(attn, u, weight, bias, eps=LN_EPS, dropout_p=dropout, training=training, concat=concat,
                            backend=backend)
     y = norm_gating(attn, u, weight, bias, eps=LN_EPS, concat=concat, backend=backend)

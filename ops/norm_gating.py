@@ -44,7 +44,9 @@ def norm_gating(
         seed: dropout seed in [0, 2^63); None -> draw_seed() (torch's generator). The same seed gives the same
             mask on every backend and device (element e of the output is kept iff philox_uniform(seed, e) >= p).
         concat: production variant (output width 3D).
-        backend: Backend / "pytorch" / "triton" / OpsConfig.
+        backend: Backend / "pytorch" / "triton" / "cpu" / OpsConfig. "cpu": the fused C++ kernel
+            (ops/cpu/norm_gating.py) for float32 CPU tensors; other dtypes / devices and empty inputs run the
+            PyTorch reference (same semantics, no error).
     Returns:
         [..., D] or [..., 3D] in a's dtype; differentiable w.r.t. a, u, weight, bias.
     """
@@ -63,12 +65,20 @@ def norm_gating(
     lead = a.shape[:-1]
     a2, u2 = a.reshape(-1, D), u.reshape(-1, D)
     kwargs = dict(eps=eps, dropout_p=p, seed=seed, concat=concat)
-    if resolve_backend(backend) == Backend.TRITON:
+    resolved = resolve_backend(backend)
+    if resolved == Backend.TRITON:
         from hstu.ops.triton.norm_gating import triton_norm_gating
 
         y = triton_norm_gating(a2, u2, weight, bias, **kwargs)
     else:
-        from hstu.ops.pytorch.norm_gating import pytorch_norm_gating
+        y = None
+        if resolved == Backend.CPU:
+            from hstu.ops.cpu.norm_gating import cpu_kernel_applies, cpu_norm_gating
 
-        y = pytorch_norm_gating(a2, u2, weight, bias, **kwargs)
+            if cpu_kernel_applies(a2, u2, weight, bias):
+                y = cpu_norm_gating(a2, u2, weight, bias, **kwargs)
+        if y is None:
+            from hstu.ops.pytorch.norm_gating import pytorch_norm_gating
+
+            y = pytorch_norm_gating(a2, u2, weight, bias, **kwargs)
     return y.reshape(*lead, y.shape[-1])

@@ -7,61 +7,16 @@
 #include <cstdint>
 #include <vector>
 
+#include "philox.h"
 #include "vec_math.h"
 
 namespace {
 
 using hstu_cpu::has_avx2;
-constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u, kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
-constexpr float kUniformScale = 4.6566127342e-10f;  // Triton's uint_to_uniform_float scale for 32-bit ints
-
-inline float philox_uniform(uint64_t seed, uint64_t e) {
-  uint32_t c0 = static_cast<uint32_t>(e), c1 = static_cast<uint32_t>(e >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    const uint64_t pb = static_cast<uint64_t>(c2) * kRoundB, pa = static_cast<uint64_t>(c0) * kRoundA;
-    const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0, n1 = static_cast<uint32_t>(pb);
-    const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1, n3 = static_cast<uint32_t>(pa);
-    c0 = n0; c1 = n1; c2 = n2; c3 = n3;
-    k0 += kKeyA;
-    k1 += kKeyB;
-  }
-  int32_t x = static_cast<int32_t>(c0);
-  x = x < 0 ? -x - 1 : x;
-  return static_cast<float>(x) * kUniformScale;
-}
+using hstu_cpu::philox_keep8;
+using hstu_cpu::philox_uniform;
 
 #ifdef HSTU_X86
-__attribute__((target("avx2,fma"))) inline void mulhilo(__m256i a, __m256i b, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(a, b), odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), b);
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-
-// keep flags of elements e0 .. e0+7 (same 2^32 block: c1 constant).
-__attribute__((target("avx2,fma"))) inline __m256 philox_keep8(uint64_t seed, uint64_t e0, float p) {
-  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(e0))),
-                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(e0 >> 32)));
-  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const __m256i ra = _mm256_set1_epi32(static_cast<int>(kRoundA)), rb = _mm256_set1_epi32(static_cast<int>(kRoundB));
-  for (int r = 0; r < 10; ++r) {
-    __m256i hb, lb, ha, la;
-    mulhilo(c2, rb, hb, lb);
-    mulhilo(c0, ra, ha, la);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(hb, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-    c1 = lb;
-    c2 = _mm256_xor_si256(_mm256_xor_si256(ha, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-    c3 = la;
-    k0 += kKeyA;
-    k1 += kKeyB;
-  }
-  const __m256i x = _mm256_xor_si256(c0, _mm256_srai_epi32(c0, 31));  // x < 0 ? -x - 1 : x
-  const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(x), _mm256_set1_ps(kUniformScale));
-  return _mm256_cmp_ps(u, _mm256_set1_ps(p), _CMP_GE_OQ);
-}
-
 __attribute__((target("avx2,fma"))) void dropout_range_avx2(const float* x, float* y, uint8_t* m, int64_t b, int64_t e,
                                                              uint64_t seed, float p, float scale) {
   int64_t i = b;
