@@ -19,17 +19,16 @@ the same bytes a whole-table ``ItemTable.quantize`` gives (the quantisation and 
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import struct
 import sys
-import zipfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from hstu.serving.retrieval import DEFAULT_CHUNK, ItemTable, row_factor
+from hstu.trainer.dcp_reader import FileView as _FileView
+from hstu.trainer.dcp_reader import raw_tensor_offset as _raw_offset
 
 log = logging.getLogger(__name__)
 
@@ -52,62 +51,6 @@ class TensorRows:
 
     def close(self) -> None:
         pass
-
-
-class _FileView(io.RawIOBase):
-    """A read-only, seekable window [offset, offset + length) of an open binary file."""
-
-    def __init__(self, f: Any, offset: int, length: int) -> None:
-        self.f, self.offset, self.length, self.pos = f, offset, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        self.pos = {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence]
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), self.length - self.pos))
-        self.f.seek(self.offset + self.pos)
-        got = self.f.readinto(memoryview(b)[:n])
-        self.pos += got
-        return got
-
-
-def _raw_offset(f: Any, offset: int, length: int, dtype: torch.dtype, sizes: Tuple[int, ...]) -> Optional[int]:
-    """Absolute byte offset of the raw row-major data of the torch.save blob at [offset, offset + length) of
-    ``f`` holding one contiguous tensor ``sizes`` of ``dtype`` (little-endian, stored uncompressed); None when the
-    blob is not laid out so."""
-    view = _FileView(f, offset, length)
-    try:
-        meta = torch.load(view, map_location="meta", weights_only=True)
-        view.seek(0)
-        zf = zipfile.ZipFile(view)
-    except Exception:  # noqa: BLE001 - not a torch.save zip (a transform): the caller loads it whole
-        return None
-    if (not isinstance(meta, torch.Tensor) or meta.dtype != dtype or tuple(meta.shape) != tuple(sizes)
-            or not meta.is_contiguous() or meta.storage_offset() != 0):
-        return None
-    nbytes = meta.numel() * meta.element_size()
-    data = [i for i in zf.infolist() if "/data/" in i.filename and not i.filename.endswith("/")]
-    order = [i for i in zf.infolist() if i.filename.endswith("/byteorder")]
-    if len(data) != 1 or data[0].compress_type != zipfile.ZIP_STORED or data[0].file_size != nbytes:
-        return None
-    if order and zf.read(order[0]).strip() != b"little":
-        return None
-    f.seek(offset + data[0].header_offset)
-    head = f.read(30)
-    if len(head) != 30 or head[:4] != b"PK\x03\x04":
-        return None
-    name_len, extra_len = struct.unpack("<HH", head[26:30])
-    return offset + data[0].header_offset + 30 + name_len + extra_len
 
 
 class DcpRows:

@@ -27,6 +27,7 @@ import torch.distributed.checkpoint as dcp
 
 from hstu.trainer import checkpoint as ckpt
 from hstu.trainer import integrity
+from hstu.trainer.dcp_reader import RowRangeReader
 from hstu.trainer.integrity import CheckpointError
 
 log = logging.getLogger("hstu")
@@ -187,7 +188,7 @@ class CheckpointManager:
         ckpt.check_compatible(path, flatten_state_dict(target)[0])
         try:
             with ckpt.quiet_dcp():
-                dcp.load(target, storage_reader=dcp.FileSystemReader(ckpt.local_path(path)))
+                dcp.load(target, storage_reader=RowRangeReader(ckpt.local_path(path)))  # only the rows needed
         except Exception as e:  # noqa: BLE001 - DCP wraps read failures of damaged files in CheckpointException
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             raise CheckpointError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {first})") from e
