@@ -121,3 +121,25 @@ def test_export_of_dcp_best_equals_export_of_plain_best(runs):
     assert plain_table.size > 0
     for name in ("dcp", "dcp-best"):
         assert np.array_equal(np.fromfile(tmp / f"art-{name}" / "item_table.bin", dtype=np.uint8), plain_table)
+
+
+def test_single_process_dcp_best_is_replaced_by_a_fresh_run_and_counts_as_its_result(tmp_path):
+    """Unsharded, best_format=dcp also works (no best.pt); a fresh run in the same directory stashes the previous
+    run's best/ and drops it once it has its own; a kill after the new best/ was written commits the swap."""
+    import hstu.trainer.run_dir as rd
+    from hstu.trainer.cli import evaluate_run, main
+    from reliability_utils import train_argv
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    assert main(train_argv(run, cache, "train.max_steps=2", "checkpoint.best_format=dcp")) == 0
+    assert not (run / "best.pt").exists() and sorted(os.listdir(run / "best")) == ["latest", "step_00000002"]
+    assert main(train_argv(run, cache, "train.max_steps=3", "checkpoint.best_format=dcp")) == 0
+    assert sorted(os.listdir(run / "best")) == ["latest", "step_00000003"]
+    assert not (run / rd.PREVIOUS).exists()
+    assert evaluate_run(str(run), [], "best", None, None, False)["checkpoint"] == str(run / "best" / "step_00000003")
+
+    os.remove(run / "results.json")  # only best/ is the new run's result when the kill comes
+    rd.stash_previous(str(run), str(run / "checkpoints"))
+    os.replace(run / rd.PREVIOUS / "best", run / "best")  # the new run's best/ (a kill before commit_run)
+    assert rd.recover(str(run), str(run / "checkpoints")) == "committed"
+    assert sorted(os.listdir(run / "best")) == ["latest", "step_00000003"]
