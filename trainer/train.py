@@ -358,8 +358,9 @@ def save_best(state: TrainState, ctx: TrainContext) -> None:
 
 def run_evaluation(state: TrainState, ctx: TrainContext) -> Dict[str, float]:
     """Full-ranking eval of every split of the task (validation and test for retrieval); logs each split to
-    metrics.jsonl (kinds "valid" / "eval") and saves the best model (save_best) when the selection split's metric improves. The
-    test metrics never influence the selection unless ``eval.select_on=test``. Returns the test metrics."""
+    metrics.jsonl (kinds "valid" / "eval") and saves the best model (save_best) when the selection split's metric
+    improves. The test metrics never influence the selection unless ``eval.select_on=test``. Returns the test
+    metrics."""
     cfg, env = ctx.cfg, ctx.env
     splits = ctx.task.eval_splits()
     t0 = time.perf_counter()
@@ -486,7 +487,8 @@ def _run(cfg: RunConfig, env: hd.DistEnv, data: Any, model: torch.nn.Module, tas
         metrics.log("best", state.step, epoch=state.best_epoch, select_on=result.select_on, **state.best_metrics)
     if env.is_main:
         best = best_path(cfg) if state.best_epoch else None
-        rd.write_json({**result.to_dict(), "best_checkpoint": best, "config": to_dict(cfg)}, os.path.join(cfg.run_dir, rd.RESULTS_FILE))
+        rd.write_json({**result.to_dict(), "best_checkpoint": best, "config": to_dict(cfg)},
+                      os.path.join(cfg.run_dir, rd.RESULTS_FILE))
         commit(cfg, env)
     log.info("done: epoch %d selected on %s %s; test %s %.4f there, %.4f at the final epoch %d; results in %s",
              state.best_epoch, result.select_on, cfg.eval.selection_metric, cfg.eval.selection_metric,
