@@ -137,6 +137,9 @@ def test_single_process_dcp_best_is_replaced_by_a_fresh_run_and_counts_as_its_re
     assert sorted(os.listdir(run / "best")) == ["latest", "step_00000003"]
     assert not (run / rd.PREVIOUS).exists()
     assert evaluate_run(str(run), [], "best", None, None, False)["checkpoint"] == str(run / "best" / "step_00000003")
+    started = tmp_path / "started"  # train.init_from a run's best/ directory: its newest step that verifies
+    assert main(train_argv(started, cache, "train.max_steps=1", f"train.init_from={run / 'best'}")) == 0
+    assert f"from {run / 'best' / 'step_00000003'}" in (started / "train.log").read_text()
 
     os.remove(run / "results.json")  # only best/ is the new run's result when the kill comes
     rd.stash_previous(str(run), str(run / "checkpoints"))
