@@ -52,7 +52,8 @@ RECORD_TOPK = 10
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def resolve_checkpoint(run_dir: str, checkpoint: Optional[str] = None, ckpt_dir: Optional[str] = None) -> str:
-    """checkpoint: None (RUN_DIR/best.pt, else the latest DCP checkpoint), "best" (RUN_DIR/best.pt), "latest"
+    """checkpoint: None (best, else the latest DCP checkpoint), "best" (RUN_DIR/best.pt, else the DCP best
+    checkpoint RUN_DIR/best/step_N of checkpoint.best_format=dcp), "latest"
     (the newest checkpoint in ``ckpt_dir`` — the run's checkpoint.dir, default RUN_DIR/checkpoints — that
     verifies: a DCP directory, sharded by any number of processes) or a path (state_dict file or DCP
     directory). Verified (trainer/integrity.py); raises CheckpointError with a one-line reason."""
@@ -425,9 +426,10 @@ def add_export_arguments(p) -> None:
     p.add_argument("--out", metavar="PATH", required=True, help="artifact directory to write (atomically)")
     p.add_argument("--embedding-dtype", choices=EMBEDDING_DTYPES, default="fp32",
                    help="item table storage: fp32 | bf16 | int8 (rowwise symmetric); default fp32")
-    p.add_argument("--checkpoint", metavar="best|latest|PATH", help="best (RUN_DIR/best.pt), latest (the latest "
-                   "DCP checkpoint, sharded or not, read unsharded in this one process) or a state_dict file / DCP "
-                   "directory (default: best.pt, else the latest checkpoint)")
+    p.add_argument("--checkpoint", metavar="best|latest|PATH", help="best (RUN_DIR/best.pt, or RUN_DIR/best/ of "
+                   "checkpoint.best_format=dcp), latest (the latest DCP checkpoint, sharded or not, read unsharded "
+                   "in this one process) or a state_dict file / DCP directory (default: best, else the latest "
+                   "checkpoint)")
     p.add_argument("--chunk-rows", type=int, default=DEFAULT_EXPORT_CHUNK_ROWS, metavar="N",
                    help="item-table rows read from the checkpoint and written per step (bounds the export's memory; "
                    f"default {DEFAULT_EXPORT_CHUNK_ROWS})")

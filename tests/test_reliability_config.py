@@ -48,6 +48,7 @@ BAD_VALUES = [  # override, the key the error must name, a fragment of the allow
     ("sharding.lr=nan", "sharding.lr", "finite"),
     ("sharding.sharding_type=diagonal", "sharding.sharding_type", "row_wise"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last", ">= 1"),
+    ("checkpoint.best_format=gathered", "checkpoint.best_format", "plain, dcp"),
     ("ranking.num_eval_targets=0", "ranking.num_eval_targets", "> 0"),
     ("ranking.task_weights=[1.0,-1.0]", "ranking.task_weights[1]", ">= 0"),
     ("ranking.synthetic.follow_prob=2", "ranking.synthetic.follow_prob", "[0.0, 1.0]"),

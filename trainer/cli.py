@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "JSON (also written to RUN_DIR/eval.json unless --output is given).")
     p.add_argument("--run-dir", metavar="DIR", required=True, help="a run directory written by `hstu train`")
     p.add_argument("--checkpoint", metavar="best|latest|PATH",
-                   help="best (RUN_DIR/best.pt, the default), latest (the newest checkpoint in checkpoint.dir that "
-                        "verifies) or a state_dict file / DCP checkpoint directory; always verified")
+                   help="best (RUN_DIR/best.pt or, checkpoint.best_format=dcp, RUN_DIR/best/; the default), latest "
+                        "(the newest checkpoint in checkpoint.dir that verifies) or a state_dict file / DCP "
+                        "checkpoint directory; always verified")
     p.add_argument("--data-dir", metavar="DIR", help="raw dataset directory, if it moved since training")
     p.add_argument("--device", metavar="DEV", help="cpu | cuda[:N] (default: the run's train.device)")
     p.add_argument("--output", metavar="FILE", help="where to write the metrics JSON (default RUN_DIR/eval.json)")

@@ -203,6 +203,11 @@ class CheckpointConfig:
     dir: Optional[str] = None  # None -> <run_dir>/checkpoints (any iopath path)
     every_steps: int = 0  # 0 = no step checkpoints
     keep_last: int = 2  # keep the newest N complete checkpoints
+    # the best epoch's weights: plain = RUN_DIR/best.pt, one plain state_dict (a sharded run gathers every table
+    # into every rank to write it); dcp = RUN_DIR/best/step_N, a per-rank DCP checkpoint of the model (keep-last
+    # 1, nothing gathered: for tables larger than one process). `hstu eval` / `hstu export` / train.init_from
+    # read either.
+    best_format: str = "plain"
 
 
 @dataclass

@@ -38,6 +38,7 @@ DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 TIE_ORDERS = ("random", "file", "item_id")  # data.tie_order (trainer/data/sequences.py)
 SELECT_ON = ("validation", "test")  # eval.select_on
+BEST_FORMATS = ("plain", "dcp")  # checkpoint.best_format
 ITEM_FEATURE_COMBINES = ("sum", "mlp")  # model.item_features.combine
 ITEM_FEATURE_POOLINGS = ("mean", "sum")  # model.item_features.pooling
 # item features each dataset has (trainer/data/item_features.py)
@@ -257,6 +258,8 @@ def _check_train_eval(c: _Checks) -> None:
     c.positive("eval.item_chunk_size")
     c.at_least(0, "checkpoint.every_steps")
     c.at_least(1, "checkpoint.keep_last")
+    if cfg.checkpoint.best_format not in BEST_FORMATS:
+        raise _fail("checkpoint.best_format", cfg.checkpoint.best_format, "one of " + ", ".join(BEST_FORMATS))
 
 
 def _check_sharding(cfg: Any) -> None:

@@ -302,19 +302,26 @@ def describe_mismatch(own: Dict[str, Tuple[int, ...]], stored: Dict[str, Tuple[i
 
 
 def resolve_run_checkpoint(run_dir: str, checkpoint: Optional[str] = None, ckpt_dir: Optional[str] = None) -> str:
-    """What ``hstu eval`` / ``hstu export --checkpoint X`` load, verified: X = "best" (RUN_DIR/best.pt), "latest"
-    (the newest checkpoint in ``ckpt_dir`` — the run's checkpoint.dir, default RUN_DIR/checkpoints — that
-    verifies; damaged newer ones are skipped with a warning), None (best.pt if present, else latest) or a path
-    (state_dict file, DCP step directory or checkpoint directory). Raises CheckpointError (one line)."""
+    """What ``hstu eval`` / ``hstu export --checkpoint X`` load, verified: X = "best" (RUN_DIR/best.pt, else the
+    DCP best checkpoint RUN_DIR/best/step_N of checkpoint.best_format=dcp), "latest" (the newest checkpoint in
+    ``ckpt_dir`` — the run's checkpoint.dir, default RUN_DIR/checkpoints — that verifies; damaged newer ones are
+    skipped with a warning), None (best if present, else latest) or a path (state_dict file, DCP step directory
+    or checkpoint directory). Raises CheckpointError (one line)."""
     ckpt_dir = ckpt_dir or os.path.join(run_dir, "checkpoints")
     if checkpoint not in (None, "", "best", "latest"):
         return verify_source(checkpoint)
     best = os.path.join(run_dir, "best.pt")
     if checkpoint != "latest" and os.path.exists(best):
         return verify_source(best)
+    best_dir = os.path.join(run_dir, "best")  # run_dir.BEST_DIR (run_dir imports this module)
+    if checkpoint != "latest" and os.path.isdir(best_dir):
+        res = resolve(best_dir)
+        if res.path is not None:
+            res.warn()
+            return res.path
     if checkpoint == "best":
-        raise CheckpointError(f"no checkpoint in {run_dir}: no best.pt (the run saves it after its first "
-                              "evaluation)")
+        raise CheckpointError(f"no checkpoint in {run_dir}: no best.pt nor a checkpoint in {best_dir} (the run "
+                              "saves one after its first evaluation)")
     res = resolve(ckpt_dir)
     if res.path is None:
         wanted = "best.pt nor a checkpoint in " if checkpoint is None else "checkpoint in "

@@ -25,6 +25,7 @@ from hstu.trainer.integrity import SIDECAR_SUFFIX, STEP_NAME, drop_sidecar, veri
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "best.pt"
+BEST_DIR = "best"  # checkpoint.best_format=dcp: the best epoch's model as a DCP checkpoint (best/step_N, latest)
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
 
@@ -54,7 +55,7 @@ def default_run_dir(name: str, root: str = "runs") -> str:
 
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CHECKPOINT_FILE, CHECKPOINT_FILE + SIDECAR_SUFFIX,
              "train.log", "eval.json")
-RUN_DIRS = ("tensorboard",)
+RUN_DIRS = ("tensorboard", BEST_DIR)
 PREVIOUS = ".previous-run"  # a previous run's files while a fresh run in the same directory has no result yet
 
 
@@ -138,11 +139,12 @@ def restore_previous(run_dir: str, ckpt_dir: Optional[str] = None) -> bool:
 
 
 def has_own_result(run_dir: str, ckpt_dir: Optional[str] = None) -> bool:
-    """Whether the run now in ``run_dir`` has a result (best.pt, results.json) or a complete checkpoint."""
+    """Whether the run now in ``run_dir`` has a result (best.pt or best/, results.json) or a complete checkpoint."""
     if any(os.path.isfile(os.path.join(run_dir, n)) for n in (CHECKPOINT_FILE, RESULTS_FILE)):
         return True
-    return any(verify_step_dir(os.path.join(ckpt_dir, n), full=False) is None
-               for n in _ckpt_entries(ckpt_dir or "") if STEP_NAME.match(n))
+    return any(verify_step_dir(os.path.join(d, n), full=False) is None
+               for d in (ckpt_dir or "", os.path.join(run_dir, BEST_DIR)) for n in _ckpt_entries(d)
+               if STEP_NAME.match(n))
 
 
 def recover(run_dir: str, ckpt_dir: Optional[str] = None) -> Optional[str]:

@@ -7,7 +7,8 @@ epochs of ``train_one_epoch`` (optional Stochastic Length) with ``run_evaluation
 ``train.eval_every_epochs`` epochs and after the last one. Each evaluation scores every split the task has
 (retrieval: validation = second-to-last item, test = last item; ranking: test only); the best epoch is the one
 whose ``eval.select_on`` split (default validation) scores best on ``eval.selection_metric``, its weights are
-run_dir/best.pt, and the test metrics are reported at that selected epoch and at the final one (results.json
+run_dir/best.pt (``checkpoint.best_format=dcp``: the DCP checkpoint run_dir/best/step_N, nothing gathered), and
+the test metrics are reported at that selected epoch and at the final one (results.json
 ``selected`` / ``final``). Everything is logged to metrics.jsonl / TensorBoard / train.log. Epochs are 1-based.
 A NaN/inf loss raises :class:`NonFiniteLossError` before any parameter update (best.pt stays untouched).
 
@@ -96,6 +97,7 @@ class TrainContext:
     task: Any = None  # the run's TaskSpec (trainer/tasks/): batch preparation, loss, evaluation, metric names
     valid_loader: Any = None  # the validation split (retrieval), None when the task has none
     checkpoints: Any = None  # the CheckpointManager of the run's state objects (checkpoint_manager)
+    best_checkpoints: Any = None  # checkpoint.best_format=dcp: the best model's manager (best_checkpoint_manager)
     data_position: Any = None  # pipeline.DataPosition: the loader / generator state a checkpoint records
 
 
@@ -179,7 +181,7 @@ def _autocast(cfg: RunConfig, device: torch.device):
 
 
 def _non_finite(state: TrainState, ctx: TrainContext, loss: float) -> NonFiniteLossError:
-    best = os.path.join(ctx.cfg.run_dir, rd.CHECKPOINT_FILE)
+    best = best_path(ctx.cfg)
     kept = f"last good checkpoint kept at {best}" if os.path.exists(best) else "no checkpoint was saved yet"
     msg = (f"training stopped: non-finite loss ({loss}) at step {state.step + 1}, epoch {state.epoch + 1}; "
            f"no update was applied, {kept}. Try a lower optim.lr, optim.grad_clip_norm > 0 or train.dtype=float32.")
@@ -325,10 +327,40 @@ def is_improvement(value: float, best_value: float) -> bool:
 SPLIT_LOG_KIND = {"test": "eval", "validation": "valid"}
 
 
+def best_checkpoint_manager(state: TrainState, env: Any, cfg: RunConfig) -> CheckpointManager:
+    """checkpoint.best_format=dcp: the best epoch's model (+ progress) as RUN_DIR/best/step_N, keep-last 1."""
+    manager = CheckpointManager(env, os.path.join(cfg.run_dir, rd.BEST_DIR), keep_last=1)
+    return manager.register("model", state.model, DCP).register(
+        "progress", AttributeState(state, PROGRESS_KEYS), META, flat=True)
+
+
+def best_path(cfg: RunConfig) -> str:
+    """Where the best epoch's weights are: RUN_DIR/best.pt, or RUN_DIR/best (a DCP checkpoint directory)."""
+    name = rd.BEST_DIR if cfg.checkpoint.best_format == "dcp" else rd.CHECKPOINT_FILE
+    return os.path.join(cfg.run_dir, name)
+
+
+def save_best(state: TrainState, ctx: TrainContext) -> None:
+    """Collective: save the current model as the best one (checkpoint.best_format): best.pt (a sharded model's
+    tables gathered into the plain state_dict on every rank) or a per-rank DCP checkpoint (nothing gathered)."""
+    cfg, env = ctx.cfg, ctx.env
+    if cfg.checkpoint.best_format == "dcp":
+        if ctx.best_checkpoints is None:
+            ctx.best_checkpoints = best_checkpoint_manager(state, env, cfg)
+        ctx.best_checkpoints.save(state.step)
+    elif env.sharded:  # best.pt holds the plain model's state_dict (gathered tables): `hstu eval`
+        tensors = ctx.task.plain_state_dict(state.model)  # collective
+        if env.is_main:
+            rd.save_tensors(tensors, best_path(cfg))
+    else:
+        rd.save_state_dict(state.model, best_path(cfg))
+
+
 def run_evaluation(state: TrainState, ctx: TrainContext) -> Dict[str, float]:
     """Full-ranking eval of every split of the task (validation and test for retrieval); logs each split to
-    metrics.jsonl (kinds "valid" / "eval") and saves best.pt when the selection split's metric improves. The
-    test metrics never influence the selection unless ``eval.select_on=test``. Returns the test metrics."""
+    metrics.jsonl (kinds "valid" / "eval") and saves the best model (save_best) when the selection split's metric
+    improves. The test metrics never influence the selection unless ``eval.select_on=test``. Returns the test
+    metrics."""
     cfg, env = ctx.cfg, ctx.env
     splits = ctx.task.eval_splits()
     t0 = time.perf_counter()
@@ -342,13 +374,7 @@ def run_evaluation(state: TrainState, ctx: TrainContext) -> Dict[str, float]:
     if is_best:
         state.best_value, state.best_epoch, state.best_metrics = value, state.epoch, dict(metrics)
         state.best_validation = dict(validation)
-        best = os.path.join(cfg.run_dir, rd.CHECKPOINT_FILE)
-        if env.sharded:  # best.pt holds the plain model's state_dict (gathered tables): `hstu eval`
-            tensors = ctx.task.plain_state_dict(state.model)  # collective
-            if env.is_main:
-                rd.save_tensors(tensors, best)
-        else:
-            rd.save_state_dict(state.model, best)
+        save_best(state, ctx)
         commit(cfg, env)
     state.final_metrics, state.final_validation, state.final_epoch = dict(metrics), dict(validation), state.epoch
     for split, m in by_split.items():
@@ -460,7 +486,9 @@ def _run(cfg: RunConfig, env: hd.DistEnv, data: Any, model: torch.nn.Module, tas
         result = make_result(cfg, state, selection_split(cfg, task.eval_splits()), task.data_description())
         metrics.log("best", state.step, epoch=state.best_epoch, select_on=result.select_on, **state.best_metrics)
     if env.is_main:
-        rd.write_json({**result.to_dict(), "config": to_dict(cfg)}, os.path.join(cfg.run_dir, rd.RESULTS_FILE))
+        best = best_path(cfg) if state.best_epoch else None
+        rd.write_json({**result.to_dict(), "best_checkpoint": best, "config": to_dict(cfg)},
+                      os.path.join(cfg.run_dir, rd.RESULTS_FILE))
         commit(cfg, env)
     log.info("done: epoch %d selected on %s %s; test %s %.4f there, %.4f at the final epoch %d; results in %s",
              state.best_epoch, result.select_on, cfg.eval.selection_metric, cfg.eval.selection_metric,
