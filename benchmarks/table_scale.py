@@ -297,6 +297,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     try:
         for world in args.worlds:
             for name, (dtype, placement) in PLACEMENTS.items():
+                if name not in args.placements:
+                    continue
                 ckpt_dir = os.path.join(workdir, f"w{world}_{name}")
                 spec = {"role": "train", "rows": args.rows, "dim": args.dim, "steps": args.steps, "seed": 0,
                         "ids_per_step": args.ids_per_step, "weight_dtype": dtype, "state_placement": placement,
@@ -394,6 +396,8 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--ids-per-step", type=int, default=8192, help="ids looked up per rank and step")
     p.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=list(PLACEMENTS),
+                   help="trained placements (the reloads and the kill use fp32_device_state)")
     p.add_argument("--overhead-mib", type=int, default=768, help="fixed per-rank allowance above 1.3 x shard")
     p.add_argument("--timeout-s", type=float, default=6 * 3600, help="per launch")
     p.add_argument("--workdir", help="checkpoint directory (default a temp dir, removed unless --keep-checkpoints)")
