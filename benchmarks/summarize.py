@@ -228,10 +228,10 @@ def _reliability_section(payload: dict) -> List[str]:
     return out + ["", "Commands: `benchmarks/results/reliability.json` (`cases[].command`).", ""]
 
 
-def _table_scale_section(payload: dict) -> List[str]:
-    """table_scale.json: a row per (world size, placement) run and per reload (worst rank's peak RSS vs shard)."""
+def _table_scale_section(payload: dict, name: str = "table_scale.json") -> List[str]:
+    """table_scale*.json: a row per (world size, placement) run and per reload (worst rank's peak RSS vs shard)."""
     gib = 1024 ** 3
-    out = ["## table_scale.json — `benchmarks/table_scale.py`", ""]
+    out = [f"## {name} — `benchmarks/table_scale.py`", ""]
     out += [f"- {k}: `{payload[k]}`" for k in ("machine", "date", "commit", "command") if k in payload]
     out += [f"- table {payload.get('rows')} x {payload.get('dim')}, {payload.get('steps')} steps, "
             f"{payload.get('ids_per_step')} ids/rank/step; cap: {payload.get('cap')}"
@@ -439,8 +439,8 @@ def write_results_md() -> str:
             lines += _distributed_section(payload)
         elif name == "reliability.json":
             lines += _reliability_section(payload)
-        elif name == "table_scale.json":
-            lines += _table_scale_section(payload)
+        elif name.startswith("table_scale"):  # table_scale.json; table_scale-reload.json: a later partial rerun
+            lines += _table_scale_section(payload, name)
         elif name.startswith("train_throughput"):
             lines += _throughput_section(name, payload)
         elif name == "content_features.json":
