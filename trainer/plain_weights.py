@@ -72,6 +72,8 @@ def iter_plain_tensors(source: str, skip: Sequence[str] = ()) -> Iterator[Tuple[
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from hstu.trainer.dcp_reader import RowRangeReader
+
     coll = _collection_key()
     meta = dcp.FileSystemReader(source).read_metadata().state_dict_metadata
     for key, md in meta.items():
@@ -82,7 +84,7 @@ def iter_plain_tensors(source: str, skip: Sequence[str] = ()) -> Iterator[Tuple[
         target = {key: torch.empty(tuple(md.size), dtype=md.properties.dtype)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process": intended
-            dcp.load(target, storage_reader=dcp.FileSystemReader(source), no_dist=True)
+            dcp.load(target, storage_reader=RowRangeReader(source), no_dist=True)  # no whole-blob temporaries
         yield plain_name(key[len("model."):], coll), target[key]
 
 
