@@ -68,21 +68,32 @@ def test_cpu_loss_given_table_and_sorted_ids():
         torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-7)
 
 
-def test_cpu_loss_rejects_bad_rows_and_is_thread_count_independent():
+@pytest.mark.parametrize("split_bytes", [64 << 20, 0], ids=["split-copies", "row-blocks"])
+def test_cpu_loss_rejects_bad_rows_and_is_thread_count_independent(monkeypatch, split_bytes):
+    """Both item-table gradient paths (small table: 4 fixed query ranges into their own copies; large table,
+    forced here with split_bytes=0: threads own blocks of 16 rows) match the reference route and give
+    bit-identical sums for 1, 2 and 3 threads."""
+    import hstu.ops.cpu.sampled_softmax as ss
+
+    monkeypatch.setattr(ss, "SPLIT_BYTES", split_bytes)
     q = torch.randn(4, 5)
     with pytest.raises(RuntimeError, match="outside the table"):
         cpu_sampled_softmax_loss(q, torch.randn(3, 5), torch.tensor([[0, 1], [2, 3], [0, 0], [1, 1]]), 1.0)
-    table, seq, pos, valid, neg, N, R = _setup(V=2000)
+    args = _setup(V=2000, N=197)
+    ref = _loss_and_grads("pytorch", *args)
     threads = torch.get_num_threads()
     try:
         res = []
-        for n in (1, 2):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
-            res.append(_loss_and_grads("cpu", table, seq, pos, valid, neg, N, R))
+            res.append(_loss_and_grads("cpu", *args))
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(*res):
-        assert torch.equal(a, b)  # row-owned table sums: bit-identical for any thread count
+    for name, a, b in zip(["loss", "dseq", "dtable"], res[0], ref):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-7, msg=name)
+    for other in res[1:]:
+        for a, b in zip(res[0], other):
+            assert torch.equal(a, b)  # fixed split / row-owned sums: bit-identical for any thread count
 
 
 def test_cpu_loss_portable_path_matches(tmp_path):

@@ -3,8 +3,8 @@
 The same value and gradients as the reference route of modules/losses.py (``sampled_dot`` → mask of negatives
 equal to the positive → / temperature → ``F.cross_entropy``), with no [V, K] temporaries besides the logits:
 one pass computes the K = R + 1 dot products, the mask and the log-sum-exp per position; backward computes the
-logit gradient and dq in one pass and the item-table gradient in another (rows owned by threads, no atomics;
-the sums do not depend on the thread count).
+logit gradient and dq in one pass and the item-table gradient in another (no atomics; the sums do not depend on
+the thread count: :data:`SPLIT_BYTES`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ import torch
 from hstu.ops.cpu.build import load_kernel
 
 KERNEL = "sampled_softmax_cpu"
+# The item-table gradient of a table whose 4 copies fit this many bytes is summed in 4 fixed row ranges of the
+# queries, each into its own copy (then added): both cores work without sharing lines. Larger tables: rows owned
+# by threads in blocks of 16. Both are deterministic for any thread count; they differ by float rounding.
+SPLIT_BYTES = 64 << 20
 
 
 class _SampledSoftmaxCE(torch.autograd.Function):
@@ -30,7 +34,7 @@ class _SampledSoftmaxCE(torch.autograd.Function):
     def backward(ctx, grad):
         q, table, idx, logits, lse = ctx.saved_tensors
         dq, dtable = load_kernel(KERNEL).backward(grad, q, table, idx, logits, lse, ctx.temperature,
-                                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+                                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1], SPLIT_BYTES)
         return (dq if ctx.needs_input_grad[0] else None, dtable if ctx.needs_input_grad[1] else None, None, None)
 
 

@@ -6,8 +6,9 @@
 //     loss[v] = logsumexp_k l[v, k] - l[v, 0]
 // Backward with g[v] = dL/dloss[v]:  d[v, k] = g[v] (softmax_k(l[v]) - [k == 0]) / temperature
 //     dq[v] = sum_k d[v, k] table[idx[v, k]],   dtable[u] = sum_{idx[v, k] = u} d[v, k] q[v]
-// dtable: thread p owns the rows u with u mod P == p (P a power of two) and adds its entries in (v, k) order, so the sums are the
-// same for any thread count (deterministic) and no atomics are needed.
+// dtable, small table (kSplits copies fit split_bytes): 4 fixed ranges of v each add into their own copy, summed in a
+// fixed tree; large table: threads own blocks of 16 rows and add their entries in (v, k) order. Either way the
+// sums do not depend on the thread count (deterministic) and no atomics are needed.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -24,6 +25,7 @@ namespace {
 using hstu_cpu::exp_scalar;
 using hstu_cpu::has_avx2;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kSplits = 4;  // fixed row ranges of the small-table gradient (see backward)
 
 #ifdef HSTU_X86
 using hstu_cpu::exp_avx2;
@@ -330,7 +332,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& table, co
 // grad [V] = dL/dloss -> (dq [V, D] or empty, dtable [U, D] or empty)
 std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& table,
                                  const at::Tensor& idx, const at::Tensor& logits, const at::Tensor& lse,
-                                 double temperature, bool want_dq, bool want_dtable) {
+                                 double temperature, bool want_dq, bool want_dtable,
+                                 int64_t split_bytes) {
   const int64_t V = q.size(0), D = q.size(1), K = idx.size(1), U = table.size(0);
   TORCH_CHECK(grad.numel() == V && logits.size(0) == V && logits.size(1) == K && lse.numel() == V,
               "sampled softmax (cpu): saved tensors do not match");
@@ -356,8 +359,34 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
   });
   if (want_dtable) {
     float* dtp = dtable.data_ptr<float>();
-    int64_t P = 1;  // a power of two <= threads: owner(u) = u & (P - 1)
-    while (P * 2 <= at::get_num_threads() && P * 2 <= U) P *= 2;
+    if (U * D * kSplits * static_cast<int64_t>(sizeof(float)) <= split_bytes && V >= kSplits) {
+      // Small table: kSplits fixed row ranges of v, each adds its entries (v, k order) into its own zeroed copy of
+      // the table gradient, then the copies are summed in a fixed tree. The split does not depend on the thread
+      // count (deterministic), each writer has its own lines, and the hot loop has no branch on ownership.
+      at::Tensor parts = at::zeros({kSplits, U, D}, q.options());
+      float* pp = parts.data_ptr<float>();
+      at::parallel_for(0, kSplits, 1, [&](int64_t s0, int64_t s1) {
+        for (int64_t sp = s0; sp < s1; ++sp) {
+          float* part = pp + sp * U * D;
+          for (int64_t v = V * sp / kSplits; v < V * (sp + 1) / kSplits; ++v) {
+            const int64_t* iv = ip + v * K;
+            const float* dv = dp + v * K;
+            for (int64_t k = 0; k < K; ++k)
+              if (dv[k] != 0.0f) rows.axpy_row(dv[k], qp + v * D, part + iv[k] * D);
+          }
+        }
+      });
+      at::parallel_for(0, U * D, 4096, [&](int64_t e0, int64_t e1) {
+        static_assert(kSplits == 4, "the reduction tree below sums 4 parts");
+        const float *a0 = pp, *a1 = pp + U * D, *a2 = pp + 2 * U * D, *a3 = pp + 3 * U * D;
+        for (int64_t e = e0; e < e1; ++e) dtp[e] = (a0[e] + a1[e]) + (a2[e] + a3[e]);
+      });
+      return {dq, dtable};
+    }
+    // Large table: thread p owns the row blocks (u >> 4) & (P - 1) == p (P a power of two; 16 rows are whole
+    // cache lines, so no line has two writers) and adds its entries in (v, k) order: deterministic, no atomics.
+    int64_t P = 1;
+    while (P * 2 <= at::get_num_threads() && (P * 2) << 4 <= U) P *= 2;
     const int64_t mask = P - 1;
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t part = p0; part < p1; ++part)
@@ -366,7 +395,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
           const float* dv = dp + v * K;
           for (int64_t k = 0; k < K; ++k) {
             const int64_t u = iv[k];
-            if ((u & mask) == part && dv[k] != 0.0f) rows.axpy_row(dv[k], qp + v * D, dtp + u * D);
+            if (((u >> 4) & mask) == part && dv[k] != 0.0f) rows.axpy_row(dv[k], qp + v * D, dtp + u * D);
           }
         }
     });
