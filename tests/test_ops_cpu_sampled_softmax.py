@@ -118,3 +118,26 @@ def test_stale_build_lock_is_removed_and_fresh_one_kept(tmp_path):
     with pytest.warns(UserWarning, match="stale C\\+\\+ build lock"):
         build._clear_stale_lock(str(tmp_path))
     assert not lock.exists()
+
+
+def test_sampled_softmax_benchmark_quick_writes_both_paths(tmp_path):
+    """benchmarks/sampled_softmax.py --quick (no baseline build): a row per path and case, the paths agree."""
+    import importlib.util
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "sampled_softmax.py")
+    spec = importlib.util.spec_from_file_location("bench_sampled_softmax", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    payload = bench.main(["--quick", "--baseline", "", "--threads", "1", "--out", str(tmp_path)])
+    with open(tmp_path / "sampled_softmax.json") as f:
+        assert json.load(f)["rows"] == payload["rows"]
+    for key in ("date", "machine", "commit", "command"):
+        assert payload[key]
+    impls = {(r["case"], r["impl"]) for r in payload["rows"]}
+    # the small table runs both paths; the large one only the row blocks (its copies would not fit)
+    assert impls == {("tiny", "split_copies"), ("tiny", "row_blocks"), ("tiny-large", "row_blocks")}
+    for r in payload["rows"]:
+        assert r["backward_wall_ms"] > 0 and r["forward_wall_ms"] > 0
+        assert r["max_abs_diff_dq"] == 0.0  # dq does not depend on the table-gradient path
+        assert r["max_abs_diff_dtable"] < 1e-6
