@@ -150,3 +150,34 @@ def test_popularity_baseline_does_not_know_held_out_items():
     counts = popularity_counts(torch.as_tensor(data.source.item_ids), torch.as_tensor(data.source.offsets), 30)
     held = holdout_items(data.source, 0.3, cfg.data.seed)
     assert (counts[held] > 0).all()  # without the pool the baseline would rank them by their real popularity
+
+
+def test_popularity_baseline_counts_only_training_events(monkeypatch):
+    """The most-popular baseline ranks by the events the model trains on: each user's validation item (second to
+    last) and test item (last) are not counted — by hand, on histories shorter than data.max_seq_len."""
+    import torch
+
+    import hstu.trainer.tasks.retrieval as retrieval
+    from hstu.trainer.evaluate import popularity_counts
+
+    cfg = load_config(None, ["data.synthetic.num_users=60", "data.synthetic.num_items=30",
+                             "data.synthetic.max_seq_len=20", "data.max_seq_len=50", "train.progress=false"])
+    task = retrieval.RetrievalTask(cfg)
+    data = task.build_data()
+    seen = {}
+    orig = retrieval.evaluate_popularity
+
+    def capture(counts, *args, **kwargs):
+        seen["counts"] = counts.clone()
+        return orig(counts, *args, **kwargs)
+
+    monkeypatch.setattr(retrieval, "evaluate_popularity", capture)
+    task.baseline_metrics()
+    src = data.source
+    expect = torch.zeros(src.num_items + 1, dtype=torch.long)
+    for u in range(len(src.offsets) - 1):
+        for item in src.item_ids[src.offsets[u]:src.offsets[u + 1] - 2]:  # all but the last two events
+            expect[int(item)] += 1
+    assert torch.equal(seen["counts"], expect)
+    all_but_last = popularity_counts(torch.as_tensor(src.item_ids), torch.as_tensor(src.offsets), src.num_items)
+    assert int((all_but_last - expect).sum()) == len(src.offsets) - 1  # before: one validation item per user

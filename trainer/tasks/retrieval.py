@@ -111,13 +111,19 @@ def prepare_retrieval_batch(out: PreparedBatch, ctx: Any) -> PreparedBatch:
 
 def popularity_baseline(cfg: RunConfig, seqs, eval_loader, env: Any = None,
                         groups: Optional[Dict[str, torch.Tensor]] = None,
-                        pool: Optional[torch.Tensor] = None) -> Dict[str, float]:
-    """Most-popular baseline on ``eval_loader``: items ranked by their count in the training sequences;
-    collective with ``env`` of world size > 1. ``pool``: the items that exist at training time (holdout: the
-    held-out items count 0, as for the model)."""
+                        pool: Optional[torch.Tensor] = None,
+                        train_counts: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    """Most-popular baseline on ``eval_loader``: items ranked by their count in the training sequences
+    (``train_counts`` [N+1], the events the model trains on — validation and test targets excluded; without it,
+    every event but each user's last); collective with ``env`` of world size > 1. ``pool``: the items that exist
+    at training time (holdout: the held-out items count 0, as for the model)."""
     counts_of = getattr(seqs, "popularity_counts", None)  # streamed own logs: per-rank counts summed over ranks
-    counts = counts_of(env) if counts_of is not None else popularity_counts(
-        torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets), seqs.num_items)
+    if train_counts is not None:
+        counts = torch.as_tensor(train_counts).clone()
+    elif counts_of is not None:
+        counts = counts_of(env)
+    else:
+        counts = popularity_counts(torch.as_tensor(seqs.item_ids), torch.as_tensor(seqs.offsets), seqs.num_items)
     if pool is not None:
         keep = torch.zeros_like(counts, dtype=torch.bool)
         keep[pool] = True
@@ -261,7 +267,7 @@ class RetrievalTask:
 
     def baseline_metrics(self, env=None) -> Dict[str, float]:
         return popularity_baseline(self.cfg, self.data.source, self.data.eval_loader, env, self.groups(),
-                                   self.negative_pool)
+                                   self.negative_pool, self.train_counts)
 
     def baseline(self, metrics, env=None) -> Dict[str, float]:
         """The most-popular baseline on the test split, logged once (eval.popularity_baseline; else {})."""
