@@ -78,6 +78,11 @@ def _abs(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def _checkpoint_arg(checkpoint: str) -> str:
+    """``--checkpoint`` of eval / export: the keywords best | latest as they are, a path made absolute."""
+    return checkpoint if checkpoint in ("best", "latest") else _abs(checkpoint)
+
+
 def _config_path(config: str) -> str:
     """Absolute config path: relative to the current directory, else to the repository (configs/...)."""
     path = _abs(config)
@@ -205,9 +210,10 @@ def eval(
     """Full-ranking evaluation of a finished run (``hstu eval --run-dir RUN_DIR``), one process.
 
     Args:
-        run_dir: run directory written by the train component (config.yaml + best.pt)
+        run_dir: run directory written by the train component (config.yaml + the best weights)
         device: cpu | cuda
-        checkpoint: state_dict file to evaluate (default RUN_DIR/best.pt)
+        checkpoint: best | latest | a state_dict file or DCP checkpoint directory (default best: RUN_DIR/best.pt,
+            or RUN_DIR/best/ with checkpoint.best_format=dcp)
         cpu: CPUs
         gpu: GPUs
         memMB: host memory in MB
@@ -215,7 +221,7 @@ def eval(
     """
     args = ["-m", "hstu.trainer.cli", "eval", "--run-dir", _abs(run_dir), "--device", device]
     if checkpoint:
-        args += ["--checkpoint", _abs(checkpoint)]
+        args += ["--checkpoint", _checkpoint_arg(checkpoint)]
     return specs.AppDef(name=name, roles=[specs.Role(
         name="evaluator", image=os.getcwd(), entrypoint=sys.executable, args=args, num_replicas=1,
         resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB))])
@@ -237,7 +243,8 @@ def export(
         run_dir: run directory written by the train component
         out: artifact directory to write
         embedding_dtype: item table storage: fp32 | bf16 | int8
-        checkpoint: state_dict file or DCP checkpoint directory (default: best.pt, else checkpoints/latest)
+        checkpoint: best | latest | a state_dict file or DCP checkpoint directory (default: the best weights,
+            RUN_DIR/best.pt or RUN_DIR/best/, else the latest checkpoint)
         force: replace an existing artifact at out
         cpu: CPUs
         memMB: host memory in MB (the item table is gathered into one process)
@@ -246,7 +253,7 @@ def export(
     args = ["-m", "hstu.trainer.cli", "export", "--run-dir", _abs(run_dir), "--out", _abs(out),
             "--embedding-dtype", embedding_dtype]
     if checkpoint:
-        args += ["--checkpoint", _abs(checkpoint)]
+        args += ["--checkpoint", _checkpoint_arg(checkpoint)]
     if force:
         args.append("--force")
     return specs.AppDef(name=name, roles=[specs.Role(

@@ -60,6 +60,12 @@ def test_eval_and_export_components(tmp_path):
     assert role.args[:4] == ["-m", "hstu.trainer.cli", "eval", "--run-dir"] and role.num_replicas == 1
     (role,) = components.export(run_dir=str(tmp_path), out=str(tmp_path / "a"), force=True).roles
     assert role.args[2:4] == ["export", "--run-dir"] and "--force" in role.args and "--out" in role.args
+    # --checkpoint: the CLI's keywords pass through (they were made into paths RUN_CWD/latest), paths made absolute
+    for component in (components.eval, lambda **kw: components.export(out=str(tmp_path / "a"), **kw)):
+        (role,) = component(run_dir=str(tmp_path), checkpoint="latest").roles
+        assert role.args[role.args.index("--checkpoint") + 1] == "latest"
+        (role,) = component(run_dir=str(tmp_path), checkpoint="ckpt/step_5").roles
+        assert role.args[role.args.index("--checkpoint") + 1] == os.path.abspath("ckpt/step_5")
 
 
 def test_slurm_dryrun_sbatch_script(tmp_path):
