@@ -12,13 +12,16 @@ time-bias gradient); here they are two C++ passes (csrc/hstu_attention_cpu.cpp):
 Rows go in blocks of ``ROW_BLOCK``: a block multiplies only the key columns its rows can see (causal: the
 upper triangle is mostly skipped, in the matmuls too), and the kernel skips columns past each row's last
 unmasked key. The whole batch is one
-autograd node: q, k, v are gathered into the grouped-padded layout once, every group writes its slice of one
-output buffer, and backward writes dq, dk, dv slices the same way (no per-group cat / split copies). The time
-bias uses int16 bucket indices computed by the kernel when the plan is built (:func:`cpu_attention_plan`).
+autograd node: q, k, v are gathered once into the kernel's layout (:class:`CpuLayout`: keys/values per group
+[G, H, L, d], queries/outputs per row block [G, H, R, d]), so every matmul reads and writes its operands in
+place — no per-block copies of q, k, v slices or outputs, no per-group cat / split — and backward writes dq, dk,
+dv the same way; one gather back to [T, H, d] at the end. The time bias uses int16 bucket indices computed by
+the kernel when the plan is built (:func:`cpu_attention_plan`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -71,17 +74,64 @@ def group_kernel_inputs(g: GroupPlan, table_sizes: Tuple[Optional[int], Optional
     return g.cache["weights"], g.cache["row_end"], g.cache["time_idx16"], g.cache["blocks"]
 
 
-def _group_views(x: torch.Tensor, G: int, L: int) -> torch.Tensor:
-    """A group's slice [G·L, H, d] of a grouped-padded buffer -> [G, H, L, d] (a view)."""
-    return x.view(G, L, x.shape[1], x.shape[2]).transpose(1, 2)
+@dataclass
+class CpuLayout:
+    """Where every (token, head) row of q/k/v [T, H, d] sits in the kernel's buffers, built once per batch and
+    head count (kept in ``plan.cache``). Keys and values (and dk, dv): per group [G, H, L, d] ("head-major"), so
+    a key prefix [:, :, :c1] is a strided batch of matrices; queries and outputs (and their gradients): per group
+    and row block [G, H, R, d] ("block-major"), so a block's rows are one contiguous batch of matrices. Every
+    matmul then reads and writes its operands in place — for H > 1 the group views of a [P, H, d] buffer were
+    not, and each block copied its q, k, v slices and its output. kv_rows / q_rows [N] index rows of the [T·H, d]
+    view (padding slots repeat row 0); kv_inverse / q_inverse [T·H] the way back; q_pad [n] the padded query
+    slots; kv_starts / q_starts: each group's (each group's blocks') first row."""
+
+    kv_rows: torch.Tensor
+    q_rows: torch.Tensor
+    kv_inverse: torch.Tensor
+    q_inverse: torch.Tensor
+    q_pad: torch.Tensor
+    kv_starts: List[int]
+    q_starts: List[List[int]]
 
 
-def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out = a @ b, written in place when out is a contiguous view (one head), else through a copy."""
-    if out.is_contiguous():
-        torch.matmul(a, b, out=out)
-    else:
-        out.copy_(torch.matmul(a, b))
+def cpu_layout(plan: AttentionPlan, H: int) -> CpuLayout:
+    """The :class:`CpuLayout` of ``plan`` for H heads (cached in ``plan.cache``)."""
+    key = ("cpu_layout", H)
+    if key in plan.cache:
+        return plan.cache[key]
+    T = plan.T
+    heads = torch.arange(H, dtype=torch.long)
+    kv_parts, q_parts, kv_real, q_real = [], [], [], []
+    kv_starts: List[int] = []
+    q_starts: List[List[int]] = []
+    kv_at = q_at = 0
+    for g in plan.groups:
+        _, _, _, blocks = group_kernel_inputs(g, (plan.pos_table_size, plan.time_table_size))
+        real = (g.rows < T).unsqueeze(1).expand(-1, H, -1)  # [G, H, L]
+        idx = torch.where(g.rows < T, g.rows, torch.zeros_like(g.rows)).unsqueeze(1) * H + heads.view(1, H, 1)
+        kv_starts.append(kv_at)
+        kv_parts.append(idx.reshape(-1))
+        kv_real.append(real.reshape(-1))
+        kv_at += idx.numel()
+        starts = []
+        for r0, r1, _ in blocks:
+            starts.append(q_at)
+            q_parts.append(idx[:, :, r0:r1].reshape(-1))
+            q_real.append(real[:, :, r0:r1].reshape(-1))
+            q_at += idx[:, :, r0:r1].numel()
+        q_starts.append(starts)
+
+    def inverse(rows: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        inv = torch.empty(T * H, dtype=torch.long)
+        inv[rows[real]] = torch.arange(rows.numel(), dtype=torch.long)[real]
+        return inv
+
+    kv_rows, q_rows = torch.cat(kv_parts), torch.cat(q_parts)
+    kv_real_all, q_real_all = torch.cat(kv_real), torch.cat(q_real)
+    layout = CpuLayout(kv_rows, q_rows, inverse(kv_rows, kv_real_all), inverse(q_rows, q_real_all),
+                       (~q_real_all).nonzero().view(-1), kv_starts, q_starts)
+    plan.cache[key] = layout
+    return layout
 
 
 class _FusedJaggedAttention(torch.autograd.Function):
@@ -91,69 +141,79 @@ class _FusedJaggedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, pos_weights, time_weights, plan: AttentionPlan, alpha: float):
         ext = load_kernel(KERNEL)
         empty = q.new_empty(0)
-        qa, ka, va = (x.index_select(0, plan.gather_rows) for x in (q, k, v))  # [P, H, d]
-        out_pad = v.new_empty(va.shape)
-        saved: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        start = 0
-        for g, size in zip(plan.groups, plan.sizes):
+        T, H, dqk, dv = q.shape[0], q.shape[1], q.shape[2], v.shape[2]
+        lay = cpu_layout(plan, H)
+        qb = q.reshape(T * H, dqk).index_select(0, lay.q_rows)  # block-major [N, dqk]
+        kh = k.reshape(T * H, dqk).index_select(0, lay.kv_rows)  # head-major [N, dqk]
+        vh = v.reshape(T * H, dv).index_select(0, lay.kv_rows)
+        if alpha != 1.0:
+            qb.mul_(alpha)
+        out = v.new_empty(qb.shape[0], dv)
+        saved: List[List[Tuple[torch.Tensor, torch.Tensor]]] = []
+        tw = empty if time_weights is None else time_weights.detach()
+        for gi, g in enumerate(plan.groups):
             G, L = g.rows.size(0), g.L
             w, row_end, time_idx, blocks = group_kernel_inputs(g, (plan.pos_table_size, plan.time_table_size))
-            qg, kg, vg, og = (_group_views(x[start:start + size], G, L) for x in (qa, ka, va, out_pad))
-            if alpha != 1.0:
-                qg = qg * alpha
+            k0 = lay.kv_starts[gi]
+            kg = kh[k0:k0 + G * H * L].view(G * H, L, dqk)
+            vg = vh[k0:k0 + G * H * L].view(G * H, L, dv)
             bias2d = pos_weights.detach().take(g.pos_idx).contiguous() if pos_weights is not None else empty
-            tw = empty if time_weights is None else time_weights.detach()
             ti = time_idx if time_weights is not None else empty.short()
             group_saved = []
-            for r0, r1, c1 in blocks:  # s = (alpha q) kᵀ of the block; the kernel turns it into z, returns a
-                s = torch.matmul(qg[:, :, r0:r1], kg[:, :, :c1].transpose(-1, -2)).contiguous()  # [G, H, R, C]
+            for (r0, r1, c1), q0 in zip(blocks, lay.q_starts[gi]):  # s = (alpha q) kᵀ of the block -> z, a
+                R = r1 - r0
+                s = torch.bmm(qb[q0:q0 + G * H * R].view(G * H, R, dqk), kg[:, :c1].transpose(1, 2)).view(G, H, R, c1)
                 a = ext.forward(s, bias2d, tw, ti, w, row_end, r0)
-                _matmul_into(og[:, :, r0:r1], a, vg[:, :, :c1])
+                torch.bmm(a.view(G * H, R, c1), vg[:, :c1], out=out[q0:q0 + G * H * R].view(G * H, R, dv))
                 group_saved.append((s, a))
             saved.append(group_saved)
-            start += size
-        ctx.save_for_backward(qa, ka, va)
-        ctx.saved_groups, ctx.plan, ctx.alpha = saved, plan, alpha
+        ctx.save_for_backward(qb, kh, vh)
+        ctx.saved_groups, ctx.plan, ctx.alpha, ctx.dims = saved, plan, alpha, (T, H, dqk, dv)
         ctx.pos_size = None if pos_weights is None else pos_weights.numel()
         ctx.num_buckets = 0 if time_weights is None else time_weights.numel()
-        return out_pad.index_select(0, plan.inverse)
+        return out.index_select(0, lay.q_inverse).view(T, H, dv)
 
     @staticmethod
     def backward(ctx, grad):
-        qa, ka, va = ctx.saved_tensors
+        qb, kh, vh = ctx.saved_tensors  # qb holds alpha·q
         plan, alpha = ctx.plan, ctx.alpha
+        T, H, dqk, dv = ctx.dims
+        lay = cpu_layout(plan, H)
         ext = load_kernel(KERNEL)
-        go = grad.contiguous().index_select(0, plan.gather_rows)
-        go.index_fill_(0, plan.pad_slots, 0.0)  # padded query rows carry no gradient
-        dqa, dka, dva = torch.empty_like(qa), torch.zeros_like(ka), torch.zeros_like(va)
+        go = grad.contiguous().view(T * H, dv).index_select(0, lay.q_rows)
+        go.index_fill_(0, lay.q_pad, 0.0)  # padded query rows carry no gradient
+        dqb, dkh, dvh = torch.empty_like(qb), torch.zeros_like(kh), torch.zeros_like(vh)
         want_pos = ctx.pos_size is not None and ctx.needs_input_grad[3]
         want_time = ctx.num_buckets > 0 and ctx.needs_input_grad[4]
-        dpos = qa.new_zeros(ctx.pos_size) if want_pos else None
-        dtime = qa.new_zeros(ctx.num_buckets) if want_time else None
-        start = 0
-        for g, size, group_saved in zip(plan.groups, plan.sizes, ctx.saved_groups):
+        dpos = qb.new_zeros(ctx.pos_size) if want_pos else None
+        dtime = qb.new_zeros(ctx.num_buckets) if want_time else None
+        for gi, (g, group_saved) in enumerate(zip(plan.groups, ctx.saved_groups)):
             G, L = g.rows.size(0), g.L
             w, row_end, time_idx, blocks = group_kernel_inputs(g, (plan.pos_table_size, plan.time_table_size))
-            qg, kg, vg, gg, dqg, dkg, dvg = (_group_views(x[start:start + size], G, L)
-                                             for x in (qa, ka, va, go, dqa, dka, dva))
-            ti = time_idx if ctx.num_buckets else qa.new_empty(0).short()
-            for (r0, r1, c1), (z, a) in zip(blocks, group_saved):
-                g_blk = gg[:, :, r0:r1]
-                dvg[:, :, :c1] += torch.matmul(a.transpose(-1, -2), g_blk)
-                ds = torch.matmul(g_blk, vg[:, :, :c1].transpose(-1, -2)).contiguous()  # da -> ds in place
-                db2d, dtw = ext.backward(ds, z, w, row_end, ti, ctx.num_buckets, want_pos, r0)
+            k0 = lay.kv_starts[gi]
+            kg, dkg = (x[k0:k0 + G * H * L].view(G * H, L, dqk) for x in (kh, dkh))
+            vg, dvg = (x[k0:k0 + G * H * L].view(G * H, L, dv) for x in (vh, dvh))
+            ti = time_idx if ctx.num_buckets else qb.new_empty(0).short()
+            for (r0, r1, c1), q0, (z, a) in zip(blocks, lay.q_starts[gi], group_saved):
+                R = r1 - r0
+                rows = slice(q0, q0 + G * H * R)
+                g_blk = go[rows].view(G * H, R, dv)
+                dvg[:, :c1] += torch.bmm(a.view(G * H, R, c1).transpose(1, 2), g_blk)
+                ds = torch.bmm(g_blk, vg[:, :c1].transpose(1, 2))  # da -> ds in place
+                db2d, dtw = ext.backward(ds.view(G, H, R, c1), z, w, row_end, ti, ctx.num_buckets, want_pos, r0)
                 if want_pos:
                     dpos.index_add_(0, g.pos_idx[r0:r1, :c1].reshape(-1), db2d.reshape(-1))
                 if want_time:
                     dtime += dtw
-                if alpha != 1.0:
-                    ds.mul_(alpha)
-                _matmul_into(dqg[:, :, r0:r1], ds, kg[:, :, :c1])
-                dkg[:, :, :c1] += torch.matmul(ds.transpose(-1, -2), qg[:, :, r0:r1])
-            start += size
+                torch.bmm(ds, kg[:, :c1], out=dqb[rows].view(G * H, R, dqk))  # d(alpha q) = ds k
+                dkg[:, :c1] += torch.bmm(ds.transpose(1, 2), qb[rows].view(G * H, R, dqk))  # dk = dsᵀ (alpha q)
         ctx.saved_groups = None
-        inv = plan.inverse
-        return dqa.index_select(0, inv), dka.index_select(0, inv), dva.index_select(0, inv), dpos, dtime, None, None
+        if alpha != 1.0:
+            dqb.mul_(alpha)
+        dq = dqb.index_select(0, lay.q_inverse).view(T, H, dqk)
+        dk = dkh.index_select(0, lay.kv_inverse).view(T, H, dqk)
+        dvv = dvh.index_select(0, lay.kv_inverse).view(T, H, dv)
+        return dq, dk, dvv, dpos, dtime, None, None
 
 
 def cpu_jagged_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs, *,

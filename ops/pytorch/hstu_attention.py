@@ -149,6 +149,7 @@ class AttentionPlan:
     sizes: List[int]
     pos_table_size: Optional[int]
     time_table_size: Optional[int]
+    cache: Dict[str, Any] = field(default_factory=dict)  # per-batch layouts other backends build once
 
 
 def attention_plan(
