@@ -70,3 +70,20 @@ def test_ml1m_path_on_a_fixture(tmp_path):
     cfg = (tmp_path / "runs" / "ids+features" / "config.yaml").read_text()
     assert "holdout_items_frac: 0.1" in cfg and "item_groups: true" in cfg
     assert (tmp_path / "out" / bench.RESULT_FILE).is_file()
+
+
+def test_ablation_of_a_trained_run(tmp_path):
+    """benchmarks/content_features_ablation.py on the smoke 'features' run: as trained, then each feature removed
+    from the held-out items and from every item, with the share of held-out values used by training items."""
+    import content_features_ablation as ablation
+
+    bench.main(["--smoke", "--out", str(tmp_path), "--run-root", str(tmp_path / "runs"), "--variants", "features"])
+    run = tmp_path / "runs" / "features"
+    payload = ablation.main([str(run), "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "content_features_ablation.json").read_text())
+    assert saved == payload and {"date", "machine", "commit", "command"} <= set(saved)
+    rows = saved["rows"]
+    features = [r["feature"] for r in rows if r["ablation"] == "held_out_without"]
+    assert rows[0]["ablation"] == "as_trained" and features and len(rows) == 1 + 2 * len(features)
+    assert all(0.0 <= r["shared_with_training_items"] <= 1.0 for r in rows[1:])
+    assert all(r["unseen/num_users"] == rows[0]["unseen/num_users"] > 0 for r in rows)
