@@ -340,7 +340,11 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
   const at::Tensor g = grad.to(at::kFloat).contiguous();
   at::Tensor d = at::empty({V, K}, q.options());
   at::Tensor dq = want_dq ? at::empty({V, D}, q.options()) : at::empty({0}, q.options());
-  at::Tensor dtable = want_dtable ? at::zeros({U, D}, q.options()) : at::empty({0}, q.options());
+  // small table: kSplits zeroed copies summed into dtable (every element written); large: rows added into dtable
+  const bool split = U * D * kSplits * static_cast<int64_t>(sizeof(float)) <= split_bytes && V >= kSplits;
+  at::Tensor dtable = !want_dtable ? at::empty({0}, q.options())
+                      : split      ? at::empty({U, D}, q.options())
+                                   : at::zeros({U, D}, q.options());
   const float *qp = q.data_ptr<float>(), *tp = table.data_ptr<float>(), *lp = logits.data_ptr<float>(),
               *lsep = lse.data_ptr<float>(), *gp = g.data_ptr<float>();
   const int64_t* ip = idx.data_ptr<int64_t>();
@@ -359,7 +363,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
   });
   if (want_dtable) {
     float* dtp = dtable.data_ptr<float>();
-    if (U * D * kSplits * static_cast<int64_t>(sizeof(float)) <= split_bytes && V >= kSplits) {
+    if (split) {
       // Small table: kSplits fixed row ranges of v, each adds its entries (v, k order) into its own zeroed copy of
       // the table gradient, then the copies are summed in a fixed tree. The split does not depend on the thread
       // count (deterministic), each writer has its own lines, and the hot loop has no branch on ownership.
