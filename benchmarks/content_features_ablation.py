@@ -29,31 +29,23 @@ import torch  # noqa: E402
 KEYS = ("hr@10", "ndcg@10", "cold/hr@10", "cold/ndcg@10", "unseen/hr@10", "unseen/ndcg@10", "unseen/num_users")
 
 
-def load_run(run_dir: str, data_dir: Optional[str]):
-    """(cfg, task with data built, model with the run's best weights)."""
-    from hstu.trainer.config import load_config
-    from hstu.trainer.integrity import resolve_run_checkpoint
-    from hstu.trainer.plain_weights import read_plain_state
-    from hstu.trainer.tasks import get_task
+def load_run(run_dir: str, data_dir: Optional[str], threads: int):
+    """(cfg, task with data built, model with the run's best weights): ``hstu eval``'s loading
+    (trainer/cli.py ``load_trained_run``), with the cold / never-seen target groups on."""
+    from hstu.trainer.cli import load_trained_run
 
-    overrides = ["train.progress=false"] + ([f"data.data_dir={data_dir}"] if data_dir else [])
-    cfg = load_config(os.path.join(run_dir, "config.yaml"), overrides)
+    overrides = ["train.progress=false", "eval.item_groups=true", f"train.num_threads={threads}"]
+    cfg, task, model, _ = load_trained_run(run_dir, overrides, data_dir=data_dir, device="cpu",
+                                           purpose="content_features_ablation")
     if not cfg.model.item_features.enabled or cfg.data.holdout_items_frac <= 0:
         raise SystemExit(f"{run_dir}: needs model.item_features.enabled and data.holdout_items_frac > 0")
-    cfg.eval.item_groups = True
-    task = get_task(cfg)
-    task.build_data()
-    model = task.build_model(torch.device("cpu"))
-    _, state = read_plain_state(resolve_run_checkpoint(run_dir, None, cfg.checkpoint.dir or None), "ablation",
-                                verify=False)
-    model.load_state_dict(state)
     return cfg, task, model
 
 
-def ablate(run_dir: str, data_dir: Optional[str]) -> List[Dict[str, Any]]:
+def ablate(run_dir: str, data_dir: Optional[str], threads: int = 1) -> List[Dict[str, Any]]:
     from hstu.trainer.data.holdout import holdout_items
 
-    cfg, task, model = load_run(run_dir, data_dir)
+    cfg, task, model = load_run(run_dir, data_dir, threads)
     tower = model.item_tower
     values = tower.feature_values
     held = torch.as_tensor(holdout_items(task.data.source, cfg.data.holdout_items_frac, cfg.data.seed))
@@ -101,10 +93,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=RESULTS_DIR)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     rows: List[Dict[str, Any]] = []
     for run in args.runs:
-        rows += ablate(run, args.data_dir)
+        rows += ablate(run, args.data_dir, args.threads)
     payload = {**provenance(), "threads": args.threads, "rows": rows}
     path = write_json("content_features_ablation.json", payload, args.out)
     print(f"wrote {path}")

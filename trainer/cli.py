@@ -256,11 +256,11 @@ def format_result(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_run(run_dir: str, overrides: Sequence[str] = (), checkpoint: Optional[str] = None,
-                 data_dir: Optional[str] = None, device: Optional[str] = None,
-                 baseline: bool = False) -> Dict[str, Any]:
-    """Evaluate a trained run on its test split: {"metrics": {...}, "baseline": {...}?, "checkpoint", "run_dir"}
-    (the run's task spec, trainer/tasks/, builds its data and model, evaluates and computes the baseline)."""
+def load_trained_run(run_dir: str, overrides: Sequence[str] = (), checkpoint: Optional[str] = None,
+                     data_dir: Optional[str] = None, device: Optional[str] = None, purpose: str = "hstu eval"):
+    """(cfg, task with its data built, model with the run's weights on cfg.train.device, checkpoint path) of a
+    trained run directory: RUN_DIR/config.yaml + ``overrides``, the checkpoint resolved as ``--checkpoint`` says
+    (best | latest | a path; verified, damaged newer ones skipped) and its shapes checked against the model."""
     from hstu.trainer.tasks import get_task
 
     cfg_path = os.path.join(run_dir, rd.CONFIG_FILE)
@@ -276,16 +276,25 @@ def evaluate_run(run_dir: str, overrides: Sequence[str] = (), checkpoint: Option
     from hstu.trainer.integrity import resolve_run_checkpoint
     from hstu.trainer.plain_weights import check_fits, read_plain_state
 
-    # best | latest | a state_dict file / DCP step dir / checkpoint dir; verified, damaged newer ones skipped
     ckpt, state = read_plain_state(resolve_run_checkpoint(run_dir, checkpoint, cfg.checkpoint.dir or None),
-                                   "hstu eval", verify=False)
+                                   purpose, verify=False)
     dev = torch.device(cfg.train.device)
     task = get_task(cfg)
     task.build_data()
     model = task.build_model(dev)
-    check_fits(model.state_dict(), state, ckpt, "hstu eval")
+    check_fits(model.state_dict(), state, ckpt, purpose)
     model.load_state_dict(state)
-    out: Dict[str, Any] = {"run_dir": run_dir, "checkpoint": ckpt, "metrics": task.evaluate(model.to(dev), dev)}
+    return cfg, task, model.to(dev), ckpt
+
+
+def evaluate_run(run_dir: str, overrides: Sequence[str] = (), checkpoint: Optional[str] = None,
+                 data_dir: Optional[str] = None, device: Optional[str] = None,
+                 baseline: bool = False) -> Dict[str, Any]:
+    """Evaluate a trained run on its test split: {"metrics": {...}, "baseline": {...}?, "checkpoint", "run_dir"}
+    (the run's task spec, trainer/tasks/, builds its data and model, evaluates and computes the baseline)."""
+    cfg, task, model, ckpt = load_trained_run(run_dir, overrides, checkpoint, data_dir, device)
+    out: Dict[str, Any] = {"run_dir": run_dir, "checkpoint": ckpt,
+                           "metrics": task.evaluate(model, torch.device(cfg.train.device))}
     if baseline:
         out["baseline"] = task.baseline_metrics()
     return out

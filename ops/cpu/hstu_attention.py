@@ -28,7 +28,7 @@ import torch
 
 from hstu.ops.attention_args import AttentionArgs
 from hstu.ops.cpu.build import load_kernel
-from hstu.ops.pytorch.hstu_attention import AttentionPlan, GroupPlan, attention_plan, check_plan
+from hstu.ops.pytorch.hstu_attention import AttentionPlan, GroupPlan, attention_plan, check_plan, slot_inverse
 
 KERNEL = "hstu_attention_cpu"
 ROW_BLOCK = 64  # rows per block: block r multiplies only the key columns its rows can see (causal: ~1/2 + 1/nb)
@@ -107,29 +107,25 @@ def cpu_layout(plan: AttentionPlan, H: int) -> CpuLayout:
     kv_at = q_at = 0
     for g in plan.groups:
         _, _, _, blocks = group_kernel_inputs(g, (plan.pos_table_size, plan.time_table_size))
-        real = (g.rows < T).unsqueeze(1).expand(-1, H, -1)  # [G, H, L]
-        idx = torch.where(g.rows < T, g.rows, torch.zeros_like(g.rows)).unsqueeze(1) * H + heads.view(1, H, 1)
+        valid = g.rows < T  # [G, L]
+        real = valid.unsqueeze(1).expand(-1, H, -1)  # [G, H, L]
+        idx = torch.where(valid, g.rows, torch.zeros_like(g.rows)).unsqueeze(1) * H + heads.view(1, H, 1)
         kv_starts.append(kv_at)
         kv_parts.append(idx.reshape(-1))
         kv_real.append(real.reshape(-1))
         kv_at += idx.numel()
         starts = []
         for r0, r1, _ in blocks:
+            block = idx[:, :, r0:r1].reshape(-1)
             starts.append(q_at)
-            q_parts.append(idx[:, :, r0:r1].reshape(-1))
+            q_parts.append(block)
             q_real.append(real[:, :, r0:r1].reshape(-1))
-            q_at += idx[:, :, r0:r1].numel()
+            q_at += block.numel()
         q_starts.append(starts)
-
-    def inverse(rows: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        inv = torch.empty(T * H, dtype=torch.long)
-        inv[rows[real]] = torch.arange(rows.numel(), dtype=torch.long)[real]
-        return inv
-
     kv_rows, q_rows = torch.cat(kv_parts), torch.cat(q_parts)
     kv_real_all, q_real_all = torch.cat(kv_real), torch.cat(q_real)
-    layout = CpuLayout(kv_rows, q_rows, inverse(kv_rows, kv_real_all), inverse(q_rows, q_real_all),
-                       (~q_real_all).nonzero().view(-1), kv_starts, q_starts)
+    layout = CpuLayout(kv_rows, q_rows, slot_inverse(kv_rows, kv_real_all, T * H),
+                       slot_inverse(q_rows, q_real_all, T * H), (~q_real_all).nonzero().view(-1), kv_starts, q_starts)
     plan.cache[key] = layout
     return layout
 

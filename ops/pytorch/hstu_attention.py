@@ -152,6 +152,14 @@ class AttentionPlan:
     cache: Dict[str, Any] = field(default_factory=dict)  # per-batch layouts other backends build once
 
 
+def slot_inverse(rows: torch.Tensor, real: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] int64: the slot of each of the n source rows in a gathered layout whose slot s holds source row
+    rows[s] (real[s] True; the other slots are padding). Every source row must occupy exactly one real slot."""
+    inverse = torch.empty(n, dtype=torch.long, device=rows.device)
+    inverse[rows[real]] = torch.arange(rows.numel(), device=rows.device)[real]
+    return inverse
+
+
 def attention_plan(
     offsets: torch.Tensor,
     *,
@@ -221,9 +229,8 @@ def attention_plan(
         groups.append(GroupPlan(L, idx, lens, rows, pos_idx, time_idx, mask.to(dtype) * (1.0 / norm)))
     # One permutation jagged -> grouped-padded for q, k, v (and back for the output).
     all_rows = torch.cat([g.rows.reshape(-1) for g in groups])
-    inverse = torch.empty(T, dtype=torch.long, device=device)
     real = all_rows < T
-    inverse[all_rows[real]] = torch.arange(all_rows.numel(), device=device)[real]
+    inverse = slot_inverse(all_rows, real, T)
     gather_rows = torch.where(real, all_rows, torch.zeros_like(all_rows))
     pad_slots = (~real).nonzero().view(-1)
     return AttentionPlan(T, groups, all_rows, gather_rows, pad_slots, inverse, [g.rows.numel() for g in groups], pos_table_size,

@@ -119,7 +119,7 @@ def popularity_baseline(cfg: RunConfig, seqs, eval_loader, env: Any = None,
     at training time (holdout: the held-out items count 0, as for the model)."""
     counts_of = getattr(seqs, "popularity_counts", None)  # streamed own logs: per-rank counts summed over ranks
     if train_counts is not None:
-        counts = torch.as_tensor(train_counts).clone()
+        counts = torch.as_tensor(train_counts)  # read only: the pool mask below makes a new tensor
     elif counts_of is not None:
         counts = counts_of(env)
     else:
