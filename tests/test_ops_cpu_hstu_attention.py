@@ -6,7 +6,7 @@ import torch
 
 from cpu_kernel_utils import vector_and_scalar_results
 from hstu.ops.backend import Backend
-from hstu.ops.cpu.hstu_attention import cpu_attention_plan, cpu_time_buckets, row_blocks
+from hstu.ops.cpu.hstu_attention import cpu_attention_plan, cpu_time_buckets
 from hstu.ops.hstu_attention import AttentionArgs, jagged_hstu_attention
 from hstu.ops.pytorch.hstu_attention import attention_plan, pairwise_time_buckets
 
@@ -46,7 +46,7 @@ def _args(c, inp, lengths):
                          num_targets=targets, contextual_len=c["ctx"])
 
 
-@pytest.mark.parametrize("row_block", [64, 7])  # 7: several row blocks per group (causal columns skipped)
+@pytest.mark.parametrize("row_block", [64, 7])  # 7: several row blocks per sequence (causal columns skipped)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cpu_kernel_matches_pytorch_reference(case, row_block, monkeypatch):
     monkeypatch.setattr("hstu.ops.cpu.hstu_attention.ROW_BLOCK", row_block)
@@ -76,12 +76,26 @@ def test_cpu_kernel_matches_pytorch_reference(case, row_block, monkeypatch):
         assert grads[4].abs().sum() > 0
 
 
-def test_row_blocks_cover_rows_and_the_columns_they_see():
-    causal = torch.arange(1, 11, dtype=torch.int32).view(1, 10)
-    assert row_blocks(causal, 10, 4) == [(0, 4, 4), (4, 8, 8), (8, 10, 10)]
-    full = torch.tensor([[10] * 10, [3] * 10], dtype=torch.int32)  # any sequence's row sees all: no saving
-    assert row_blocks(full, 10, 4) == [(0, 4, 10), (4, 8, 10), (8, 10, 10)]
-    assert row_blocks(torch.zeros(1, 3, dtype=torch.int32), 3, 2) == [(0, 2, 1), (2, 3, 1)]
+def test_result_does_not_depend_on_the_thread_count(monkeypatch):
+    """Forward units are independent and the backward sums its rab gradients in fixed lanes: 1, 2 and 3 threads
+    give bit-identical outputs and gradients (several groups, padding rows, two heads, every bias)."""
+    monkeypatch.setattr("hstu.ops.cpu.hstu_attention.ROW_BLOCK", 8)
+    lengths = LENGTHS * 3 + [64, 61, 50]
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            inp = _inputs(lengths, H=2)
+            args = _args(CASES["rab_query_ts_two_heads"], inp, lengths)
+            out = jagged_hstu_attention(inp["q"], inp["k"], inp["v"], args, backend=Backend.CPU)
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+            results.append([out.detach()] + [inp[n].grad for n in ("q", "k", "v", "pos_weights", "time_weights")])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 def test_time_buckets_equal_the_reference_exactly():

@@ -1,14 +1,17 @@
-// Fused elementwise part of jagged HSTU attention on CPU (one row block of a length group padded to L: rows
-// row0 .. row0+R-1 against columns 0 .. C-1; a causal group splits into blocks so the upper triangle is skipped).
+// Jagged HSTU attention on CPU, fused per length group (sequences padded to L, every tensor per head
+// [G, H, L, d]): for each sequence g, head h and block of rb query rows r0 .. r1-1 (rows past the sequence's
+// length are padding and skipped; the block multiplies only the key columns 0 .. c-1 its rows can see, c = their
+// largest row_end, so the causal upper triangle is mostly skipped):
 //
-// Forward, per row (g, h, i) of scores s [G, H, L, L] (already alpha * q k^T), for columns j < row_end[i]:
-//     z = s + (bias2d[i, j] + time_w[time_idx[g, i, j]])      (each bias optional; rab shared by heads)
-//     a = z * sig(z) * w[g|0, i, j]                            (SiLU, times mask / norm)
-// columns j >= row_end (w is zero there) get a = 0. s is overwritten with z (saved for backward).
-// Backward: da -> ds = da * w * sig * (1 + z * (1 - sig)) in place (sig recomputed from z), plus the rab gradients
-//     dbias2d[i, j] = sum_{g,h} ds,   dtime_w[b] = sum_{time_idx = b} ds
-// accumulated per row pair without atomics (deterministic for any thread count).
-// Work is split over row pairs {t, R-1-t} so causal rows (cost ~ i) balance across threads.
+// Forward:  S = (alpha q) kᵀ [R, c] (gemm into a per-thread tile that stays in cache)
+//           z = S + (bias2d[i, j] + time_w[time_idx[g, i, j]])      (each bias optional; rab shared by heads)
+//           a = z·σ(z)·w[g|0, i, j]     (SiLU times mask / norm; a = 0 for j >= row_end[i])
+//           out rows = a v                                         (gemm)
+// Backward: z and a recomputed from q, k the same way (nothing but q, k, v is saved), then
+//           dv += aᵀ g,  da = g vᵀ,  ds = da·w·σ(z)(1 + z(1 − σ(z))),  dq = ds k,  dk += dsᵀ (alpha q)
+//           plus the rab gradients dbias2d[i, j] = Σ_{g,h} ds, dtime_w[b] = Σ_{time_idx = b} ds, per fixed lane.
+// Neither pass depends on the thread count for its result (forward: independent units; backward: fixed lanes).
+// GEMMs: the BLAS `sgemm_` that libtorch exports (MKL on x86 wheels), a plain loop where there is none.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -29,9 +32,10 @@ using hstu_cpu::exp_avx2;
 #endif
 
 #ifdef HSTU_X86
-// One row of the forward for j < n: z = s + (b2d + tw[ti]) in place (b2d / tw+ti may be null), a = z·σ(z)·w.
+// One row for j < n: z = s + (b2d + tw[ti]) in place (b2d / tw+ti may be null), a = z·σ(z)·w, and when f is not
+// null the backward factor f = w·σ(z)·(1 + z(1 − σ(z))) (ds = da·f).
 __attribute__((target("avx2,fma"))) void fwd_row_avx2(float* z, const float* b2d, const float* tw, const int16_t* ti,
-                                                       const float* w, float* a, int64_t n) {
+                                                       const float* w, float* a, float* f, int64_t n) {
   const __m256 one = _mm256_set1_ps(1.0f);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -46,11 +50,15 @@ __attribute__((target("avx2,fma"))) void fwd_row_avx2(float* z, const float* b2d
       _mm256_storeu_ps(z + j, zv);
     }
     const __m256 den = _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), zv)));
-    _mm256_storeu_ps(a + j, _mm256_mul_ps(_mm256_div_ps(zv, den), _mm256_loadu_ps(w + j)));
+    const __m256 wv = _mm256_loadu_ps(w + j);
+    _mm256_storeu_ps(a + j, _mm256_mul_ps(_mm256_div_ps(zv, den), wv));
+    if (f) {
+      const __m256 sg = _mm256_div_ps(one, den);
+      _mm256_storeu_ps(f + j, _mm256_mul_ps(_mm256_mul_ps(wv, sg), _mm256_fmadd_ps(zv, _mm256_sub_ps(one, sg), one)));
+    }
   }
   if (j < n) {  // tail through padded buffers: the same vector arithmetic for every element
-    alignas(32) float zb[8] = {0}, bb[8] = {0}, tb[8] = {0}, wb[8] = {0}, ab[8];
-    alignas(32) int16_t ib[8] = {0};
+    alignas(32) float zb[8] = {0}, bb[8] = {0}, tb[8] = {0}, wb[8] = {0}, ab[8], fb[8];
     for (int64_t t = j; t < n; ++t) {
       zb[t - j] = z[t];
       wb[t - j] = w[t];
@@ -60,176 +68,278 @@ __attribute__((target("avx2,fma"))) void fwd_row_avx2(float* z, const float* b2d
     // tw gathered already: pass it as a second 2-D bias row (b2d + tw, the same sum order as above)
     if (b2d && tw)
       for (int t = 0; t < 8; ++t) bb[t] = bb[t] + tb[t];
-    fwd_row_avx2(zb, (b2d || tw) ? (b2d ? bb : tb) : nullptr, nullptr, nullptr, wb, ab, 8);
-    for (int64_t t = j; t < n; ++t) { z[t] = zb[t - j]; a[t] = ab[t - j]; }
+    fwd_row_avx2(zb, (b2d || tw) ? (b2d ? bb : tb) : nullptr, nullptr, nullptr, wb, ab, f ? fb : nullptr, 8);
+    for (int64_t t = j; t < n; ++t) {
+      z[t] = zb[t - j];
+      a[t] = ab[t - j];
+      if (f) f[t] = fb[t - j];
+    }
   }
 }
-
-// da -> ds = da·w·σ(z)·(1 + z(1 − σ(z))) for j < n.
-__attribute__((target("avx2,fma"))) void bwd_row_avx2(float* da, const float* z, const float* w, int64_t n) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 zv = _mm256_loadu_ps(z + j);
-    const __m256 sg = _mm256_div_ps(one, _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), zv))));
-    const __m256 d = _mm256_fmadd_ps(zv, _mm256_sub_ps(one, sg), one);
-    const __m256 g = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(da + j), _mm256_loadu_ps(w + j)), sg);
-    _mm256_storeu_ps(da + j, _mm256_mul_ps(g, d));
-  }
-  if (j < n) {
-    alignas(32) float db[8] = {0}, zb[8] = {0}, wb[8] = {0};
-    for (int64_t t = j; t < n; ++t) { db[t - j] = da[t]; zb[t - j] = z[t]; wb[t - j] = w[t]; }
-    bwd_row_avx2(db, zb, wb, 8);
-    for (int64_t t = j; t < n; ++t) da[t] = db[t - j];
-  }
-}
-
-
 #endif
 
-void fwd_row(float* z, const float* b2d, const float* tw, const int16_t* ti, const float* w, float* a, int64_t n) {
+void fwd_row(float* z, const float* b2d, const float* tw, const int16_t* ti, const float* w, float* a, float* f,
+             int64_t n) {
 #ifdef HSTU_X86
-  if (has_avx2()) return fwd_row_avx2(z, b2d, tw, ti, w, a, n);
+  if (has_avx2()) return fwd_row_avx2(z, b2d, tw, ti, w, a, f, n);
 #endif
   for (int64_t j = 0; j < n; ++j) {
     if (b2d || tw) z[j] += b2d ? (tw ? b2d[j] + tw[ti[j]] : b2d[j]) : tw[ti[j]];
-    a[j] = z[j] / (1.0f + exp_scalar(-z[j])) * w[j];
+    const float den = 1.0f + exp_scalar(-z[j]);
+    a[j] = z[j] / den * w[j];
+    if (f) {
+      const float sg = 1.0f / den;
+      f[j] = w[j] * sg * (1.0f + z[j] * (1.0f - sg));
+    }
   }
 }
 
-void bwd_row(float* da, const float* z, const float* w, int64_t n) {
-#ifdef HSTU_X86
-  if (has_avx2()) return bwd_row_avx2(da, z, w, n);
-#endif
-  for (int64_t j = 0; j < n; ++j) {
-    const float sg = 1.0f / (1.0f + exp_scalar(-z[j]));
-    da[j] = da[j] * w[j] * sg * (1.0f + z[j] * (1.0f - sg));
-  }
+// ---- small row-major GEMM: MKL / BLAS `sgemm_` of the libtorch this module is linked with, a plain loop otherwise
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+bool use_blas() {  // HSTU_CPU_SCALAR=1 (tests) takes the portable loop too
+  static const bool yes = [] {
+    const char* force_scalar = std::getenv("HSTU_CPU_SCALAR");
+    return sgemm_ != nullptr && !(force_scalar && force_scalar[0] == '1');
+  }();
+  return yes;
 }
 
-struct Shapes {
-  int64_t G, H, R, C, L, Gw;
+// C [m, n] = alpha·op(A) op(B) + beta·C, row-major with row strides lda, ldb, ldc; op(A) [m, k] (A stored [k, m]
+// when ta), op(B) [k, n] (B stored [n, k] when tb). beta = 0: C is not read.
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A, int64_t lda, const float* B,
+          int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (use_blas() && k > 0) {  // column-major view: Cᵀ [n, m] = op(B)ᵀ op(A)ᵀ
+    const char cb = tb ? 'T' : 'N', ca = ta ? 'T' : 'N';
+    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+    const int LA = static_cast<int>(ldb), LB = static_cast<int>(lda), LC = static_cast<int>(ldc);
+    sgemm_(&cb, &ca, &M, &N, &K, &alpha, B, &LA, A, &LB, &beta, C, &LC);
+    return;
+  }
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      float acc = 0.0f;
+      for (int64_t p = 0; p < k; ++p) acc += (ta ? A[p * lda + i] : A[i * lda + p]) * (tb ? B[j * ldb + p] : B[p * ldb + j]);
+      C[i * ldc + j] = beta == 0.0f ? alpha * acc : alpha * acc + beta * C[i * ldc + j];
+    }
+}
+
+// 64-byte aligned float scratch (MKL may pick another code path, and round differently, for other alignments)
+struct Scratch {
+  float* p = nullptr;
+  explicit Scratch(int64_t n) { p = static_cast<float*>(std::aligned_alloc(64, ((n * 4 + 63) / 64) * 64 + 64)); }
+  ~Scratch() { std::free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
 };
 
-// s [G, H, R, C]: rows row0 .. row0 + R - 1, columns 0 .. C - 1 of a group padded to L (w.size(1)).
-Shapes check(const at::Tensor& s, const at::Tensor& w, const at::Tensor& row_end, int64_t row0) {
-  TORCH_CHECK(s.dim() == 4 && s.scalar_type() == at::kFloat && s.is_contiguous() && s.device().is_cpu(),
-              "hstu cpu attention: scores must be contiguous float32 CPU [G, H, R, C], got ", s.sizes());
-  const int64_t G = s.size(0), H = s.size(1), R = s.size(2), C = s.size(3);
-  TORCH_CHECK(w.dim() == 3 && (w.size(0) == 1 || w.size(0) == G) && w.size(1) == w.size(2) &&
-                  w.scalar_type() == at::kFloat && w.is_contiguous(),
+// One length group of a jagged batch: q, k [T, H, dqk], v and out [T, H, dv] read in place (sequence g's token i
+// is row starts[g] + i; a (sequence, head) is a matrix with row stride H·d); see the file comment.
+struct Group {
+  int64_t G, H, L, dqk, dv, Gw, rb;
+  float alpha;
+  const float *q, *k, *v;
+  const float* b2d;       // [L, L] position bias or null
+  const float* tw;        // [NB] time-bias table or null
+  const int16_t* ti;      // [G, L, L] its bucket indices (with tw)
+  const float* w;         // [Gw, L, L] mask / norm
+  const int32_t* rend;    // [Gw, L] 1 + last column with w != 0
+  const int32_t* lens;    // [G] tokens of each sequence
+  const int64_t* starts;  // [G] its first row in the jagged batch
+
+  int64_t ends(int64_t g, int64_t i) const { return rend[(Gw == 1 ? 0 : g) * L + i]; }
+  const float* wrow(int64_t g, int64_t i) const { return w + ((Gw == 1 ? 0 : g) * L + i) * L; }
+  const int16_t* trow(int64_t g, int64_t i) const { return ti ? ti + (g * L + i) * L : nullptr; }
+  int64_t len(int64_t g) const { return lens[g]; }
+  int64_t qk_at(int64_t g, int64_t h, int64_t i) const { return ((starts[g] + i) * H + h) * dqk; }
+  int64_t v_at(int64_t g, int64_t h, int64_t i) const { return ((starts[g] + i) * H + h) * dv; }
+  // columns block rows r0..r1-1 of sequence g can see (their largest row end; never past the sequence)
+  int64_t cols(int64_t g, int64_t r0, int64_t r1) const {
+    int64_t c = 0;
+    for (int64_t i = r0; i < r1; ++i) c = std::max<int64_t>(c, ends(g, i));
+    return std::min<int64_t>(c, len(g));
+  }
+  int64_t row_cols(int64_t g, int64_t i, int64_t c) const { return std::min<int64_t>(std::max<int64_t>(ends(g, i), 0), c); }
+  // S [R, c] = alpha q kᵀ of rows r0.. -> z = s + rab in place, A = z·σ(z)·w (A may be S), F (or null) the
+  // backward factor; A and F zero past each row end
+  void scores(int64_t g, int64_t h, int64_t r0, int64_t R, int64_t c, float* S, float* A, float* F) const {
+    gemm(false, true, R, c, dqk, alpha, q + qk_at(g, h, r0), H * dqk, k + qk_at(g, h, 0), H * dqk, 0.0f, S, c);
+    for (int64_t ii = 0; ii < R; ++ii) {
+      const int64_t i = r0 + ii, n = row_cols(g, i, c);
+      fwd_row(S + ii * c, b2d ? b2d + i * L : nullptr, tw, trow(g, i), wrow(g, i), A + ii * c, F ? F + ii * c : nullptr, n);
+      std::memset(A + ii * c + n, 0, sizeof(float) * (c - n));
+      if (F) std::memset(F + ii * c + n, 0, sizeof(float) * (c - n));
+    }
+  }
+};
+
+bool f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(); }
+
+Group make_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double alpha, const at::Tensor& bias2d,
+                 const at::Tensor& time_w, const at::Tensor& time_idx, const at::Tensor& w, const at::Tensor& row_end,
+                 const at::Tensor& lens, const at::Tensor& starts, int64_t row_block) {
+  TORCH_CHECK(q.dim() == 3 && f32(q) && f32(k) && f32(v) && k.sizes() == q.sizes() && v.dim() == 3 &&
+                  v.size(0) == q.size(0) && v.size(1) == q.size(1),
+              "hstu cpu attention: q, k [T, H, dqk] and v [T, H, dv] must be contiguous float32 CPU, got ", q.sizes(),
+              " ", k.sizes(), " ", v.sizes());
+  TORCH_CHECK(w.dim() == 3 && w.size(1) == w.size(2) && f32(w),
               "hstu cpu attention: weights must be contiguous float32 [1|G, L, L], got ", w.sizes());
-  const int64_t L = w.size(1);
-  TORCH_CHECK(row0 >= 0 && row0 + R <= L && C <= L, "hstu cpu attention: block rows [", row0, ", ", row0 + R,
-              ") x columns [0, ", C, ") outside the group's ", L, " rows");
+  const int64_t L = w.size(1), T = q.size(0);
+  TORCH_CHECK(lens.dim() == 1 && lens.scalar_type() == at::kInt && lens.is_contiguous() &&
+                  starts.sizes() == lens.sizes() && starts.scalar_type() == at::kLong && starts.is_contiguous(),
+              "hstu cpu attention: lens (int32) and starts (int64) must be contiguous [G], got ", lens.sizes(), " ",
+              starts.sizes());
+  const int64_t G = lens.size(0);
+  TORCH_CHECK(w.size(0) == 1 || w.size(0) == G, "hstu cpu attention: weights [", w.size(0), ", L, L] for ", G,
+              " sequences");
   TORCH_CHECK(row_end.dim() == 2 && row_end.size(0) == w.size(0) && row_end.size(1) == L &&
                   row_end.scalar_type() == at::kInt && row_end.is_contiguous(),
               "hstu cpu attention: row_end must be contiguous int32 [1|G, L], got ", row_end.sizes());
-  return {G, H, R, C, L, w.size(0)};
+  const int32_t* lp = lens.data_ptr<int32_t>();
+  const int64_t* sp = starts.data_ptr<int64_t>();
+  for (int64_t g = 0; g < G; ++g)
+    TORCH_CHECK(lp[g] >= 0 && lp[g] <= L && sp[g] >= 0 && sp[g] + lp[g] <= T, "hstu cpu attention: sequence ", g,
+                " (rows ", sp[g], " + ", lp[g], ") outside the batch's ", T, " rows or its group's L = ", L);
+  TORCH_CHECK(row_block > 0, "hstu cpu attention: row_block must be positive, got ", row_block);
+  const bool has_b2d = bias2d.numel() > 0, has_time = time_w.numel() > 0;
+  if (has_b2d)
+    TORCH_CHECK(bias2d.dim() == 2 && bias2d.size(0) == L && bias2d.size(1) == L && f32(bias2d),
+                "hstu cpu attention: bias2d must be contiguous float32 [L, L]");
+  if (has_time)  // index range: checked once per batch by the caller (group_kernel_inputs)
+    TORCH_CHECK(f32(time_w) && time_idx.dim() == 3 && time_idx.size(0) == G && time_idx.size(1) == L &&
+                    time_idx.size(2) == L && time_idx.scalar_type() == at::kShort && time_idx.is_contiguous(),
+                "hstu cpu attention: time_idx must be contiguous int16 [G, L, L], got ", time_idx.sizes());
+  return {G, q.size(1), L, q.size(2), v.size(2), w.size(0), row_block, static_cast<float>(alpha),
+          q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+          has_b2d ? bias2d.data_ptr<float>() : nullptr, has_time ? time_w.data_ptr<float>() : nullptr,
+          has_time ? time_idx.data_ptr<int16_t>() : nullptr, w.data_ptr<float>(), row_end.data_ptr<int32_t>(), lp, sp};
 }
 
-void check_time(const at::Tensor& time_idx, const Shapes& d) {
-  TORCH_CHECK(time_idx.dim() == 3 && time_idx.size(0) == d.G && time_idx.size(1) == d.L && time_idx.size(2) == d.L &&
-                  time_idx.scalar_type() == at::kShort && time_idx.is_contiguous(),
-              "hstu cpu attention: time_idx must be contiguous int16 [G, L, L], got ", time_idx.sizes());
+void check_like(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(f32(t) && t.sizes() == like.sizes(), "hstu cpu attention: ", name, " must be contiguous float32 ",
+              like.sizes(), ", got ", t.sizes());
 }
 
-// Calls f(ii) for block rows ii of the pair t: t and R-1-t.
-template <typename F>
-inline void for_pair(int64_t t, int64_t R, const F& f) {
-  f(t);
-  if (R - 1 - t != t) f(R - 1 - t);
-}
+constexpr int64_t kLanes = 8;  // backward: (g, h) units split into at most this many fixed lanes (not per thread)
 
 }  // namespace
 
-// s [G,H,R,C] (rows row0.., see check) -> z in place; returns a. bias2d [L,L] / time_w [NB] + time_idx [G,L,L]
-// int16: optional (numel 0).
-at::Tensor forward(at::Tensor s, const at::Tensor& bias2d, const at::Tensor& time_w, const at::Tensor& time_idx,
-                   const at::Tensor& w, const at::Tensor& row_end, int64_t row0) {
-  const Shapes d = check(s, w, row_end, row0);
-  const bool has_b2d = bias2d.numel() > 0, has_time = time_w.numel() > 0;
-  if (has_b2d)
-    TORCH_CHECK(bias2d.dim() == 2 && bias2d.size(0) == d.L && bias2d.size(1) == d.L && bias2d.is_contiguous() &&
-                    bias2d.scalar_type() == at::kFloat,
-                "hstu cpu attention: bias2d must be contiguous float32 [L, L]");
-  const at::Tensor tw = has_time ? time_w.to(at::kFloat).contiguous() : time_w;
-  if (has_time) check_time(time_idx, d);  // index range: checked once per batch by the caller (group_kernel_inputs)
-  at::Tensor a = at::empty_like(s);
-  float *zp = s.data_ptr<float>(), *ap = a.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  const float* bp = has_b2d ? bias2d.data_ptr<float>() : nullptr;
-  const float* twp = has_time ? tw.data_ptr<float>() : nullptr;
-  const int16_t* tip = has_time ? time_idx.data_ptr<int16_t>() : nullptr;
-  const int32_t* rep = row_end.data_ptr<int32_t>();
-  const int64_t G = d.G, H = d.H, R = d.R, C = d.C, L = d.L, Gw = d.Gw;
-  at::parallel_for(0, (R + 1) / 2, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      for_pair(t, R, [&](int64_t ii) {
-        const int64_t i = row0 + ii;
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t gw = Gw == 1 ? 0 : g;
-          const int64_t n = std::min<int64_t>(std::max<int32_t>(rep[gw * L + i], 0), C);
-          for (int64_t h = 0; h < H; ++h) {
-            const int64_t row = ((g * H + h) * R + ii) * C;
-            fwd_row(zp + row, bp ? bp + i * L : nullptr, twp, tip ? tip + (g * L + i) * L : nullptr,
-                    wp + (gw * L + i) * L, ap + row, n);
-            std::memset(ap + row + n, 0, sizeof(float) * (C - n));
-          }
-        }
-      });
+// Writes the group's rows of out [T, H, dv]: per (g, h) and row block, (SiLU(alpha q kᵀ + rab) · w) v.
+// Work units (g, h, row block) are independent: no reduction, the result does not depend on the thread count.
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double alpha, const at::Tensor& bias2d,
+             const at::Tensor& time_w, const at::Tensor& time_idx, const at::Tensor& w, const at::Tensor& row_end,
+             const at::Tensor& lens, const at::Tensor& starts, int64_t row_block, at::Tensor out) {
+  const Group gr = make_group(q, k, v, alpha, bias2d, time_w, time_idx, w, row_end, lens, starts, row_block);
+  check_like(out, v, "out");
+  std::vector<std::pair<int64_t, int64_t>> units;  // (g·H + h, r0)
+  for (int64_t g = 0; g < gr.G; ++g)
+    for (int64_t h = 0; h < gr.H; ++h)
+      for (int64_t r0 = 0; r0 < gr.len(g); r0 += gr.rb) units.emplace_back(g * gr.H + h, r0);
+  float* op = out.data_ptr<float>();
+  const int64_t dv = gr.dv, ld = gr.H * dv;
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
+    Scratch S(gr.rb * gr.L);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t g = units[u].first / gr.H, h = units[u].first % gr.H, r0 = units[u].second;
+      const int64_t r1 = std::min(r0 + gr.rb, gr.len(g)), R = r1 - r0, c = gr.cols(g, r0, r1);
+      float* o = op + gr.v_at(g, h, r0);
+      if (c == 0) {
+        for (int64_t ii = 0; ii < R; ++ii) std::memset(o + ii * ld, 0, sizeof(float) * dv);
+        continue;
+      }
+      gr.scores(g, h, r0, R, c, S.p, S.p, nullptr);
+      gemm(false, false, R, dv, c, 1.0f, S.p, c, gr.v + gr.v_at(g, h, 0), ld, 0.0f, o, ld);
     }
   });
-  return a;
 }
 
-// da [G,H,R,C] -> ds in place; returns (dbias2d [R,C] or empty, dtime_w [NB] or empty).
-std::vector<at::Tensor> backward(at::Tensor da, const at::Tensor& z, const at::Tensor& w, const at::Tensor& row_end,
-                                 const at::Tensor& time_idx, int64_t num_buckets, bool want_bias2d, int64_t row0) {
-  const Shapes d = check(da, w, row_end, row0);
-  TORCH_CHECK(z.sizes() == da.sizes() && z.is_contiguous(), "hstu cpu attention: z must match the gradient's shape");
-  const bool has_time = num_buckets > 0;
-  if (has_time) check_time(time_idx, d);
-  const int64_t G = d.G, H = d.H, R = d.R, C = d.C, L = d.L, Gw = d.Gw, NP = (R + 1) / 2;
-  at::Tensor db2d = want_bias2d ? at::zeros({R, C}, da.options()) : at::empty({0}, da.options());
-  at::Tensor partial = at::zeros({has_time ? NP : 0, std::max<int64_t>(num_buckets, 0)}, da.options());
-  float* dp = da.data_ptr<float>();
-  const float *zp = z.data_ptr<float>(), *wp = w.data_ptr<float>();
-  const int16_t* tip = has_time ? time_idx.data_ptr<int16_t>() : nullptr;
-  const int32_t* rep = row_end.data_ptr<int32_t>();
-  float* bp = want_bias2d ? db2d.data_ptr<float>() : nullptr;
-  float* pp = has_time ? partial.data_ptr<float>() : nullptr;
-  at::parallel_for(0, NP, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      float* hist = has_time ? pp + t * num_buckets : nullptr;
-      for_pair(t, R, [&](int64_t ii) {
-        const int64_t i = row0 + ii;
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t gw = Gw == 1 ? 0 : g;
-          const int64_t n = std::min<int64_t>(std::max<int32_t>(rep[gw * L + i], 0), C);
-          const int16_t* ti = has_time ? tip + (g * L + i) * L : nullptr;
-          for (int64_t h = 0; h < H; ++h) {
-            const int64_t row = ((g * H + h) * R + ii) * C;
-            float* ds = dp + row;
-            bwd_row(ds, zp + row, wp + (gw * L + i) * L, n);
-            std::memset(ds + n, 0, sizeof(float) * (C - n));
-            if (bp)
-              for (int64_t j = 0; j < n; ++j) bp[ii * C + j] += ds[j];
-            if (hist && n > 0) {  // runs of equal buckets are common (times sorted): one add per run
+// Backward of one group: writes its rows of dq, dk [T, H, dqk] and dv [T, H, dv]; returns (dbias2d [L, L] or empty,
+// dtime_w [NB] or empty). Scores are recomputed per row block (nothing saved but q, k, v). Units (g, h) go in at
+// most kLanes fixed lanes, each with its own rab-gradient buffers, summed lane by lane at the end: the result does
+// not depend on the thread count.
+std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 double alpha, const at::Tensor& bias2d, const at::Tensor& time_w,
+                                 const at::Tensor& time_idx, const at::Tensor& w, const at::Tensor& row_end,
+                                 const at::Tensor& lens, const at::Tensor& starts, int64_t row_block,
+                                 int64_t num_buckets, bool want_bias2d, at::Tensor dq, at::Tensor dk, at::Tensor dv) {
+  const Group gr = make_group(q, k, v, alpha, bias2d, time_w, time_idx, w, row_end, lens, starts, row_block);
+  check_like(grad, v, "grad");
+  check_like(dq, q, "dq");
+  check_like(dk, k, "dk");
+  check_like(dv, v, "dv");
+  const bool want_time = num_buckets > 0 && gr.ti != nullptr;
+  const int64_t L = gr.L, H = gr.H, dqk = gr.dqk, dvd = gr.dv, lq = H * dqk, lv = H * dvd, units = gr.G * H;
+  const int64_t lanes = std::max<int64_t>(1, std::min(kLanes, units));
+  const float a = gr.alpha;
+  at::Tensor pos = at::zeros({want_bias2d ? lanes : 0, L, L}, q.options());
+  at::Tensor hist = at::zeros({want_time ? lanes : 0, std::max<int64_t>(num_buckets, 0)}, q.options());
+  const float* gp = grad.data_ptr<float>();
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  float* posp = want_bias2d ? pos.data_ptr<float>() : nullptr;
+  float* histp = want_time ? hist.data_ptr<float>() : nullptr;
+  at::parallel_for(0, lanes, 1, [&](int64_t l0, int64_t l1) {
+    Scratch S(gr.rb * L), A(gr.rb * L), F(gr.rb * L);
+    for (int64_t lane = l0; lane < l1; ++lane) {
+      float* lpos = posp ? posp + lane * L * L : nullptr;
+      float* lhist = histp ? histp + lane * num_buckets : nullptr;
+      for (int64_t gh = lane * units / lanes; gh < (lane + 1) * units / lanes; ++gh) {
+        const int64_t g = gh / H, h = gh % H, n = gr.len(g);
+        const float *qg = gr.q + gr.qk_at(g, h, 0), *kg = gr.k + gr.qk_at(g, h, 0), *vg = gr.v + gr.v_at(g, h, 0);
+        const float* gog = gp + gr.v_at(g, h, 0);
+        float *dqg = dqp + gr.qk_at(g, h, 0), *dkg = dkp + gr.qk_at(g, h, 0), *dvg = dvp + gr.v_at(g, h, 0);
+        for (int64_t i = 0; i < n; ++i) {
+          std::memset(dkg + i * lq, 0, sizeof(float) * dqk);
+          std::memset(dvg + i * lv, 0, sizeof(float) * dvd);
+        }
+        for (int64_t r0 = 0; r0 < n; r0 += gr.rb) {
+          const int64_t r1 = std::min(r0 + gr.rb, n), R = r1 - r0, c = gr.cols(g, r0, r1);
+          if (c == 0) {
+            for (int64_t ii = 0; ii < R; ++ii) std::memset(dqg + (r0 + ii) * lq, 0, sizeof(float) * dqk);
+            continue;
+          }
+          gr.scores(g, h, r0, R, c, S.p, A.p, F.p);                                              // a, factor f
+          gemm(true, false, c, dvd, R, 1.0f, A.p, c, gog + r0 * lv, lv, 1.0f, dvg, lv);          // dv += aᵀ g
+          gemm(false, true, R, c, dvd, 1.0f, gog + r0 * lv, lv, vg, lv, 0.0f, S.p, c);           // da = g vᵀ
+          for (int64_t ii = 0; ii < R; ++ii) {                                                   // ds = da·f
+            const int64_t i = r0 + ii, m = gr.row_cols(g, i, c);
+            float* ds = S.p + ii * c;
+            const float* f = F.p + ii * c;
+            for (int64_t j = 0; j < m; ++j) ds[j] *= f[j];
+            std::memset(ds + m, 0, sizeof(float) * (c - m));
+            if (lpos)
+              for (int64_t j = 0; j < m; ++j) lpos[i * L + j] += ds[j];
+            if (lhist && m > 0) {  // runs of equal buckets are common (times sorted): one add per run
+              const int16_t* ti = gr.trow(g, i);
               int64_t cur = ti[0];
               float acc = 0.0f;
-              for (int64_t j = 0; j < n; ++j) {
-                if (ti[j] != cur) { hist[cur] += acc; acc = 0.0f; cur = ti[j]; }
+              for (int64_t j = 0; j < m; ++j) {
+                if (ti[j] != cur) { lhist[cur] += acc; acc = 0.0f; cur = ti[j]; }
                 acc += ds[j];
               }
-              hist[cur] += acc;
+              lhist[cur] += acc;
             }
           }
+          gemm(false, false, R, dqk, c, a, S.p, c, kg, lq, 0.0f, dqg + r0 * lq, lq);            // dq = alpha ds k
+          gemm(true, false, c, dqk, R, a, S.p, c, qg + r0 * lq, lq, 1.0f, dkg, lq);             // dk += alpha dsᵀ q
         }
-      });
+      }
     }
   });
-  at::Tensor dtw = has_time ? partial.sum(0) : at::empty({0}, da.options());
+  // lanes summed in a fixed order (lane 0 + lane 1 + ...), element ranges in parallel
+  auto reduce = [lanes](at::Tensor& t) -> at::Tensor {
+    const int64_t m = t.numel() / lanes;
+    float* p = t.data_ptr<float>();
+    at::parallel_for(0, m, 4096, [&](int64_t e0, int64_t e1) {
+      for (int64_t lane = 1; lane < lanes; ++lane)
+        for (int64_t e = e0; e < e1; ++e) p[e] += p[lane * m + e];
+    });
+    return t[0];
+  };
+  at::Tensor db2d = want_bias2d ? reduce(pos) : at::empty({0}, q.options());
+  at::Tensor dtw = want_time ? reduce(hist) : at::empty({0}, q.options());
   return {db2d, dtw};
 }
 
@@ -266,6 +376,6 @@ at::Tensor time_buckets(const at::Tensor& t_next, const at::Tensor& t, double ba
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("time_buckets", &time_buckets, "pairwise log time-bucket indices (int16) of one length group");
-  m.def("forward", &forward, "fused bias + SiLU + mask of one HSTU attention group (CPU)");
-  m.def("backward", &backward, "its backward: ds in place, rab gradients");
+  m.def("forward", &forward, "HSTU attention of one length group, written into out (CPU)");
+  m.def("backward", &backward, "its backward: dq, dk, dv written, rab gradients returned");
 }
