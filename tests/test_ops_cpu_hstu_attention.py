@@ -98,6 +98,24 @@ def test_result_does_not_depend_on_the_thread_count(monkeypatch):
             assert torch.equal(a, b)
 
 
+def test_views_of_a_projection_output_are_read_in_place_with_the_same_result():
+    """q, k, v as column slices of one [T, 3·H·d] tensor (what the layer's split gives): read with their row stride,
+    not copied — same output and gradients as contiguous copies, bit for bit."""
+    inp = _inputs(LENGTHS, H=2, dqk=5, dv=5)
+    args = _args(CASES["rab"], inp, LENGTHS)
+    T = sum(LENGTHS)
+    qkv = torch.cat([inp[n].detach().reshape(T, 10) for n in ("q", "k", "v")], dim=1).requires_grad_()
+    q, k, v = (x.reshape(T, 2, 5) for x in qkv.split(10, dim=1))
+    assert q.stride(0) == 30 and not q.is_contiguous()
+    out = jagged_hstu_attention(q, k, v, args, backend=Backend.CPU)
+    ref = jagged_hstu_attention(inp["q"], inp["k"], inp["v"], args, backend=Backend.CPU)
+    assert torch.equal(out, ref)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    (dqkv,) = torch.autograd.grad(out, qkv, g)
+    dq, dk, dv = torch.autograd.grad(ref, [inp["q"], inp["k"], inp["v"]], g)
+    assert torch.equal(dqkv, torch.cat([x.reshape(T, 10) for x in (dq, dk, dv)], dim=1))
+
+
 def test_time_buckets_equal_the_reference_exactly():
     g = torch.Generator().manual_seed(0)
     t = torch.cat([torch.randint(0, 2**40, (64, 50), generator=g), torch.randint(0, 3000, (64, 50), generator=g)])

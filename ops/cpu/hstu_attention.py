@@ -80,6 +80,14 @@ def group_kernel_inputs(g: GroupPlan, table_sizes: Tuple[Optional[int], Optional
     return g.cache["inputs"]
 
 
+def _rows_in_place(x: torch.Tensor) -> torch.Tensor:
+    """x [T, H, d] as the kernel reads it: any row stride (a view of the projection's [T, 4·H·d] output is read in
+    place), each row's [H, d] contiguous; copied otherwise."""
+    if x.stride(2) == 1 and (x.size(1) == 1 or x.stride(1) == x.size(2)) and x.stride(0) >= x.size(1) * x.size(2):
+        return x
+    return x.contiguous()
+
+
 def _covers_all_rows(plan: AttentionPlan) -> bool:
     """Whether the plan's sequences hold all of its T rows (then the kernel writes every output row)."""
     if "covers_all_rows" not in plan.cache:
@@ -94,7 +102,7 @@ class _FusedJaggedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, pos_weights, time_weights, plan: AttentionPlan, alpha: float):
         ext = load_kernel(KERNEL)
         empty = q.new_empty(0)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = (_rows_in_place(x) for x in (q, k, v))
         alloc = torch.empty if _covers_all_rows(plan) else torch.zeros  # rows outside every sequence: zero
         out = alloc(v.shape, dtype=v.dtype)
         tw = empty if time_weights is None else time_weights.detach().to(torch.float32).contiguous()
@@ -117,8 +125,8 @@ class _FusedJaggedAttention(torch.autograd.Function):
         plan = ctx.plan
         ext = load_kernel(KERNEL)
         grad = grad.contiguous()
-        alloc = torch.empty_like if _covers_all_rows(plan) else torch.zeros_like
-        dq, dk, dv = alloc(q), alloc(k), alloc(v)
+        alloc = torch.empty if _covers_all_rows(plan) else torch.zeros
+        dq, dk, dv = (alloc(x.shape, dtype=x.dtype) for x in (q, k, v))  # contiguous
         want_pos = ctx.pos_size is not None and ctx.needs_input_grad[3]
         want_time = ctx.num_buckets > 0 and ctx.needs_input_grad[4]
         dpos = q.new_zeros(ctx.pos_size) if want_pos else None

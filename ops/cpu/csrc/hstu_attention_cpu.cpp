@@ -136,10 +136,11 @@ struct Scratch {
   Scratch& operator=(const Scratch&) = delete;
 };
 
-// One length group of a jagged batch: q, k [T, H, dqk], v and out [T, H, dv] read in place (sequence g's token i
-// is row starts[g] + i; a (sequence, head) is a matrix with row stride H·d); see the file comment.
+// One length group of a jagged batch: q, k [T, H, dqk], v [T, H, dv] read in place with row strides lq, lk, lv
+// (views of a wider projection output need no copy), out [T, H, dv] contiguous; sequence g's token i is row
+// starts[g] + i, so a (sequence, head) is a matrix with that row stride. See the file comment.
 struct Group {
-  int64_t G, H, L, dqk, dv, Gw, rb;
+  int64_t G, H, L, dqk, dv, Gw, rb, lq, lk, lv;
   float alpha;
   const float *q, *k, *v;
   const float* b2d;       // [L, L] position bias or null
@@ -154,8 +155,10 @@ struct Group {
   const float* wrow(int64_t g, int64_t i) const { return w + ((Gw == 1 ? 0 : g) * L + i) * L; }
   const int16_t* trow(int64_t g, int64_t i) const { return ti ? ti + (g * L + i) * L : nullptr; }
   int64_t len(int64_t g) const { return lens[g]; }
-  int64_t qk_at(int64_t g, int64_t h, int64_t i) const { return ((starts[g] + i) * H + h) * dqk; }
-  int64_t v_at(int64_t g, int64_t h, int64_t i) const { return ((starts[g] + i) * H + h) * dv; }
+  int64_t q_at(int64_t g, int64_t h, int64_t i) const { return (starts[g] + i) * lq + h * dqk; }
+  int64_t k_at(int64_t g, int64_t h, int64_t i) const { return (starts[g] + i) * lk + h * dqk; }
+  int64_t v_at(int64_t g, int64_t h, int64_t i) const { return (starts[g] + i) * lv + h * dv; }
+  int64_t out_at(int64_t g, int64_t h, int64_t i, int64_t d) const { return ((starts[g] + i) * H + h) * d; }
   // columns block rows r0..r1-1 of sequence g can see (their largest row end; never past the sequence)
   int64_t cols(int64_t g, int64_t r0, int64_t r1) const {
     int64_t c = 0;
@@ -166,7 +169,7 @@ struct Group {
   // S [R, c] = alpha q kᵀ of rows r0.. -> z = s + rab in place, A = z·σ(z)·w (A may be S), F (or null) the
   // backward factor; A and F zero past each row end
   void scores(int64_t g, int64_t h, int64_t r0, int64_t R, int64_t c, float* S, float* A, float* F) const {
-    gemm(false, true, R, c, dqk, alpha, q + qk_at(g, h, r0), H * dqk, k + qk_at(g, h, 0), H * dqk, 0.0f, S, c);
+    gemm(false, true, R, c, dqk, alpha, q + q_at(g, h, r0), lq, k + k_at(g, h, 0), lk, 0.0f, S, c);
     for (int64_t ii = 0; ii < R; ++ii) {
       const int64_t i = r0 + ii, n = row_cols(g, i, c);
       fwd_row(S + ii * c, b2d ? b2d + i * L : nullptr, tw, trow(g, i), wrow(g, i), A + ii * c, F ? F + ii * c : nullptr, n);
@@ -178,13 +181,19 @@ struct Group {
 
 bool f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(); }
 
+// [T, H, d] float32 CPU whose (H, d) part of a row is contiguous (any row stride)
+bool rows_f32(const at::Tensor& t) {
+  return t.dim() == 3 && t.scalar_type() == at::kFloat && t.device().is_cpu() && t.stride(2) == 1 &&
+         (t.size(1) == 1 || t.stride(1) == t.size(2)) && (t.size(0) <= 1 || t.stride(0) >= t.size(1) * t.size(2));
+}
+
 Group make_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double alpha, const at::Tensor& bias2d,
                  const at::Tensor& time_w, const at::Tensor& time_idx, const at::Tensor& w, const at::Tensor& row_end,
                  const at::Tensor& lens, const at::Tensor& starts, int64_t row_block) {
-  TORCH_CHECK(q.dim() == 3 && f32(q) && f32(k) && f32(v) && k.sizes() == q.sizes() && v.dim() == 3 &&
-                  v.size(0) == q.size(0) && v.size(1) == q.size(1),
-              "hstu cpu attention: q, k [T, H, dqk] and v [T, H, dv] must be contiguous float32 CPU, got ", q.sizes(),
-              " ", k.sizes(), " ", v.sizes());
+  TORCH_CHECK(rows_f32(q) && rows_f32(k) && rows_f32(v) && k.sizes() == q.sizes() && v.size(0) == q.size(0) &&
+                  v.size(1) == q.size(1),
+              "hstu cpu attention: q, k [T, H, dqk] and v [T, H, dv] must be float32 CPU with contiguous rows, got ",
+              q.sizes(), " ", k.sizes(), " ", v.sizes());
   TORCH_CHECK(w.dim() == 3 && w.size(1) == w.size(2) && f32(w),
               "hstu cpu attention: weights must be contiguous float32 [1|G, L, L], got ", w.sizes());
   const int64_t L = w.size(1), T = q.size(0);
@@ -212,13 +221,15 @@ Group make_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     TORCH_CHECK(f32(time_w) && time_idx.dim() == 3 && time_idx.size(0) == G && time_idx.size(1) == L &&
                     time_idx.size(2) == L && time_idx.scalar_type() == at::kShort && time_idx.is_contiguous(),
                 "hstu cpu attention: time_idx must be contiguous int16 [G, L, L], got ", time_idx.sizes());
-  return {G, q.size(1), L, q.size(2), v.size(2), w.size(0), row_block, static_cast<float>(alpha),
+  const int64_t H = q.size(1), dqk = q.size(2), dv = v.size(2);
+  auto ld = [H](const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : H * t.size(2); };
+  return {G, H, L, dqk, dv, w.size(0), row_block, ld(q), ld(k), ld(v), static_cast<float>(alpha),
           q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
           has_b2d ? bias2d.data_ptr<float>() : nullptr, has_time ? time_w.data_ptr<float>() : nullptr,
           has_time ? time_idx.data_ptr<int16_t>() : nullptr, w.data_ptr<float>(), row_end.data_ptr<int32_t>(), lp, sp};
 }
 
-void check_like(const at::Tensor& t, const at::Tensor& like, const char* name) {
+void check_like(const at::Tensor& t, const at::Tensor& like, const char* name) {  // contiguous, like's shape
   TORCH_CHECK(f32(t) && t.sizes() == like.sizes(), "hstu cpu attention: ", name, " must be contiguous float32 ",
               like.sizes(), ", got ", t.sizes());
 }
@@ -245,13 +256,13 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, doub
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t g = units[u].first / gr.H, h = units[u].first % gr.H, r0 = units[u].second;
       const int64_t r1 = std::min(r0 + gr.rb, gr.len(g)), R = r1 - r0, c = gr.cols(g, r0, r1);
-      float* o = op + gr.v_at(g, h, r0);
+      float* o = op + gr.out_at(g, h, r0, dv);
       if (c == 0) {
         for (int64_t ii = 0; ii < R; ++ii) std::memset(o + ii * ld, 0, sizeof(float) * dv);
         continue;
       }
       gr.scores(g, h, r0, R, c, S.p, S.p, nullptr);
-      gemm(false, false, R, dv, c, 1.0f, S.p, c, gr.v + gr.v_at(g, h, 0), ld, 0.0f, o, ld);
+      gemm(false, false, R, dv, c, 1.0f, S.p, c, gr.v + gr.v_at(g, h, 0), gr.lv, 0.0f, o, ld);
     }
   });
 }
@@ -272,6 +283,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
   check_like(dv, v, "dv");
   const bool want_time = num_buckets > 0 && gr.ti != nullptr;
   const int64_t L = gr.L, H = gr.H, dqk = gr.dqk, dvd = gr.dv, lq = H * dqk, lv = H * dvd, units = gr.G * H;
+  // lq, lv: row strides of grad and the (contiguous) gradients; gr.lq, gr.lk, gr.lv: those of q, k, v
   const int64_t lanes = std::max<int64_t>(1, std::min(kLanes, units));
   const float a = gr.alpha;
   at::Tensor pos = at::zeros({want_bias2d ? lanes : 0, L, L}, q.options());
@@ -287,9 +299,10 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
       float* lhist = histp ? histp + lane * num_buckets : nullptr;
       for (int64_t gh = lane * units / lanes; gh < (lane + 1) * units / lanes; ++gh) {
         const int64_t g = gh / H, h = gh % H, n = gr.len(g);
-        const float *qg = gr.q + gr.qk_at(g, h, 0), *kg = gr.k + gr.qk_at(g, h, 0), *vg = gr.v + gr.v_at(g, h, 0);
-        const float* gog = gp + gr.v_at(g, h, 0);
-        float *dqg = dqp + gr.qk_at(g, h, 0), *dkg = dkp + gr.qk_at(g, h, 0), *dvg = dvp + gr.v_at(g, h, 0);
+        const float *qg = gr.q + gr.q_at(g, h, 0), *kg = gr.k + gr.k_at(g, h, 0), *vg = gr.v + gr.v_at(g, h, 0);
+        const float* gog = gp + gr.out_at(g, h, 0, dvd);
+        float *dqg = dqp + gr.out_at(g, h, 0, dqk), *dkg = dkp + gr.out_at(g, h, 0, dqk);
+        float* dvg = dvp + gr.out_at(g, h, 0, dvd);
         for (int64_t i = 0; i < n; ++i) {
           std::memset(dkg + i * lq, 0, sizeof(float) * dqk);
           std::memset(dvg + i * lv, 0, sizeof(float) * dvd);
@@ -302,7 +315,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
           }
           gr.scores(g, h, r0, R, c, S.p, A.p, F.p);                                              // a, factor f
           gemm(true, false, c, dvd, R, 1.0f, A.p, c, gog + r0 * lv, lv, 1.0f, dvg, lv);          // dv += aᵀ g
-          gemm(false, true, R, c, dvd, 1.0f, gog + r0 * lv, lv, vg, lv, 0.0f, S.p, c);           // da = g vᵀ
+          gemm(false, true, R, c, dvd, 1.0f, gog + r0 * lv, lv, vg, gr.lv, 0.0f, S.p, c);        // da = g vᵀ
           for (int64_t ii = 0; ii < R; ++ii) {                                                   // ds = da·f
             const int64_t i = r0 + ii, m = gr.row_cols(g, i, c);
             float* ds = S.p + ii * c;
@@ -322,8 +335,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
               lhist[cur] += acc;
             }
           }
-          gemm(false, false, R, dqk, c, a, S.p, c, kg, lq, 0.0f, dqg + r0 * lq, lq);            // dq = alpha ds k
-          gemm(true, false, c, dqk, R, a, S.p, c, qg + r0 * lq, lq, 1.0f, dkg, lq);             // dk += alpha dsᵀ q
+          gemm(false, false, R, dqk, c, a, S.p, c, kg, gr.lk, 0.0f, dqg + r0 * lq, lq);         // dq = alpha ds k
+          gemm(true, false, c, dqk, R, a, S.p, c, qg + r0 * gr.lq, gr.lq, 1.0f, dkg, lq);       // dk += alpha dsᵀ q
         }
       }
     }
