@@ -28,7 +28,8 @@ ML1M_PROTOCOL = (
     "models see one target fewer per user). Full ranking over all item ids (no sampled candidates), the user's "
     "history items removed (as GR's code does). The epoch is selected on validation NDCG@10 "
     "(`eval.select_on=validation`); the test metrics are reported at that epoch and at the final epoch; each "
-    "figure is the mean ± sample std over the seeds listed. The *historical* rows below were measured under the "
+    "figure is the mean ± sample std over the seeds listed. HSTU's `file` and `item_id` rows (same config, other "
+    "tie orders) measure what a non-random order of same-second ratings is worth. The *historical* rows below were measured under the "
     "old protocol — item-id tie order (the later of two same-second ratings always had the larger id, a signal the "
     "models learned), epoch selected on the test target itself, one seed — so they overstate the models by an "
     "amount that is unknown until they are rerun; they are kept for the record, not as results.")
