@@ -21,7 +21,7 @@ epoch whether |fast − reference| <= ``--tolerance``.
 
 Arms can run in separate invocations (e.g. one per core side by side, ``train.num_threads=1`` each): results
 are merged per (arm, seed, tie order) into ``<out>/quality_parity.json``. The fast arm is a plain reproduction
-run, so unless ``--no-reproduction-row`` (or extra overrides other than threads) it is also merged into
+run, so unless ``--no-reproduction-row`` (or overrides other than threads / progress / TensorBoard) it is also merged into
 ml-1m.json with its training minutes. ``--smoke``: tiny model, 2 epochs (tests/test_benchmarks_smoke.py).
 """
 
@@ -45,6 +45,7 @@ ARMS = {
 }
 COMPARED = ("hr@10", "ndcg@10")
 KEPT = ("hr@10", "ndcg@10", "hr@50", "hr@200", "mrr")
+PRESENTATION_KEYS = ("train.num_threads", "train.progress", "train.tensorboard")  # don't change what is learned
 MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
 
 
@@ -143,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         payload = merge(path, key, row, args.tolerance, meta)
         payload.update({k: v for k, v in provenance().items() if k in ("date", "machine")})
         write_json(RESULT_FILE, payload, out_dir)
-        plain = all(o.startswith("train.num_threads=") for o in args.overrides)
+        plain = all(o.split("=")[0] in PRESENTATION_KEYS for o in args.overrides)
         if arm == "fast" and not args.smoke and not args.no_reproduction_row and plain:
             row_ml1m = {k: v for k, v in row.items() if k not in ("arm", "at_epochs", "malloc_env")}
             repro.write_results(repro.merge_results([row_ml1m], os.path.join(out_dir, repro.RESULT_FILE),

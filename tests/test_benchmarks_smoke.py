@@ -425,3 +425,41 @@ def test_table_scale_cap_is_enforced():
     assert "error" in res and res["error"].startswith("exit 1"), res
     assert "Cannot allocate memory" in res["error"]  # the table's own allocation hit the cap
     assert bench._summary([res])["ok"] is False
+
+
+# ------------------------------------------------------------------------------------------ quality_parity.py
+
+def test_quality_parity_smoke_compares_the_arms(tmp_path):
+    """--smoke: both arms (shipped config vs the baseline commit's code paths) on a tiny ML-1M-format file, run in two
+    invocations; the JSON merges them, reads the test metrics of each evaluated epoch from metrics.jsonl and
+    compares them against the tolerance; RESULTS.md renders it."""
+    parity = _load("quality_parity")
+    summarize = _load("summarize")
+    out = tmp_path / "out"
+    common = ["--data-dir", str(_tiny_ml1m(tmp_path / "ml")), "--smoke", "--out", str(out), "--run-root",
+              str(tmp_path / "runs"), "--epochs-at", "1,2,7", "train.num_threads=1"]
+    parity.main(common + ["--arms", "reference"])
+    one = json.loads((out / parity.RESULT_FILE).read_text())
+    run = one["runs"]["hstu-random-seed1"]
+    assert set(run["arms"]) == {"reference"} and run["comparison"] == [] and not run["all_within_tolerance"]
+    payload = parity.main(common + ["--arms", "fast", "--tolerance", "1.0"])
+    run = payload["runs"]["hstu-random-seed1"]
+    assert set(run["arms"]) == {"fast", "reference"}
+    ref = run["arms"]["reference"]
+    assert ref["overrides"][:3] == parity.ARMS["reference"] and run["arms"]["fast"]["overrides"][0] != "ops.backend=pytorch"
+    # epoch 7 was never evaluated (2 epochs): absent, not invented
+    assert sorted(ref["at_epochs"]) == ["1", "2"] and [r["epoch"] for r in run["comparison"]] == [1, 2]
+    metrics = [json.loads(line) for line in open(os.path.join(ref["run_dir"], "metrics.jsonl"))]
+    last_test = [m for m in metrics if m["kind"] == "eval" and m["epoch"] == 2][0]
+    assert ref["at_epochs"]["2"]["test"]["hr@10"] == last_test["hr@10"]
+    assert ref["at_epochs"]["2"]["test"]["ndcg@10"] == ref["final"]["test"]["ndcg@10"]
+    for r in run["comparison"]:
+        for m in parity.COMPARED:
+            assert r[m]["delta"] == pytest.approx(r[m]["fast"] - r[m]["reference"])
+    assert run["all_within_tolerance"]  # tolerance 1.0: any pair of metrics in [0, 1] is within it
+    strict = parity.merge(str(out / parity.RESULT_FILE), "hstu-random-seed1", ref, 0.0, {})
+    diffs = [abs(r[m]["delta"]) for r in strict["runs"]["hstu-random-seed1"]["comparison"] for m in parity.COMPARED]
+    assert strict["runs"]["hstu-random-seed1"]["all_within_tolerance"] == (max(diffs) == 0.0)
+    assert not (out / "ml-1m.json").exists()  # smoke runs never land in the reproduction table
+    text = "\n".join(summarize.quality_parity_section(payload))
+    assert "| 2 |" in text and "hstu-random-seed1" in text
