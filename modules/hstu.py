@@ -24,6 +24,7 @@ from hstu.ops.backend import Backend, BackendLike, resolve_backend
 from hstu.ops.hstu_attention import AttentionArgs, jagged_hstu_attention
 from hstu.ops.jagged import last_rows, positions_in_sequence, sequence_ids
 from hstu.ops.norm_gating import norm_gating
+from hstu.ops.silu_split import silu_split
 from hstu.ops.pytorch.hstu_attention import (attention_plan, max_pos_from_table, relative_position_ids,
                                              time_bucket_ids)
 
@@ -167,8 +168,8 @@ class ResearchHSTULayer(CachedLayerMixin, nn.Module):
     def project(self, x: torch.Tensor):
         """x [N, D] -> (u, v [N, H·dv], q, k [N, H·dqk]): LN → X·W_uvqk → SiLU on all four."""
         H, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
-        uvqk = F.silu(F.layer_norm(x, [x.shape[-1]], eps=LN_EPS) @ self.uvqk)
-        return torch.split(uvqk, [dv * H, dv * H, dqk * H, dqk * H], dim=1)
+        return silu_split(F.layer_norm(x, [x.shape[-1]], eps=LN_EPS) @ self.uvqk, [dv * H, dv * H, dqk * H, dqk * H],
+                          self.backend)
 
     def finish(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """attn = A·V [N, H·dv] -> Linear_o(Dropout(U ⊙ LN(A·V))) + X."""

@@ -45,11 +45,33 @@ def sample_negatives(
     num_items: int,
     generator: Optional[torch.Generator] = None,
     device: Optional[torch.device] = None,
+    reserve_positive_column: bool = False,
 ) -> torch.Tensor:
-    """Uniform negatives [num_positions, num_negatives] in 1..num_items, drawn on the generator's device."""
+    """Uniform negatives [num_positions, num_negatives] in 1..num_items, drawn on the generator's device.
+
+    reserve_positive_column: return columns 1.. of a [num_positions, num_negatives + 1] buffer, so the loss can
+    write the positives into column 0 instead of concatenating (:func:`ids_with_positives`); the same draws as
+    ``torch.randint`` (same generator stream, same order)."""
     gen_device = generator.device if generator is not None else device
-    neg = torch.randint(1, num_items + 1, (num_positions, num_negatives), generator=generator, device=gen_device)
+    if reserve_positive_column:
+        buf = torch.empty(num_positions, num_negatives + 1, dtype=torch.long, device=gen_device)
+        neg = buf[:, 1:].random_(1, num_items + 1, generator=generator)
+    else:
+        neg = torch.randint(1, num_items + 1, (num_positions, num_negatives), generator=generator, device=gen_device)
     return neg.to(device) if device is not None else neg
+
+
+def ids_with_positives(pos: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """[V, R + 1] ids, column 0 = pos [V], columns 1.. = negatives [V, R]. When negatives are columns 1.. of their
+    own [V, R + 1] buffer (``sample_negatives(..., reserve_positive_column=True)``) the positives are written into
+    its column 0 and the buffer is returned (no copy of the [V, R] ids); otherwise a concatenation."""
+    base = negatives._base
+    if (base is not None and base.dim() == 2 and base.is_contiguous() and base.dtype == pos.dtype
+            and base.device == pos.device and tuple(base.shape) == (negatives.shape[0], negatives.shape[1] + 1)
+            and negatives.stride() == base.stride() and negatives.storage_offset() == base.storage_offset() + 1):
+        base[:, 0] = pos
+        return base
+    return torch.cat([pos.unsqueeze(1), negatives], dim=1)
 
 
 MATMUL_CHUNK_ELEMENTS = 1 << 25  # max [rows, num_items+1] score block held at once in the all-items route
@@ -201,8 +223,9 @@ def sampled_softmax_loss(
         backend: ``ops.backend``; ``cpu`` runs the sampled route as one fused C++ op (ops/cpu/sampled_softmax.py:
             dots, mask, log-sum-exp and both gradients; the same value and gradients within float rounding).
     """
-    q = seq_emb[valid]
-    pos = pos_ids[valid]
+    rows = valid.nonzero().squeeze(1)  # index_select: its backward is an index_add_ of unique rows, several times
+    q = seq_emb.index_select(0, rows)  # cheaper than a boolean mask's accumulating index_put_ (same values)
+    pos = pos_ids.index_select(0, rows)
     if q.shape[0] == 0:
         return seq_emb.sum() * 0.0 + (table.sum() * 0.0 if table is not None else 0.0)
     if negatives is None:
@@ -220,7 +243,7 @@ def sampled_softmax_loss(
         neg_logits = _negative_logits(q, negatives, vec_fn, num_items, route)  # [V, R]
         logits = torch.cat([pos_logit, neg_logits], dim=1)
     else:
-        ids = torch.cat([pos.unsqueeze(1), negatives], dim=1)  # [V, R + 1], column 0 = the positive
+        ids = ids_with_positives(pos, negatives)  # [V, R + 1], column 0 = the positive
         if table is not None:
             idx = ids if table_ids is None else torch.searchsorted(table_ids, ids)
         elif lookup_all_items(route, item_lookup, num_items, negatives.shape[1], q.shape[1]):

@@ -201,3 +201,27 @@ def test_sampled_dot_compiled_table_gradient_matches_eager():
     ref = torch.zeros_like(table).index_put_((idx,), w.unsqueeze(2) * q.unsqueeze(1), accumulate=True)
     assert torch.allclose(grads[0][1], ref, atol=1e-5) and torch.allclose(grads[1][1], ref, atol=1e-5)
     assert torch.allclose(grads[0][0], grads[1][0])
+
+
+def test_reserved_positive_column_draws_the_same_negatives_without_a_copy():
+    # sample_negatives(reserve_positive_column=True): the same generator stream as torch.randint, and the loss
+    # writes the positives into the buffer's column 0 instead of concatenating
+    from hstu.modules.losses import ids_with_positives
+
+    plain = sample_negatives(37, 11, 19, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    view = sample_negatives(37, 11, 19, g, reserve_positive_column=True)
+    assert torch.equal(plain, view) and not view.is_contiguous()
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(3).get_state()) is False  # the stream advanced
+    pos = torch.arange(37)
+    ids = ids_with_positives(pos, view)
+    assert ids.data_ptr() == view.data_ptr() - 8 and torch.equal(ids, torch.cat([pos[:, None], plain], 1))
+    copied = ids_with_positives(pos, plain)  # a plain [V, R] tensor: concatenated
+    assert torch.equal(copied, ids) and copied.data_ptr() != plain.data_ptr()
+    # the loss is the same either way (same negatives)
+    q = torch.randn(37, 6, generator=torch.Generator().manual_seed(1))
+    table = torch.randn(20, 6, generator=torch.Generator().manual_seed(2))
+    valid = torch.ones(37, dtype=torch.bool)
+    a = sampled_softmax_loss(q, pos % 19 + 1, valid, table.__getitem__, 19, 11, 0.5, negatives=plain)
+    b = sampled_softmax_loss(q, pos % 19 + 1, valid, table.__getitem__, 19, 11, 0.5, negatives=view)
+    assert torch.equal(a, b)

@@ -93,7 +93,8 @@ def prepare_retrieval_batch(out: PreparedBatch, ctx: Any) -> PreparedBatch:
     lc, n = cfg.loss, ctx.num_items
     pool = getattr(getattr(ctx, "task", None), "negative_pool", None)
     if pool is None:
-        negatives = sample_negatives(int(valid.sum()), lc.num_negatives, n, ctx.neg_generator, ctx.device)
+        negatives = sample_negatives(int(valid.sum()), lc.num_negatives, n, ctx.neg_generator, ctx.device,
+                                     reserve_positive_column=True)  # the loss writes the positives into column 0
     else:  # data.holdout_items_frac: held-out items do not exist at training time, never a negative either
         draw = sample_negatives(int(valid.sum()), lc.num_negatives, int(pool.numel()), ctx.neg_generator, ctx.device)
         negatives = pool.to(draw.device)[draw - 1]
