@@ -141,3 +141,34 @@ def test_sampled_softmax_benchmark_quick_writes_both_paths(tmp_path):
         assert r["backward_wall_ms"] > 0 and r["forward_wall_ms"] > 0
         assert r["max_abs_diff_dq"] == 0.0  # dq does not depend on the table-gradient path
         assert r["max_abs_diff_dtable"] < 1e-6
+
+
+def test_second_checkout_reuses_the_cached_kernel(tmp_path):
+    """Two checkouts with the same kernel sources build once: the sources are staged by content hash, so torch's
+    JIT sees the same paths and flags (before, a git worktree or fresh clone rebuilt every kernel on first use)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from hstu.ops.cpu import build
+
+    checkouts = []
+    for name in ("a", "b"):
+        d = tmp_path / name / "csrc"
+        shutil.copytree(build.CSRC, d)
+        checkouts.append(str(d))
+    staged = [build.stage_sources([os.path.join(c, "silu_split_cpu.cpp"), os.path.join(c, "vec_math.h")],
+                                  str(tmp_path / "stage" / "same")) for c in checkouts]
+    assert staged[0] == staged[1] and sorted(os.listdir(staged[0])) == ["silu_split_cpu.cpp", "vec_math.h"]
+    script = ("import sys, os, glob\nfrom hstu.ops.cpu import build\nbuild.CSRC = sys.argv[1]\n"
+              "m = build.load_kernel('silu_split_cpu')\nlib = os.path.realpath(m.__file__)\n"
+              "print(lib, os.stat(lib).st_mtime_ns)\n")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    libs = []
+    for c in checkouts:
+        out = subprocess.run([sys.executable, "-c", script, c], env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        libs.append(out.stdout.strip().splitlines()[-1])
+    assert libs[0] == libs[1]  # the same library, not rebuilt (same path and modification time) for the second checkout
+    builds = [d for d in os.listdir(tmp_path / "ext") if d.startswith("hstu_silu_split_cpu")]
+    assert len(builds) == 1, builds
