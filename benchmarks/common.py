@@ -9,7 +9,7 @@ import os
 import platform
 import subprocess
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -118,3 +118,16 @@ def software_versions() -> Dict[str, Any]:
         out["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 1024 ** 3, 1)
     out["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "")
     return out
+
+
+def refresh_results_md(out_dir: str) -> Optional[str]:
+    """Regenerate benchmarks/RESULTS.md (summarize.py) when a script wrote its results to the default folder
+    (RESULTS_DIR); results written elsewhere (--out, smoke runs) leave it alone. Returns its path, or None."""
+    if os.path.abspath(out_dir) != os.path.abspath(RESULTS_DIR):
+        return None
+    from summarize import write_results_md
+
+    path = write_results_md()
+    print("wrote", path)
+    return path
+

@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RESULTS_DIR, provenance, write_json  # noqa: E402
+from common import RESULTS_DIR, provenance, refresh_results_md, write_json  # noqa: E402
 
 RESULT_FILE = "quality_parity.json"
 CONFIG = "hstu"
@@ -154,10 +154,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             f"{m} fast {r[m]['fast']:.4f} reference {r[m]['reference']:.4f} (Δ {r[m]['delta']:+.4f})" for m in COMPARED)
             + ("" if r["within_tolerance"] else f"  OUTSIDE ±{args.tolerance}"), flush=True)
     print("wrote", path)
-    if os.path.abspath(out_dir) == os.path.abspath(RESULTS_DIR):
-        from summarize import write_results_md
-
-        print("wrote", write_results_md())
+    refresh_results_md(out_dir)
     return payload
 
 

@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RESULTS_DIR, provenance, write_json  # noqa: E402
+from common import RESULTS_DIR, provenance, refresh_results_md, write_json  # noqa: E402
 from distributed import _env, summarize_run  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -357,10 +357,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     finally:
         common_mod.RESULTS_DIR = saved
     print("wrote", path)
-    if out_dir == os.path.abspath(RESULTS_DIR) and not args.smoke:
-        from summarize import write_results_md
-
-        print("wrote", write_results_md())
+    if not args.smoke:
+        refresh_results_md(out_dir)
     payload["path"] = path
     return payload
 

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RESULTS_DIR, _json_safe, provenance  # noqa: E402
+from common import RESULTS_DIR, _json_safe, provenance, refresh_results_md  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = {  # GR README, full ranking: HR@10 / NDCG@10 / HR@50 / HR@200
@@ -250,10 +250,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         payload = merge_results([row], path, metric)  # after every run: a long sweep never loses finished runs
         write_results(payload, path)
     print("wrote", path)
-    if os.path.abspath(out_dir) == os.path.abspath(RESULTS_DIR):
-        from summarize import write_results_md
-
-        print("wrote", write_results_md())
+    refresh_results_md(out_dir)
     return payload
 
 
